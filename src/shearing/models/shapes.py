@@ -1,0 +1,265 @@
+"""Model shapes as data: the named LLaMA-family architectures, exact parameter counts, and targets.
+
+A *shape* is everything about a decoder that decides its parameter count. Five fields can be pruned
+(hidden size, layers, query heads, key/value heads, MLP width); the rest (vocabulary, ``head_dim``,
+tied embeddings) are inherited from the source, because structured pruning never changes them.
+
+Shape legend used across the package: D hidden, L layers, H query heads, G key/value heads (groups),
+K head_dim, F MLP width (intermediate), V vocabulary.
+
+Parameter count of a LLaMA decoder (no biases)::
+
+    embeddings V·D  (+ LM head V·D when untied)  + final norm D
+    + L · [ q D·H·K + k,v 2·D·G·K + o H·K·D + MLP 3·D·F + two norms 2·D ]
+
+LLaMA2-7B gives 6,738,415,616; its 2.7B and 1.3B targets 2,701,560,320 and 1,345,423,360.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PRUNABLE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+)
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The architecture of a LLaMA-family decoder, as far as its size is concerned."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (*PRUNABLE_FIELDS, "vocab_size", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"shape field {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads}): every KV group needs the same number "
+                "of query heads"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def prunable(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in PRUNABLE_FIELDS}
+
+    def with_target(self, target: Mapping[str, int]) -> LlamaShape:
+        """This shape with the five prunable fields replaced by ``target``'s."""
+        return dataclasses.replace(self, **{name: int(target[name]) for name in PRUNABLE_FIELDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def count_params(shape: LlamaShape) -> int:
+    """Exact number of parameters of a bias-free LLaMA decoder of this shape."""
+    d, k = shape.hidden_size, shape.head_dim
+    attention = d * shape.num_attention_heads * k * 2 + d * shape.num_key_value_heads * k * 2
+    mlp = 3 * d * shape.intermediate_size
+    per_layer = attention + mlp + 2 * d
+    embeddings = shape.vocab_size * d * (1 if shape.tie_word_embeddings else 2)
+    return embeddings + shape.num_hidden_layers * per_layer + d
+
+
+def _llama(d: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, head_dim: int, tied: bool = False):
+    return LlamaShape(d, layers, heads, kv, ffn, vocab, head_dim, tied)
+
+
+# Named architectures. Real checkpoints' shapes (for `plan` and for targets) and tiny test shapes
+# (for random-init sources on CPU).
+NAMED_SHAPES: dict[str, LlamaShape] = {
+    "llama2_7b": _llama(4096, 32, 32, 32, 11008, 32000, 128),
+    "llama2_13b": _llama(5120, 40, 40, 40, 13824, 32000, 128),
+    "llama2_2.7b": _llama(2560, 32, 20, 20, 6912, 32000, 128),
+    "llama2_1.3b": _llama(2048, 24, 16, 16, 5504, 32000, 128),
+    "llama2_370m": _llama(1024, 24, 8, 8, 2816, 32000, 128),
+    "llama3_8b": _llama(4096, 32, 32, 8, 14336, 128256, 128),
+    # Llama-3.2-3B widths (24 query heads over 8 KV groups), untied like its 8B source.
+    "llama3_3b": _llama(3072, 28, 24, 8, 8192, 128256, 128),
+    # A GQA target that also prunes KV groups: 4 of 8 groups kept, 4 query heads each.
+    "llama3_1.5b": _llama(2048, 24, 16, 4, 5632, 128256, 128),
+    # Tiny shapes for CPU tests and demos.
+    "tiny_mha": _llama(64, 4, 4, 4, 176, 512, 16),
+    "tiny_mha_pruned": _llama(48, 3, 2, 2, 96, 512, 16),
+    "tiny_gqa": _llama(64, 4, 8, 4, 176, 512, 16),
+    "tiny_gqa_pruned": _llama(48, 3, 4, 2, 96, 512, 16),
+}
+
+# Extra HF config fields for named shapes that need them when built from scratch.
+NAMED_CONFIG_EXTRAS: dict[str, dict[str, Any]] = {
+    "llama3_8b": {
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    },
+}
+
+
+def named_shape(name: str) -> LlamaShape:
+    try:
+        return NAMED_SHAPES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown named shape {name!r}; known shapes: {', '.join(sorted(NAMED_SHAPES))} "
+            "(or give a Hugging Face checkpoint directory, or a mapping of the five shape fields)"
+        ) from None
+
+
+def shape_from_hf_config(config: Any) -> LlamaShape:
+    """The shape of a ``transformers`` LLaMA-family config (``LlamaConfig`` or a dict of its fields)."""
+    get = (
+        config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
+    )
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim") or hidden // heads
+    return LlamaShape(
+        hidden_size=hidden,
+        num_hidden_layers=get("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=get("num_key_value_heads") or heads,
+        intermediate_size=get("intermediate_size"),
+        vocab_size=get("vocab_size"),
+        head_dim=head_dim,
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+    )
+
+
+def is_checkpoint_dir(spec: Any) -> bool:
+    return isinstance(spec, str | os.PathLike) and Path(spec).is_dir()
+
+
+def resolve_source_shape(spec: str | os.PathLike) -> LlamaShape:
+    """The shape of a source model given as an HF checkpoint directory or a named shape.
+
+    Reads only ``config.json``: no weights are loaded.
+    """
+    if is_checkpoint_dir(spec):
+        path = Path(spec) / "config.json"
+        if not path.is_file():
+            raise ValueError(
+                f"source model directory {spec} has no config.json: is it a Hugging Face checkpoint?"
+            )
+        with open(path) as f:
+            raw = json.load(f)
+        check_llama_family(raw, where=str(path))
+        return shape_from_hf_config(raw)
+    if isinstance(spec, str) and ("/" in spec or spec.startswith(".")):
+        raise ValueError(f"source model {spec!r} is neither an existing directory nor a named shape")
+    return named_shape(str(spec))
+
+
+def check_llama_family(raw_config: Mapping[str, Any], where: str) -> None:
+    """Reject configs this implementation cannot prune faithfully, with the reason."""
+    model_type = raw_config.get("model_type")
+    archs = raw_config.get("architectures") or []
+    if model_type not in ("llama", "mistral") and "LlamaForCausalLM" not in archs:
+        raise ValueError(
+            f"{where}: model_type {model_type!r} is not a LLaMA-family checkpoint; shearing prunes "
+            "LlamaForCausalLM-compatible models (LLaMA 1/2/3, Mistral-style GQA with the LLaMA layout)"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw_config.get(flag):
+            raise ValueError(f"{where}: {flag}=true is not supported yet (bias terms are not pruned)")
+    if raw_config.get("hidden_act", "silu") != "silu":
+        raise ValueError(
+            f"{where}: hidden_act {raw_config.get('hidden_act')!r} is not supported (expected silu)"
+        )
+    if raw_config.get("sliding_window") not in (None, 0) and raw_config.get("use_sliding_window", True):
+        raise ValueError(f"{where}: sliding-window attention is not supported")
+
+
+def resolve_target_shape(source: LlamaShape, target: str | Mapping[str, Any]) -> LlamaShape:
+    """The target shape: a named shape (its five prunable fields) or a mapping of those five fields.
+
+    Vocabulary, ``head_dim`` and embedding tying always come from the source.
+    """
+    if isinstance(target, str):
+        fields = named_shape(target).prunable()
+        named = named_shape(target)
+        if named.head_dim != source.head_dim:
+            raise ValueError(
+                f"target shape {target!r} has head_dim {named.head_dim} but the source has {source.head_dim}: "
+                "head_dim is never pruned; choose a target whose heads have the source's head_dim"
+            )
+    elif isinstance(target, Mapping):
+        unknown = set(target) - set(PRUNABLE_FIELDS) - {"head_dim"}
+        missing = set(PRUNABLE_FIELDS) - set(target)
+        if unknown:
+            raise ValueError(
+                f"target_model has unknown field(s) {sorted(unknown)}; allowed: {list(PRUNABLE_FIELDS)}"
+            )
+        if "num_key_value_heads" in missing and source.group_size == 1 and "num_attention_heads" in target:
+            target = {**target, "num_key_value_heads": target["num_attention_heads"]}
+            missing.discard("num_key_value_heads")
+        if missing:
+            raise ValueError(
+                f"target_model is missing field(s) {sorted(missing)}; give all of {list(PRUNABLE_FIELDS)}"
+            )
+        if "head_dim" in target and int(target["head_dim"]) != source.head_dim:
+            raise ValueError(
+                f"target_model.head_dim={target['head_dim']} differs from the source's {source.head_dim}: "
+                "head_dim is never pruned"
+            )
+        fields = {name: target[name] for name in PRUNABLE_FIELDS}
+        for name, value in fields.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"target_model.{name} must be an integer, got {value!r}")
+    else:
+        raise ValueError(
+            f"target_model must be a named shape or a mapping of {list(PRUNABLE_FIELDS)}, got {target!r}"
+        )
+    validate_target(source, fields)
+    return source.with_target(fields)
+
+
+def validate_target(source: LlamaShape, target: Mapping[str, int]) -> None:
+    """Check that ``target`` is reachable from ``source`` by structured pruning."""
+    for name in PRUNABLE_FIELDS:
+        if target[name] <= 0:
+            raise ValueError(f"target_model.{name} must be positive, got {target[name]}")
+        if target[name] > getattr(source, name):
+            raise ValueError(
+                f"target_model.{name}={target[name]} is larger than the source's {getattr(source, name)}: "
+                "pruning can only remove units"
+            )
+    heads, kv = target["num_attention_heads"], target["num_key_value_heads"]
+    if heads % kv:
+        raise ValueError(
+            f"target_model.num_attention_heads ({heads}) must be divisible by num_key_value_heads ({kv})"
+        )
+    if source.group_size == 1:
+        if kv != heads:
+            raise ValueError(
+                f"the source uses multi-head attention (one KV head per query head), so the target must keep "
+                f"num_key_value_heads == num_attention_heads; got {kv} KV heads for {heads} heads"
+            )
+    elif heads // kv > source.group_size:
+        raise ValueError(
+            f"target_model needs {heads // kv} query heads per KV group but the source groups have only "
+            f"{source.group_size}: lower num_attention_heads or raise num_key_value_heads"
+        )

@@ -1,0 +1,61 @@
+"""Parity (a): with no masks, or every gate fixed at 1, our model's logits equal stock HF LLaMA's."""
+
+import pytest
+import torch
+from tiny import make_hf_llama
+from transformers import LlamaForCausalLM
+
+from shearing.models.hf_io import load_source_model
+
+CONFIGS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=8, num_key_value_heads=2),
+    "tied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "llama3_rope": dict(
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matches_hf_without_and_with_unit_masks(tmp_path, name):
+    path = make_hf_llama(tmp_path, seed=1, **CONFIGS[name])
+    hf = LlamaForCausalLM.from_pretrained(path).eval()
+    ours, config = load_source_model(path)
+    ours.eval()
+    L, H, G = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    ones = {
+        "hidden_z": torch.ones(config.hidden_size),
+        "head_z": torch.ones(L, H),
+        "kv_group_z": torch.ones(L, G),
+        "intermediate_z": torch.ones(L, config.intermediate_size),
+        "layer_z": torch.ones(L),
+    }
+    input_ids = torch.randint(0, config.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = hf(input_ids).logits
+        torch.testing.assert_close(ours(input_ids), expected)
+        torch.testing.assert_close(ours(input_ids, masks=ones), expected)
+
+
+def test_strict_load_rejects_mismatched_checkpoint(tmp_path):
+    path = make_hf_llama(tmp_path, num_hidden_layers=2)
+    config = (path / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3')
+    (path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_source_model(path)
+
+
+def test_rejects_non_llama_directory(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ValueError, match="not a LLaMA-family checkpoint"):
+        load_source_model(tmp_path)
