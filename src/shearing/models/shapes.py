@@ -153,10 +153,14 @@ def is_checkpoint_dir(spec: Any) -> bool:
     return isinstance(spec, str | os.PathLike) and Path(spec).is_dir()
 
 
-def resolve_source_shape(spec: str | os.PathLike) -> LlamaShape:
+def resolve_source_shape(
+    spec: str | os.PathLike, expected: str | None = None, need_checkpoint: bool = False
+) -> LlamaShape:
     """The shape of a source model given as an HF checkpoint directory or a named shape.
 
-    Reads only ``config.json``: no weights are loaded.
+    Reads only ``config.json``: no weights are loaded. ``expected`` names the shape a recipe was written
+    for (``model.source_shape``): a checkpoint of another shape is an error, and when the directory is
+    not there (planning on a laptop) the named shape stands in for it, unless ``need_checkpoint``.
     """
     if is_checkpoint_dir(spec):
         path = Path(spec) / "config.json"
@@ -167,9 +171,21 @@ def resolve_source_shape(spec: str | os.PathLike) -> LlamaShape:
         with open(path) as f:
             raw = json.load(f)
         check_llama_family(raw, where=str(path))
-        return shape_from_hf_config(raw)
-    if isinstance(spec, str) and ("/" in spec or spec.startswith(".")):
-        raise ValueError(f"source model {spec!r} is neither an existing directory nor a named shape")
+        shape = shape_from_hf_config(raw)
+        if expected is not None and shape != named_shape(expected):
+            raise ValueError(
+                f"source model {spec} has shape {shape} but model.source_shape says {expected!r} "
+                f"({named_shape(expected)}): point variables.source_model at the right checkpoint"
+            )
+        return shape
+    looks_like_path = isinstance(spec, os.PathLike) or "/" in str(spec) or str(spec).startswith(".")
+    if looks_like_path:
+        if expected is not None and not need_checkpoint:
+            return named_shape(expected)
+        raise ValueError(
+            f"source model {str(spec)!r} is not an existing directory: set variables.source_model to a Hugging Face "
+            f"checkpoint directory (or a named shape: {', '.join(sorted(NAMED_SHAPES))})"
+        )
     return named_shape(str(spec))
 
 

@@ -1,0 +1,92 @@
+"""Composer glue for stage 1: the Lagrangian constraint, its logging, and the export at the end.
+
+``LagrangianPruning`` (an ``Algorithm``) adds, after every micro-batch loss, the constraint term
+sum_m mean_rows[lambda1_m (s_m - t_m) + lambda2_m (s_m - t_m)^2] (``L0Module.lagrangian``), where the
+target t_m ramps linearly from 0 over ``lagrangian_warmup``. The masks and weights descend on the
+total; the multipliers ascend because their optimizer group has a negative learning rate (the max
+player of the min-max problem). The loss becomes ``{"total", "lm_loss", "lagrangian"}`` so the
+plain LM loss is logged on its own. Every batch it logs the expected sparsity and current target per
+family, the multipliers and the expected parameter count.
+
+``PruningExport`` (a ``Callback``) writes the Hugging Face directory of the target shape when
+training ends, if the run asked for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+
+from shearing.pruning.l0 import L0Module, mask_summary, warmup_progress
+
+log = logging.getLogger(__name__)
+
+
+def find_l0(model: torch.nn.Module) -> L0Module:
+    for module in model.modules():
+        if isinstance(module, L0Module):
+            return module
+    raise ValueError("LagrangianPruning needs a model with an L0 module (a pruning run)")
+
+
+def resolve_batches(duration: str | Time, max_duration: Time | None) -> int:
+    """A duration in batches: '640ba', or a fraction of a max_duration given in batches ('0.2dur')."""
+    time = Time.from_timestring(duration) if isinstance(duration, str) else duration
+    if time.unit == TimeUnit.BATCH:
+        return int(time.value)
+    if time.unit == TimeUnit.DURATION:
+        if max_duration is None or max_duration.unit != TimeUnit.BATCH:
+            raise ValueError(f"a duration of {duration} needs max_duration in batches (e.g. '3200ba')")
+        return int(round(time.value * max_duration.value))
+    raise ValueError(
+        f"pruning.lagrangian_warmup must be in batches ('640ba') or a fraction ('0.2dur'), got {duration}"
+    )
+
+
+class LagrangianPruning(Algorithm):
+    def __init__(self, lagrangian_warmup: str | int = "0.2dur"):
+        self.lagrangian_warmup = (
+            f"{lagrangian_warmup}ba" if isinstance(lagrangian_warmup, int) else lagrangian_warmup
+        )
+        self.warmup_batches: int | None = None
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.FIT_START, Event.AFTER_LOSS, Event.BATCH_END)
+
+    def progress(self, state: State) -> float:
+        if self.warmup_batches is None:
+            self.warmup_batches = resolve_batches(self.lagrangian_warmup, state.max_duration)
+        return warmup_progress(int(state.timestamp.batch), self.warmup_batches)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        l0 = find_l0(state.model)
+        progress = self.progress(state)
+        if event == Event.AFTER_LOSS:
+            term, _ = l0.lagrangian(progress)
+            lm_loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss
+            state.loss = {"total": lm_loss + term, "lm_loss": lm_loss.detach(), "lagrangian": term.detach()}
+        elif event == Event.BATCH_END:
+            logger.log_metrics(mask_summary(l0, progress))
+
+
+class PruningExport(Callback):
+    """At the end of training, export the pruned model of the exact target shape."""
+
+    def __init__(self, folder: str | Path, dtype: str = "float32"):
+        self.folder = Path(folder)
+        self.dtype = dtype
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        from shearing.export import export_model_state
+
+        model_state = state.get_model_state_dict()  # collective under FSDP: every rank calls it
+        if dist.get_global_rank() == 0:
+            summary = export_model_state(model_state, self.folder, dtype=self.dtype)
+            logger.log_metrics({"pruning/exported_num_params": float(summary["target"]["num_params"])})
+            log.info("exported the pruned model to %s", self.folder)
+        dist.barrier()

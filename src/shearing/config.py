@@ -1,0 +1,217 @@
+"""Typed run configuration: one yaml per run, a ``variables:`` block, validated before any work starts.
+
+A run is ``composer train.py <yaml> [key=value ...]``. The yaml and the command-line overrides
+(OmegaConf dot-list syntax, e.g. ``variables.target_model="{hidden_size: 2048, num_hidden_layers: 24}"``)
+are merged, ``${variables.x}`` references resolved, and the result loaded into the dataclasses below.
+An unknown or missing key is an error naming the key (and, for unknown keys, the closest known one),
+so a typo never silently falls back to a default.
+
+Every yaml exposes at least these variables: ``source_model`` (HF checkpoint dir or named shape),
+``target_model`` (named shape or mapping of the five shape fields), ``data_local``, ``save_folder``,
+``max_duration``, ``save_interval``, ``eval_interval``, ``seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REQUIRED_VARIABLES = (
+    "source_model",
+    "target_model",
+    "data_local",
+    "save_folder",
+    "max_duration",
+    "save_interval",
+    "eval_interval",
+    "seed",
+)
+
+
+@dataclass
+class ModelConfig:
+    """The model to start from."""
+
+    source: str  # HF checkpoint directory, or a named shape for random init
+    source_shape: str | None = None  # named shape the recipe expects; checked against the checkpoint
+    attn_impl: str = "sdpa"  # sdpa | flash | eager
+    tokenizer: str | None = None  # tokenizer directory; default: the source directory
+    activation_checkpointing: bool = False  # per-layer checkpointing without FSDP (FSDP has its own flag)
+
+
+@dataclass
+class PruningConfig:
+    """Stage 1: learn masks that cut the source down to ``target``."""
+
+    target: Any  # named shape, or mapping of the five shape fields
+    families: list[str] = field(default_factory=lambda: ["hidden", "head", "intermediate", "layer"])
+    lagrangian_warmup: str = "0.2dur"  # target sparsity ramps 0 -> final over this many steps
+    eval_masks: str = "expected"  # expected: expected number of zeros per row | final: exact target
+    export_on_fit_end: bool = False  # write a HF directory of the target shape when training ends
+    export_folder: str | None = None  # default: <save_folder>/hf
+    export_dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class OptimizerConfig:
+    """One DecoupledAdamW with three parameter groups: weights, mask logits, Lagrange multipliers."""
+
+    name: str = "decoupled_adamw"
+    lr: float = 1.0e-4
+    mask_lr: float = 1.0
+    lambda_lr: float = -1.0  # negative: gradient ascent, the max player of the min-max problem
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_with_warmup"  # cosine_with_warmup | linear_with_warmup | constant_with_warmup
+    t_warmup: str = "0.1dur"
+    alpha_f: float = 0.1
+
+
+@dataclass
+class RunConfig:
+    variables: dict[str, Any]
+    model: ModelConfig
+    train_loader: dict[str, Any]
+    max_duration: str
+    global_train_batch_size: int
+    max_seq_len: int
+    seed: int
+    eval_loader: dict[str, Any] | None = None
+    pruning: PruningConfig | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device_train_microbatch_size: Any = "auto"
+    device_eval_batch_size: int = 8
+    precision: str = "fp32"
+    eval_interval: Any = 1
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    save_folder: str | None = None
+    save_interval: Any = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    autoresume: bool = False
+    load_path: str | None = None
+    run_name: str | None = None
+    algorithms: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=dict)
+    fsdp_config: dict[str, Any] | None = None
+    progress_bar: bool = True
+    log_to_console: bool = False
+    console_log_interval: str = "1ba"
+    dist_timeout: float = 600.0
+    device: str | None = None  # default: gpu when available, else cpu
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load, merge overrides, resolve and validate a run yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run config {path} does not exist")
+    try:
+        raw = OmegaConf.load(path)
+        if overrides:
+            bad = [item for item in overrides if "=" not in item]
+            if bad:
+                raise ValueError(f"overrides must look like key=value, got {bad}")
+            raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+        container = OmegaConf.to_container(raw, resolve=True)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(container, dict):
+        raise ValueError(f"{path}: a run config must be a mapping")
+    variables = container.get("variables")
+    if not isinstance(variables, dict):
+        raise ValueError(f"{path}: missing the 'variables:' block")
+    missing = [name for name in REQUIRED_VARIABLES if name not in variables]
+    if missing:
+        raise ValueError(
+            f"{path}: variables is missing {missing}; every run yaml sets {list(REQUIRED_VARIABLES)}"
+        )
+    return from_dict(RunConfig, container, where=str(path))
+
+
+def from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``raw``; unknown or missing keys are errors naming the key."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in raw if key not in fields]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; known keys: {sorted(fields)}")
+    hints_by_name = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}: missing required key {name!r}")
+            continue
+        values[name] = _convert(hints_by_name[name], raw[name], f"{where}: {name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:
+            return _convert(options[0], value, where)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where} has an invalid value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return [_convert(args[0], item, where) for item in value] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value

@@ -1,0 +1,44 @@
+"""Joins llm-foundry's registries, so yamls can name our dataloaders, callbacks and algorithms.
+
+Importing this module registers everything once; ``shearing.train`` imports it, and every rank that
+runs ``train.py`` therefore sees the same names. Foundry's own entries (``text`` loader,
+``lr_monitor``, ``speed_monitor``, ``gradient_clipping`` ...) stay available next to ours.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from llmfoundry import registry
+
+# name -> "module:attribute", resolved lazily so optional parts do not slow every import down.
+DATALOADERS = {
+    "domain_mixture": "shearing.data.dataloader:build_domain_mixture_dataloader",
+    "domain_eval": "shearing.data.dataloader:build_domain_eval_dataloader",
+}
+CALLBACKS = {
+    "dynamic_loading": "shearing.callbacks.dynamic_loading:DynamicLoading",
+}
+
+
+def _resolve(target: str):
+    module, attribute = target.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def register_all() -> None:
+    for name, target in DATALOADERS.items():
+        if name not in registry.dataloaders:
+            try:
+                registry.dataloaders.register(name, func=_resolve(target))
+            except (ImportError, AttributeError):
+                continue
+    for name, target in CALLBACKS.items():
+        if name not in registry.callbacks:
+            try:
+                registry.callbacks.register(name, func=_resolve(target))
+            except (ImportError, AttributeError):
+                continue
+
+
+register_all()

@@ -1,0 +1,212 @@
+"""Build and run a Composer ``Trainer`` from a run yaml: ``composer train.py <yaml> [key=value ...]``.
+
+``train_from_yaml`` validates everything it can before loading weights or data (the config keys, the
+source and target shapes, the data folder), then builds the pieces with small ``build_*`` functions:
+model (mask-aware LLaMA + L0 module when the yaml has a ``pruning:`` section), dataloaders (through
+llm-foundry's registry: ``text``, and ours, ``domain_mixture`` / ``domain_eval``), the optimizer with
+separate learning rates for weights, mask logits and Lagrange multipliers, scheduler, algorithms
+(``LagrangianPruning`` for pruning runs, plus any from the registry), callbacks and loggers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer import Trainer
+from composer.core import Evaluator
+from composer.optim import DecoupledAdamW
+from composer.utils import dist, reproducibility
+from llmfoundry.data.dataloader import build_dataloader
+from llmfoundry.utils.builders import build_algorithm, build_callback, build_logger, build_scheduler
+
+import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
+from shearing.callbacks.pruning import LagrangianPruning, PruningExport
+from shearing.config import OptimizerConfig, RunConfig, load_config
+from shearing.models.composer_model import ComposerShearedLlama
+from shearing.models.hf_io import load_source_model
+from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape, resolve_target_shape
+from shearing.pruning.l0 import L0Module, plan_families
+
+log = logging.getLogger(__name__)
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """Cheap checks that must fail before anything expensive starts."""
+    source = resolve_source_shape(cfg.model.source, cfg.model.source_shape, need_checkpoint=True)
+    if cfg.pruning is not None:
+        target = resolve_target_shape(source, cfg.pruning.target)
+        plan_families(source, target, cfg.pruning.families)
+        if cfg.pruning.eval_masks not in ("expected", "final"):
+            raise ValueError(
+                f"pruning.eval_masks must be 'expected' or 'final', got {cfg.pruning.eval_masks!r}"
+            )
+    for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
+        if not loader:
+            continue
+        local = (loader.get("dataset") or {}).get("local")
+        if local is not None and not Path(local).exists():
+            raise FileNotFoundError(
+                f"{key}.dataset.local={local} does not exist: set variables.data_local to a prepared data folder "
+                "(data_prep/tokenize_domains.py writes one)"
+            )
+    if cfg.global_train_batch_size % dist.get_world_size():
+        raise ValueError(
+            f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {dist.get_world_size()} ranks"
+        )
+
+
+def build_tokenizer(cfg: RunConfig):
+    path = cfg.model.tokenizer or (cfg.model.source if is_checkpoint_dir(cfg.model.source) else None)
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if cfg.model.tokenizer:
+            raise ValueError(f"model.tokenizer={path} could not be loaded: {e}") from None
+        return None
+
+
+def tokenizer_path(cfg: RunConfig) -> str | None:
+    path = cfg.model.tokenizer or (cfg.model.source if is_checkpoint_dir(cfg.model.source) else None)
+    return str(Path(path).resolve()) if path else None
+
+
+def build_model(cfg: RunConfig) -> ComposerShearedLlama:
+    llama, hf_config = load_source_model(cfg.model.source, attn_impl=cfg.model.attn_impl, seed=cfg.seed)
+    llama.activation_checkpointing = cfg.model.activation_checkpointing
+    metadata: dict[str, Any] = {
+        "hf_config": hf_config.to_dict(),
+        "source": str(cfg.model.source),
+        "tokenizer": tokenizer_path(cfg),
+        "target": None,
+        "families": None,
+    }
+    l0 = None
+    if cfg.pruning is not None:
+        source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
+        target = resolve_target_shape(source, cfg.pruning.target)
+        l0 = L0Module(source, target, cfg.pruning.families)
+        l0.use_final_masks = cfg.pruning.eval_masks == "final"
+        metadata.update(target=target.prunable(), families=list(cfg.pruning.families))
+    return ComposerShearedLlama(llama, l0=l0, metadata=metadata)
+
+
+def build_optimizer(model: ComposerShearedLlama, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """DecoupledAdamW over three groups: model weights (lr), mask logits (mask_lr), multipliers (lambda_lr)."""
+    if cfg.name != "decoupled_adamw":
+        raise ValueError(f"optimizer.name {cfg.name!r} is not supported; use decoupled_adamw")
+    weights, masks, lambdas = [], [], []
+    for name, param in model.named_parameters():
+        if name.startswith("l0.lambdas."):
+            lambdas.append(param)
+        elif name.startswith("l0."):
+            masks.append(param)
+        else:
+            weights.append(param)
+    groups: list[dict[str, Any]] = [{"params": weights}]
+    if masks:
+        groups.append({"params": masks, "lr": cfg.mask_lr})
+    if lambdas:
+        groups.append({"params": lambdas, "lr": cfg.lambda_lr})
+    return DecoupledAdamW(
+        groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
+
+
+def build_loader(loader_cfg: dict[str, Any], tokenizer, batch_size: int):
+    return build_dataloader(dict(loader_cfg), tokenizer, batch_size)
+
+
+def build_evaluators(cfg: RunConfig, tokenizer) -> list[Evaluator]:
+    if not cfg.eval_loader:
+        return []
+    loader = build_loader(cfg.eval_loader, tokenizer, cfg.device_eval_batch_size)
+    return [
+        Evaluator(
+            label="eval", dataloader=loader, metric_names=["LanguageCrossEntropy", "LanguagePerplexity"]
+        )
+    ]
+
+
+def build_algorithms(cfg: RunConfig) -> list:
+    algorithms = [build_algorithm(name, kwargs or {}) for name, kwargs in cfg.algorithms.items()]
+    if cfg.pruning is not None:
+        algorithms.append(LagrangianPruning(cfg.pruning.lagrangian_warmup))
+    return algorithms
+
+
+def build_callbacks(cfg: RunConfig) -> list:
+    callbacks = [build_callback(name, kwargs or {}, cfg) for name, kwargs in cfg.callbacks.items()]
+    if cfg.pruning is not None and cfg.pruning.export_on_fit_end:
+        folder = cfg.pruning.export_folder or (Path(cfg.save_folder) / "hf" if cfg.save_folder else None)
+        if folder is None:
+            raise ValueError("pruning.export_on_fit_end needs pruning.export_folder or save_folder")
+        callbacks.append(PruningExport(folder, dtype=cfg.pruning.export_dtype))
+    return callbacks
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    validate_run(cfg)
+    reproducibility.seed_all(cfg.seed)
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg)
+    device_batch_size = cfg.global_train_batch_size // dist.get_world_size()
+    train_loader = build_loader(cfg.train_loader, tokenizer, device_batch_size)
+    dataset = getattr(getattr(train_loader, "dataloader", train_loader), "dataset", None)
+    domains = list(getattr(dataset, "domains", []) or [])
+    if domains:
+        model.set_domains(domains)
+    evaluators = build_evaluators(cfg, tokenizer)
+    if domains:
+        for evaluator in evaluators:
+            evaluator.metric_names = list(model.eval_metrics)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(
+        cfg.scheduler.name, {"t_warmup": cfg.scheduler.t_warmup, "alpha_f": cfg.scheduler.alpha_f}
+    )
+    return Trainer(
+        run_name=cfg.run_name,
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=evaluators or None,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        algorithms=build_algorithms(cfg),
+        callbacks=build_callbacks(cfg),
+        loggers=[build_logger(name, kwargs or {}) for name, kwargs in cfg.loggers.items()],
+        max_duration=cfg.max_duration,
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        device=cfg.device,
+        device_train_microbatch_size=cfg.device_train_microbatch_size,
+        precision=cfg.precision,
+        parallelism_config={"fsdp": cfg.fsdp_config} if cfg.fsdp_config else None,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        seed=cfg.seed,
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+        dist_timeout=cfg.dist_timeout,
+    )
+
+
+def train_from_yaml(path: str | os.PathLike, overrides: list[str] | None = None) -> Trainer:
+    """Load the yaml, build the trainer, train; returns the trainer (its state holds the result)."""
+    cfg = load_config(path, overrides)
+    trainer = build_trainer(cfg)
+    if cfg.eval_first and int(trainer.state.timestamp.batch) == 0 and trainer.state.evaluators:
+        trainer.eval()
+    trainer.fit()
+    return trainer

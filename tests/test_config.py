@@ -1,0 +1,82 @@
+"""Run yamls: every committed yaml loads and validates; bad keys and bad targets fail before any work."""
+
+from pathlib import Path
+
+import pytest
+
+from shearing.config import load_config
+from shearing.models.shapes import count_params, named_shape
+from shearing.plan import render_plan
+from shearing.train import validate_run
+
+REPO = Path(__file__).resolve().parents[1]
+YAMLS = sorted((REPO / "yamls").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_yaml_loads_and_plans(path):
+    cfg = load_config(path)
+    assert cfg.variables["seed"] == cfg.seed
+    render_plan(str(path))  # shapes and mask families validate without weights or data
+
+
+def test_plan_of_the_reference_recipes():
+    text = render_plan(str(REPO / "yamls/pruning/llama2_7b_to_2.7b.yaml"))
+    assert "6,738,415,616" in text and "2,701,560,320" in text
+    assert "1,345,423,360" in render_plan(str(REPO / "yamls/pruning/llama2_7b_to_1.3b.yaml"))
+
+
+def test_target_from_the_command_line():
+    cfg = load_config(
+        REPO / "yamls/testing/prune_tiny.yaml",
+        [
+            "variables.target_model={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 4, "
+            "num_key_value_heads: 4, intermediate_size: 64}"
+        ],
+    )
+    assert cfg.pruning.target["hidden_size"] == 32
+    text = render_plan(
+        str(REPO / "yamls/testing/prune_tiny.yaml"), ["variables.target_model=tiny_gqa_pruned"]
+    )
+    assert f"{count_params(named_shape('tiny_gqa_pruned')):,}" in text
+
+
+def test_unknown_key_names_the_key_and_a_suggestion():
+    with pytest.raises(ValueError, match=r"'lagrangian_warmpu' \(did you mean 'lagrangian_warmup'\?\)"):
+        load_config(REPO / "yamls/testing/prune_tiny.yaml", ["pruning.lagrangian_warmpu=10ba"])
+
+
+def test_missing_required_variable(tmp_path):
+    text = (REPO / "yamls/testing/prune_tiny.yaml").read_text().replace("  seed: 17\n", "")
+    (tmp_path / "run.yaml").write_text(text.replace("${variables.seed}", "17"))
+    with pytest.raises(ValueError, match=r"variables is missing \['seed'\]"):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises(ValueError, match="global_train_batch_size must be an integer"):
+        load_config(REPO / "yamls/testing/prune_tiny.yaml", ["global_train_batch_size=eight"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "variables.target_model={hidden_size: 128, num_hidden_layers: 3, num_attention_heads: 4, "
+            "num_key_value_heads: 2, intermediate_size: 96}",
+            "larger than the source",
+        ),
+        (
+            "variables.target_model={hidden_size: 48, num_hidden_layers: 3, num_attention_heads: 6, "
+            "num_key_value_heads: 4, intermediate_size: 96}",
+            "divisible",
+        ),
+        ("variables.data_local=/nonexistent/data", "does not exist"),
+        ("variables.source_model=/nonexistent/model", "not an existing directory"),
+        ("pruning.families=[head,intermediate,layer]", "add 'hidden'"),
+    ],
+)
+def test_bad_runs_fail_validation(override, message, tiny_mds):
+    cfg = load_config(REPO / "yamls/testing/prune_tiny.yaml", [f"variables.data_local={tiny_mds}", override])
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        validate_run(cfg)
