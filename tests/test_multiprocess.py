@@ -1,0 +1,33 @@
+"""`composer -n 2` on CPU (gloo): a pruning run whose ranks end with identical mask parameters."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSER = Path(sys.executable).parent / "composer"
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_mds):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(COMPOSER), "-n", "2", "--stdout", str(tmp_path / "rank{rank}.out"), "--stderr", str(tmp_path / "rank{rank}.err"),
+        str(REPO / "tests/scripts/prune_ddp.py"), str(tmp_path), str(REPO / "yamls/testing/prune_tiny.yaml"),
+        f"variables.source_model={tiny_gqa_dir}", f"variables.data_local={tiny_mds}", "max_duration=12ba",
+        "eval_interval=6ba",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.err")))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
+    rank0, rank1 = (torch.load(tmp_path / f"l0_rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    moved = False
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+        moved |= key.startswith("lambdas.") and float(rank0[key].abs()) > 0
+    assert moved, "the multipliers never moved: the run did not prune"
