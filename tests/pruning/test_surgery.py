@@ -90,3 +90,35 @@ def test_uneven_masks_are_rejected():
     masks["intermediate_z"][0, :5] = 0  # layer 0 now keeps fewer channels than the others
     with pytest.raises(ValueError, match="different number"):
         prune_model(model, masks)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_has_the_planned_shape_and_size(case, tmp_path):
+    """Each family alone and all together: the exported HF config and size are what `plan` predicts."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from shearing.export import export_model_state
+    from shearing.models.composer_model import ComposerShearedLlama
+
+    target = {**FULL, **CASES[case]}
+    model, masks, target_shape = pruned_pair("tiny_gqa", target, ["hidden", "head", "intermediate", "layer"])
+    l0 = L0Module(named_shape("tiny_gqa"), target_shape)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for log_alpha in l0.log_alphas.values():
+            log_alpha.copy_(torch.rand(log_alpha.shape, generator=gen) * 6 - 2)
+    meta = {"hf_config": model.config.to_dict(), "target": target_shape.prunable(),
+            "families": ["hidden", "head", "intermediate", "layer"], "tokenizer": None}
+    composer_model = ComposerShearedLlama(model, l0=l0, metadata=meta)
+    summary = export_model_state(composer_model.state_dict(), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {k: config[k] for k in target} == target
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert sum(p.numel() for p in hf.parameters()) == count_params(target_shape) == summary["target"]["num_params"]
+    l0.eval()
+    l0.use_final_masks = True
+    input_ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids).logits, model(input_ids, masks=l0()))
