@@ -36,12 +36,17 @@ class SplitStats:
 
 @dataclass
 class DomainEntry:
-    """One domain: its splits and where its raw text came from."""
+    """One domain: its splits and where its raw text came from.
+
+    ``skipped_files`` counts raw files not read (a .txt that is not UTF-8); ``skipped_documents`` counts
+    documents dropped from files that were read (a JSON line that is not UTF-8, an empty text).
+    """
 
     train: SplitStats
     eval: SplitStats
     source: str = ""
     skipped_files: int = 0
+    skipped_documents: int = 0
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Manifest:
                 eval=SplitStats(**entry["eval"]),
                 source=entry.get("source", ""),
                 skipped_files=entry.get("skipped_files", 0),
+                skipped_documents=entry.get("skipped_documents", 0),
             )
             for name, entry in raw["domains"].items()
         }

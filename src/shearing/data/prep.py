@@ -1,0 +1,592 @@
+"""Tokenize raw domains into fixed-length MDS sequences, with a held-out eval split per domain.
+
+``prepare(config)`` runs four phases, each safe to interrupt and rerun:
+
+1. **Tokenize** every raw file (``workers`` processes, one file a task) into a token cache
+   ``DATA_DIR/.prep/tokens/<domain>/<k>.bin`` plus an index ``<k>.npz`` (per-document token offsets and
+   document ids). Each document becomes BOS + text + EOS. Special-token strings inside a text (a
+   literal ``</s>``) are encoded as plain text, never as control tokens. A cached file is reused.
+2. **Plan** the split. A domain's documents (files in sorted order, then line order) are put in a seeded
+   random order, ``document_order``: numpy ``default_rng([seed, crc32(domain)])``, so a domain's split does
+   not depend on which other domains are present. Eval takes whole documents from the front of that
+   order until their tokens fill ``eval_seqs`` sequences; exactly ``eval_seqs`` are written and the rest
+   of the last eval document is dropped (never given to train), so train and eval are disjoint at the
+   document level. Train takes the remaining documents, in the same order. A domain that cannot fill
+   its eval split *and* give train at least one sequence is an error (lower ``--eval-seqs``); eval
+   taking more than half a domain's tokens is a warning. ``train_tokens`` caps the train tokens in
+   total; the cap is allotted in proportion to each domain's train tokens left after the eval split
+   (the raw data's natural mixture), rounded down to whole sequences, so at most the cap is written.
+3. **Write** each domain: documents are concatenated in order and cut into ``seq_len`` sequences, the
+   partial tail carried across documents and dropped only at the end of the split. Shards are written
+   under ``DATA_DIR/.prep/tmp/<domain>/`` and renamed into ``DATA_DIR/{train,eval}/<domain>``; then a
+   completion record ``DATA_DIR/.prep/done/<domain>.json`` is written atomically. The record is the
+   commit point: on rerun a domain with a record is skipped, one without is redone from scratch, and
+   its token cache is deleted once it is recorded.
+4. **Manifest**: ``DATA_DIR/manifest.json`` from the records, once every domain is done.
+
+What decides the bytes written (tokenizer fingerprint, dtype, seq_len, eval_seqs, seed, train_tokens,
+the raw files and their sizes) is kept in ``DATA_DIR/.prep/settings.json``; once a domain is written,
+rerunning with other settings is refused instead of silently mixing two preparations.
+
+Token dtype: ``uint16`` when every id fits (a vocabulary of at most 65,536 tokens, added tokens
+included), else ``uint32``. The document order holds one int64 per document in memory, fine for the
+~1e7 documents of a pruning- or CPT-sized sample; the token cache costs as much disk as the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from shearing.data.manifest import DomainEntry, Manifest, SplitStats, save_manifest
+from shearing.data.raw import RawDomain, RawFile, ReadStats, discover_domains, read_documents
+from shearing.data.tokenizer import TokenizerInfo, load_tokenizer_info
+
+logger = logging.getLogger(__name__)
+
+WORK_DIR = ".prep"
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+_BATCH_DOCS = 256
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """Arguments of ``data_prep/tokenize_domains.py`` (see the module docstring)."""
+
+    input: Path
+    tokenizer: str
+    output: Path
+    seq_len: int = 4096
+    eval_seqs: int = 500
+    train_tokens: int | None = None
+    workers: int = 1
+    seed: int = 17
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be at least 2 (a token and its successor), got {self.seq_len}")
+        if self.eval_seqs < 1:
+            raise ValueError(
+                f"--eval-seqs must be at least 1, got {self.eval_seqs}: dynamic batch loading needs "
+                "held-out sequences in every domain"
+            )
+        if self.train_tokens is not None and self.train_tokens < 1:
+            raise ValueError(
+                f"--train-tokens must be positive (or left out for no cap), got {self.train_tokens}"
+            )
+        if self.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        inp, out = Path(self.input).resolve(), Path(self.output).resolve()
+        if out == inp or inp in out.parents:
+            raise ValueError(
+                f"--output {self.output} must not be inside --input {self.input}: pick another folder"
+            )
+
+
+def parse_token_count(text: str | int) -> int:
+    """``"0.4B"`` -> 400_000_000; suffixes K, M, B, T (powers of 1000), case-insensitive; plain integers too."""
+    raw = str(text).strip().upper().replace("_", "")
+    scale = _SUFFIXES.get(raw[-1:], 1)
+    number = raw[:-1] if raw[-1:] in _SUFFIXES else raw
+    try:
+        value = Decimal(number) * scale
+    except InvalidOperation:
+        value = Decimal(-1)
+    if value < 1 or value != value.to_integral_value():
+        raise ValueError(
+            f"token count {text!r} is not a positive whole number of tokens: write e.g. 400000, 50M or 0.4B"
+        )
+    return int(value)
+
+
+def choose_token_dtype(vocab_size: int) -> str:
+    """``uint16`` when every token id (0 .. vocab_size - 1) fits in 16 bits, else ``uint32``."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab size must be positive, got {vocab_size}")
+    if vocab_size > 2**32:
+        raise ValueError(f"vocab size {vocab_size} does not fit uint32 token ids")
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 1: tokenize files into the cache
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """Tokenize ``file`` of ``domain`` into ``<cache>.bin`` / ``<cache>.npz``."""
+
+    domain: str
+    file: RawFile
+    cache: Path
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _worker_state(backend_json: str, bos: int, eos: int, dtype: str) -> dict[str, Any]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(backend_json)
+    tokenizer.encode_special_tokens = True  # a literal "</s>" in a text is text, not EOS
+    return {"tokenizer": tokenizer, "bos": bos, "eos": eos, "dtype": np.dtype(dtype)}
+
+
+def _init_pool_worker(backend_json: str, bos: int, eos: int, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER_STATE.update(_worker_state(backend_json, bos, eos, dtype))
+
+
+def _run_task(task: FileTask) -> FileTask:
+    tokenize_file(task.file, task.cache, **_WORKER_STATE)
+    return task
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenize_file(file: RawFile, cache: Path, tokenizer: Any, bos: int, eos: int, dtype: np.dtype) -> None:
+    """Write every document of ``file`` as BOS + ids + EOS to ``cache.bin``, and its index to ``cache.npz``."""
+    stats = ReadStats()
+    offsets, doc_ids = [0], []
+    tmp_bin = cache.with_name(cache.name + ".bin.tmp")
+    with open(tmp_bin, "wb") as out:
+        for batch in _batched(read_documents(file, stats), _BATCH_DOCS):
+            encodings = tokenizer.encode_batch_fast([text for _, text in batch], add_special_tokens=False)
+            for (doc_id, _), encoding in zip(batch, encodings, strict=True):
+                tokens = np.empty(len(encoding.ids) + 2, dtype=dtype)
+                tokens[0], tokens[-1] = bos, eos
+                tokens[1:-1] = encoding.ids
+                tokens.tofile(out)
+                offsets.append(offsets[-1] + len(tokens))
+                doc_ids.append(doc_id)
+    os.replace(tmp_bin, cache.with_suffix(".bin"))
+    tmp_index = cache.with_name(cache.name + ".npz.tmp")
+    with open(tmp_index, "wb") as out:
+        np.savez(
+            out,
+            offsets=np.asarray(offsets, dtype=np.int64),
+            doc_ids=np.asarray(doc_ids, dtype=np.int64),
+            skipped=np.asarray([int(stats.skipped_file), stats.skipped_documents], dtype=np.int64),
+        )
+    os.replace(tmp_index, cache.with_suffix(".npz"))
+
+
+def tokenize_files(
+    tasks: list[FileTask], info: TokenizerInfo, dtype: str, workers: int, progress: bool
+) -> None:
+    """Tokenize the tasks whose cache is missing, in ``workers`` spawned processes (inline for one)."""
+    todo = [task for task in tasks if not task.cache.with_suffix(".npz").exists()]
+    if not todo:
+        return
+    for task in todo:
+        task.cache.parent.mkdir(parents=True, exist_ok=True)
+    args = (info.backend_json, info.bos_token_id, info.eos_token_id, dtype)
+    with tqdm(total=len(todo), desc="tokenize", unit="file", disable=not progress) as bar:
+        if workers == 1 or len(todo) == 1:
+            state = _worker_state(*args)
+            for task in todo:
+                tokenize_file(task.file, task.cache, **state)
+                bar.update()
+            return
+        context = multiprocessing.get_context("spawn")  # fork-safe with torch/tokenizers threads
+        with context.Pool(min(workers, len(todo)), initializer=_init_pool_worker, initargs=args) as pool:
+            for task in pool.imap_unordered(_run_task, todo):
+                bar.set_postfix_str(task.domain)
+                bar.update()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 2: the per-domain document table, the eval/train split, the train-token allotment
+
+
+@dataclass
+class DomainDocs:
+    """A tokenized domain: per document its file, token range in that file's cache, and id in the file."""
+
+    name: str
+    source: Path
+    files: list[RawFile]
+    caches: list[Path]
+    file_index: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    doc_ids: np.ndarray
+    skipped_files: int
+    skipped_documents: int
+
+    def identity(self, doc: int) -> list[Any]:
+        """``[file, doc_id]`` of document ``doc``: how the manifest names it."""
+        return [self.files[int(self.file_index[doc])].name, int(self.doc_ids[doc])]
+
+
+def load_domain_docs(domain: RawDomain, caches: list[Path]) -> DomainDocs:
+    """Read the cache indexes of one domain into its document table."""
+    file_index, starts, lengths, doc_ids = [], [], [], []
+    skipped_files = skipped_documents = 0
+    for k, cache in enumerate(caches):
+        with np.load(cache.with_suffix(".npz")) as index:
+            offsets = index["offsets"]
+            doc_ids.append(index["doc_ids"])
+            skipped_files += int(index["skipped"][0])
+            skipped_documents += int(index["skipped"][1])
+        starts.append(offsets[:-1])
+        lengths.append(np.diff(offsets))
+        file_index.append(np.full(len(offsets) - 1, k, dtype=np.int32))
+    return DomainDocs(
+        name=domain.name,
+        source=domain.source,
+        files=domain.files,
+        caches=caches,
+        file_index=np.concatenate(file_index),
+        starts=np.concatenate(starts),
+        lengths=np.concatenate(lengths),
+        doc_ids=np.concatenate(doc_ids),
+        skipped_files=skipped_files,
+        skipped_documents=skipped_documents,
+    )
+
+
+def document_order(num_docs: int, seed: int, domain: str) -> np.ndarray:
+    """The seeded random order of a domain's documents; eval is its front, train the rest."""
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode("utf-8"))])
+    return rng.permutation(num_docs)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """A domain's document order, how many of its first documents are eval, and train's token supply."""
+
+    order: np.ndarray
+    num_eval_docs: int
+    train_tokens_available: int
+
+
+def plan_split(docs: DomainDocs, seq_len: int, eval_seqs: int, seed: int) -> SplitPlan:
+    """Split ``docs`` at the document level (rule in the module docstring); error if the domain runs short."""
+    order = document_order(len(docs.lengths), seed, docs.name)
+    ordered = docs.lengths[order]
+    total = int(ordered.sum())
+    need = eval_seqs * seq_len
+    cumulative = np.cumsum(ordered)
+    num_eval = int(np.searchsorted(cumulative, need) + 1)
+    train_available = total - int(cumulative[num_eval - 1]) if num_eval <= len(ordered) else 0
+    if total < need or train_available < seq_len:
+        raise ValueError(
+            f"domain {docs.name!r} has {total:,} tokens ({total // seq_len} sequences of {seq_len}) in "
+            f"{len(ordered)} documents: not enough for --eval-seqs {eval_seqs} held-out sequences plus at least "
+            f"one training sequence from other documents; lower --eval-seqs (e.g. to {max(1, total // seq_len // 4)}) "
+            "or --seq-len, or add text to the domain"
+        )
+    if need > total // 2:
+        logger.warning(
+            "domain %r: eval takes %d of its %d tokens; consider a smaller --eval-seqs",
+            docs.name,
+            need,
+            total,
+        )
+    return SplitPlan(order=order, num_eval_docs=num_eval, train_tokens_available=train_available)
+
+
+def allot_train_sequences(
+    available: dict[str, int], seq_len: int, train_tokens: int | None
+) -> dict[str, int]:
+    """Train sequences per domain: all available, or ``train_tokens`` shared in proportion to ``available``."""
+    capacity = {name: tokens // seq_len for name, tokens in available.items()}
+    total = sum(available.values())
+    if train_tokens is None or train_tokens >= sum(capacity.values()) * seq_len:
+        if train_tokens is not None:
+            logger.warning(
+                "--train-tokens %d is more than the data holds; writing all %d", train_tokens, total
+            )
+        return capacity
+    allotted = {
+        name: min(capacity[name], train_tokens * tokens // total // seq_len)
+        for name, tokens in available.items()
+    }
+    empty = [name for name, seqs in allotted.items() if seqs == 0]
+    if empty:
+        smallest = min(available[name] for name in empty)
+        raise ValueError(
+            f"--train-tokens {train_tokens:,} leaves domain(s) {', '.join(empty)} without one full training "
+            f"sequence under the proportional allotment: raise it to at least {seq_len * total // smallest + 1:,}"
+        )
+    return allotted
+
+
+# ---------------------------------------------------------------------------------------------------
+# Phase 3: pack and write one domain
+
+
+def pack_sequences(
+    chunks: Iterable[np.ndarray], seq_len: int, max_seqs: int | None = None
+) -> Iterator[np.ndarray]:
+    """Concatenate ``chunks`` and cut them into ``seq_len`` sequences, the tail carried over and dropped at the end.
+
+    Stops after ``max_seqs`` sequences without reading further chunks.
+    """
+    if max_seqs == 0:
+        return
+    buffer: np.ndarray | None = None
+    fill = count = 0
+    for chunk in chunks:
+        if buffer is None:
+            buffer = np.empty(seq_len, dtype=chunk.dtype)
+        pos = 0
+        while pos < len(chunk):
+            take = min(seq_len - fill, len(chunk) - pos)
+            buffer[fill : fill + take] = chunk[pos : pos + take]
+            fill, pos = fill + take, pos + take
+            if fill == seq_len:
+                yield buffer.copy()
+                fill, count = 0, count + 1
+                if count == max_seqs:
+                    return
+
+
+class _DocReader:
+    """Reads documents' tokens from a domain's cache and counts how many were read."""
+
+    def __init__(self, docs: DomainDocs, dtype: str) -> None:
+        self.docs = docs
+        self.maps = [
+            np.memmap(cache.with_suffix(".bin"), dtype=dtype, mode="r")
+            if cache.with_suffix(".bin").stat().st_size
+            else None
+            for cache in docs.caches
+        ]
+        self.read = 0
+
+    def chunks(self, doc_indices: np.ndarray) -> Iterator[np.ndarray]:
+        for doc in doc_indices:
+            tokens = self.maps[self.docs.file_index[doc]]
+            start = int(self.docs.starts[doc])
+            self.read += 1
+            yield np.asarray(tokens[start : start + int(self.docs.lengths[doc])])
+
+
+def write_split(
+    out: Path, sequences: Iterable[np.ndarray], dtype: str, desc: str, total: int, progress: bool
+) -> int:
+    """Write ``sequences`` as MDS shards (column ``tokens``, ``ndarray:<dtype>``) into ``out``; return the count."""
+    from streaming import MDSWriter
+
+    count = 0
+    with (
+        MDSWriter(out=str(out), columns={"tokens": f"ndarray:{dtype}"}, compression=None) as writer,
+        tqdm(total=total, desc=desc, unit="seq", disable=not progress) as bar,
+    ):
+        for sequence in sequences:
+            writer.write({"tokens": sequence})
+            count += 1
+            bar.update()
+    return count
+
+
+def write_domain(
+    docs: DomainDocs, plan: SplitPlan, train_seqs: int, config: PrepConfig, dtype: str
+) -> dict[str, Any]:
+    """Write a domain's eval and train shards and move them into place; return its completion record."""
+    work = Path(config.output) / WORK_DIR / "tmp" / docs.name
+    shutil.rmtree(work, ignore_errors=True)
+    stats = {}
+    for split, doc_indices, max_seqs in (
+        ("eval", plan.order[: plan.num_eval_docs], config.eval_seqs),
+        ("train", plan.order[plan.num_eval_docs :], train_seqs),
+    ):
+        reader = _DocReader(docs, dtype)
+        sequences = pack_sequences(reader.chunks(doc_indices), config.seq_len, max_seqs)
+        count = write_split(work / split, sequences, dtype, f"{docs.name}/{split}", max_seqs, config.progress)
+        assert count == max_seqs, (docs.name, split, count, max_seqs)
+        stats[split] = SplitStats(sequences=count, tokens=count * config.seq_len, documents=reader.read)
+    for split in ("eval", "train"):
+        final = Path(config.output) / split / docs.name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(work / split, final)
+    shutil.rmtree(work, ignore_errors=True)
+    entry = DomainEntry(
+        train=stats["train"],
+        eval=stats["eval"],
+        source=str(docs.source),
+        skipped_files=docs.skipped_files,
+        skipped_documents=docs.skipped_documents,
+    )
+    return {
+        "entry": asdict(entry),
+        "train_tokens_available": plan.train_tokens_available,
+        "eval_documents": [docs.identity(doc) for doc in plan.order[: plan.num_eval_docs]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Orchestration, resume bookkeeping and the manifest
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _settings(
+    config: PrepConfig, info: TokenizerInfo, dtype: str, domains: dict[str, RawDomain]
+) -> dict[str, Any]:
+    return {
+        "tokenizer": info.fingerprint,
+        "dtype": dtype,
+        "seq_len": config.seq_len,
+        "eval_seqs": config.eval_seqs,
+        "seed": config.seed,
+        "train_tokens": config.train_tokens,
+        "domains": {name: [[f.name, f.size] for f in domain.files] for name, domain in domains.items()},
+    }
+
+
+_TOKEN_SETTINGS = ("tokenizer", "dtype", "domains")  # what the token cache depends on
+
+
+def _check_settings(output: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume into ``output`` when a domain was written with other settings, or by something else.
+
+    While no domain is finished yet (e.g. the last run stopped at a "lower --eval-seqs" error), new
+    settings simply replace the old ones; the token cache is kept unless the tokens would differ.
+    """
+    path = output / WORK_DIR / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [key for key in settings if old.get(key) != settings[key]]
+        if not changed:
+            return
+        if any((output / WORK_DIR / "done").glob("*.json")):
+            raise ValueError(
+                f"--output {output} was prepared with different settings ({', '.join(changed)} changed): rerun "
+                "with the same arguments and raw files to resume, or pick a new --output"
+            )
+        if any(key in _TOKEN_SETTINGS for key in changed):
+            shutil.rmtree(output / WORK_DIR / "tokens", ignore_errors=True)
+    elif any((output / split).is_dir() and any((output / split).iterdir()) for split in ("train", "eval")):
+        raise ValueError(
+            f"--output {output} already holds train/ or eval/ data that this tool did not record: pick an "
+            "empty --output folder"
+        )
+    _write_json(path, settings)
+
+
+def _domain_caches(output: Path, domain: RawDomain) -> list[Path]:
+    return [output / WORK_DIR / "tokens" / domain.name / f"{k:06d}" for k in range(len(domain.files))]
+
+
+def _done_path(output: Path, name: str) -> Path:
+    return output / WORK_DIR / "done" / f"{name}.json"
+
+
+def prepare(config: PrepConfig) -> Manifest:
+    """Run the whole preparation (module docstring) and return the manifest written to ``config.output``."""
+    output = Path(config.output)
+    info = load_tokenizer_info(config.tokenizer)
+    dtype = choose_token_dtype(info.vocab_size)
+    domains = discover_domains(config.input)
+    _check_settings(output, json.loads(json.dumps(_settings(config, info, dtype, domains))))
+    records = {
+        name: json.loads(_done_path(output, name).read_text())
+        for name in domains
+        if _done_path(output, name).exists()
+    }
+    pending = [name for name in domains if name not in records]
+    for name in records:
+        logger.info("domain %r is already prepared: skipping it", name)
+
+    caches = {name: _domain_caches(output, domains[name]) for name in pending}
+    tasks = [
+        FileTask(name, file, cache)
+        for name in pending
+        for file, cache in zip(domains[name].files, caches[name])
+    ]
+    tokenize_files(tasks, info, dtype, config.workers, config.progress)
+    docs = {name: load_domain_docs(domains[name], caches[name]) for name in pending}
+    plans = {name: plan_split(docs[name], config.seq_len, config.eval_seqs, config.seed) for name in pending}
+
+    available = {
+        name: records[name]["train_tokens_available"]
+        if name in records
+        else plans[name].train_tokens_available
+        for name in domains
+    }
+    train_seqs = allot_train_sequences(available, config.seq_len, config.train_tokens)
+    for name in pending:
+        records[name] = write_domain(docs[name], plans[name], train_seqs[name], config, dtype)
+        _write_json(_done_path(output, name), records[name])
+        shutil.rmtree(output / WORK_DIR / "tokens" / name, ignore_errors=True)
+
+    for leftover in ("tmp", "tokens"):
+        shutil.rmtree(output / WORK_DIR / leftover, ignore_errors=True)
+    manifest = build_manifest(config, info, dtype, {name: records[name] for name in domains})
+    save_manifest(manifest, output)
+    return manifest
+
+
+def build_manifest(
+    config: PrepConfig, info: TokenizerInfo, dtype: str, records: dict[str, dict[str, Any]]
+) -> Manifest:
+    """The manifest of a finished preparation, from the domains' completion records."""
+    domains = {}
+    for name, record in records.items():
+        entry = dict(record["entry"])
+        entry["train"], entry["eval"] = SplitStats(**entry["train"]), SplitStats(**entry["eval"])
+        domains[name] = DomainEntry(**entry)
+    split = {
+        "seed": config.seed,
+        "eval_seqs": config.eval_seqs,
+        "order": "numpy default_rng([seed, crc32(domain)]).permutation of the domain's documents "
+        "(files in sorted order, then line order)",
+        "rule": "eval takes whole documents from the front of the order until it fills eval_seqs sequences "
+        "(the rest of its last document is dropped); train takes the remaining documents in order",
+        "train_tokens": config.train_tokens,
+        "train_allotment": "proportional to each domain's tokens left after the eval split, rounded down to whole sequences",
+        "eval_documents": {name: record["eval_documents"] for name, record in records.items()},
+    }
+    return Manifest(
+        seq_len=config.seq_len, dtype=dtype, domains=domains, tokenizer=info.to_manifest(), split=split
+    )
+
+
+def format_summary(manifest: Manifest) -> str:
+    """A short table of what was written, for the command line."""
+    lines = [
+        f"seq_len {manifest.seq_len}, dtype {manifest.dtype}, tokenizer {manifest.tokenizer.get('name', '?')}"
+    ]
+    lines.append(
+        f"{'domain':<16}{'train seqs':>12}{'train tokens':>15}{'eval seqs':>11}{'docs':>10}{'skipped':>14}"
+    )
+    for name, entry in manifest.domains.items():
+        docs = entry.train.documents + entry.eval.documents
+        skipped = f"{entry.skipped_files}f/{entry.skipped_documents}d"
+        lines.append(
+            f"{name:<16}{entry.train.sequences:>12,}{entry.train.tokens:>15,}{entry.eval.sequences:>11,}{docs:>10,}{skipped:>14}"
+        )
+    if any(entry.skipped_files for entry in manifest.domains.values()):
+        lines.append("skipped: f = files that are not UTF-8, d = documents that are not UTF-8 or empty")
+    return "\n".join(lines)
