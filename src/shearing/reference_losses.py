@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = _from_model(args) if args.model else _from_scaling_law(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # bad input, unreadable points.json or model folder
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -587,6 +587,6 @@ def format_summary(manifest: Manifest) -> str:
         lines.append(
             f"{name:<16}{entry.train.sequences:>12,}{entry.train.tokens:>15,}{entry.eval.sequences:>11,}{docs:>10,}{skipped:>14}"
         )
-    if any(entry.skipped_files for entry in manifest.domains.values()):
+    if any(entry.skipped_files or entry.skipped_documents for entry in manifest.domains.values()):
         lines.append("skipped: f = files that are not UTF-8, d = documents that are not UTF-8 or empty")
     return "\n".join(lines)
