@@ -256,8 +256,10 @@ def _from_model(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _from_scaling_law(args: argparse.Namespace) -> dict[str, Any]:
-    with open(args.scaling_law) as f:
-        points = json.load(f)
+    try:
+        points = json.loads(Path(args.scaling_law).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--scaling-law {args.scaling_law} is not valid JSON ({err})") from err
     losses = predict_reference_losses(points, args.target_params)
     fits = {
         domain: dict(zip("abc", fit_scaling_law(points["params"], ys)))
