@@ -2,7 +2,9 @@
 
 ``LagrangianPruning`` (an ``Algorithm``) adds, after every micro-batch loss, the constraint term
 sum_m mean_rows[lambda1_m (s_m - t_m) + lambda2_m (s_m - t_m)^2] (``L0Module.lagrangian``), where the
-target t_m ramps linearly from 0 over ``lagrangian_warmup``. The masks and weights descend on the
+target t_m ramps linearly from 0 over ``lagrangian_warmup``. The term is computed inside the model's
+forward (``L0Module.forward``), where FSDP has the mask parameters materialised; the algorithm sets
+the warmup progress before each batch and moves the term into the loss. The masks and weights descend on the
 total; the multipliers ascend because their optimizer group has a negative learning rate (the max
 player of the min-max problem). The loss becomes ``{"total", "lm_loss", "lagrangian"}`` so the
 plain LM loss is logged on its own. Every batch it logs the expected sparsity and current target per
@@ -22,7 +24,7 @@ from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from shearing.pruning.l0 import L0Module, mask_summary, warmup_progress
+from shearing.pruning.l0 import L0Module, warmup_progress
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class LagrangianPruning(Algorithm):
         self.warmup_batches: int | None = None
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.FIT_START, Event.AFTER_LOSS, Event.BATCH_END)
+        return event in (Event.BATCH_START, Event.AFTER_LOSS, Event.BATCH_END)
 
     def progress(self, state: State) -> float:
         if self.warmup_batches is None:
@@ -65,13 +67,19 @@ class LagrangianPruning(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         l0 = find_l0(state.model)
-        progress = self.progress(state)
-        if event == Event.AFTER_LOSS:
-            term, _ = l0.lagrangian(progress)
+        if event == Event.BATCH_START:
+            l0.progress = self.progress(state)
+        elif event == Event.AFTER_LOSS:
+            term = l0.pending_lagrangian
+            if term is None:
+                raise RuntimeError(
+                    "the L0 module computed no Lagrangian term: was the model run in training mode?"
+                )
+            l0.pending_lagrangian = None
             lm_loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss
             state.loss = {"total": lm_loss + term, "lm_loss": lm_loss.detach(), "lagrangian": term.detach()}
         elif event == Event.BATCH_END:
-            logger.log_metrics(mask_summary(l0, progress))
+            logger.log_metrics({name: float(value) for name, value in l0.last_stats.items()})
 
 
 class PruningExport(Callback):

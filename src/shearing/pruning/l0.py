@@ -154,9 +154,15 @@ class L0Module(nn.Module):
         )
         self.lambdas = nn.ParameterDict()
         for name in self.specs:
-            self.lambdas[f"{name}_1"] = nn.Parameter(torch.zeros(()))
-            self.lambdas[f"{name}_2"] = nn.Parameter(torch.zeros(()))
+            self.lambdas[f"{name}_1"] = nn.Parameter(torch.zeros(1))  # 1-D: FSDP2 shards no scalars
+            self.lambdas[f"{name}_2"] = nn.Parameter(torch.zeros(1))
         self.use_final_masks = False
+        # Set by the LagrangianPruning algorithm before each batch; read by forward().
+        self.progress = 0.0
+        # Written by every training forward, while the parameters are materialised (under FSDP they are
+        # sharded outside forward): the constraint term to add to the loss and detached stats to log.
+        self.pending_lagrangian: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -170,6 +176,8 @@ class L0Module(nn.Module):
         for log_alpha in self.log_alphas.values():
             hc.clamp_log_alpha_(log_alpha)
         if self.training:
+            self.pending_lagrangian, _ = self.lagrangian(self.progress)
+            self.last_stats = mask_stats(self, self.progress)
             return {f"{name}_z": hc.sample_gates(la) for name, la in self.log_alphas.items()}
         return self.deterministic_masks(exact=self.use_final_masks)
 
@@ -272,18 +280,19 @@ def count_masked_params(source: LlamaShape, keep: Mapping[str, torch.Tensor]) ->
     return embeddings + layers + d
 
 
-def mask_summary(l0: L0Module, progress: float) -> dict[str, float]:
-    """Scalars to log every step: expected sparsity and current target per family, lambdas, sizes."""
+def mask_stats(l0: L0Module, progress: float) -> dict[str, torch.Tensor]:
+    """Values to log every step (detached tensors, no host sync): expected sparsity and current target
+    per family, the multipliers, the expected and target parameter counts."""
     with torch.no_grad():
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         targets = l0.target_sparsity(progress)
         for name, sparsity in l0.expected_sparsity().items():
-            stats[f"pruning/expected_sparsity/{name}"] = float(sparsity.mean())
-            stats[f"pruning/target_sparsity/{name}"] = targets[name]
-            stats[f"pruning/lambda_1/{name}"] = float(l0.lambdas[f"{name}_1"])
-            stats[f"pruning/lambda_2/{name}"] = float(l0.lambdas[f"{name}_2"])
-        stats["pruning/expected_num_params"] = float(l0.expected_num_params())
-        stats["pruning/target_num_params"] = float(count_params(l0.target))
+            stats[f"pruning/expected_sparsity/{name}"] = sparsity.mean()
+            stats[f"pruning/target_sparsity/{name}"] = torch.tensor(targets[name])
+            stats[f"pruning/lambda_1/{name}"] = l0.lambdas[f"{name}_1"].detach().sum()
+            stats[f"pruning/lambda_2/{name}"] = l0.lambdas[f"{name}_2"].detach().sum()
+        stats["pruning/expected_num_params"] = l0.expected_num_params().detach()
+        stats["pruning/target_num_params"] = torch.tensor(float(count_params(l0.target)))
     return stats
 
 
@@ -300,7 +309,7 @@ __all__ = [
     "FamilySpec",
     "L0Module",
     "count_masked_params",
-    "mask_summary",
+    "mask_stats",
     "plan_families",
     "warmup_progress",
 ]
