@@ -53,16 +53,20 @@ def pruned_pair(source_name: str, target: dict, families, tied: bool = False, se
     return model, l0(), target_shape
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_masked_equals_pruned_gqa(case):
-    target = {**FULL, **CASES[case]}
-    model, masks, target_shape = pruned_pair("tiny_gqa", target, ["hidden", "head", "intermediate", "layer"])
+def assert_pruned_matches(model, masks, target_shape):
     result = prune_model(model, masks)
     assert result.shape == target_shape
     assert sum(p.numel() for p in result.model.parameters()) == count_params(target_shape)
     input_ids = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(result.model.eval()(input_ids), model(input_ids, masks=masks))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_masked_equals_pruned_gqa(case):
+    target = {**FULL, **CASES[case]}
+    model, masks, target_shape = pruned_pair("tiny_gqa", target, ["hidden", "head", "intermediate", "layer"])
+    assert_pruned_matches(model, masks, target_shape)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -77,12 +81,7 @@ def test_masked_equals_pruned_mha_with_block_masks(tied):
     model, masks, target_shape = pruned_pair(
         "tiny_mha", target, ["hidden", "head", "intermediate", "head_layer", "mlp"], tied=tied
     )
-    result = prune_model(model, masks)
-    assert result.shape == target_shape
-    assert sum(p.numel() for p in result.model.parameters()) == count_params(target_shape)
-    input_ids = torch.randint(0, 512, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(result.model.eval()(input_ids), model(input_ids, masks=masks))
+    assert_pruned_matches(model, masks, target_shape)
 
 
 def test_uneven_masks_are_rejected():
@@ -109,14 +108,22 @@ def test_export_has_the_planned_shape_and_size(case, tmp_path):
     with torch.no_grad():
         for log_alpha in l0.log_alphas.values():
             log_alpha.copy_(torch.rand(log_alpha.shape, generator=gen) * 6 - 2)
-    meta = {"hf_config": model.config.to_dict(), "target": target_shape.prunable(),
-            "families": ["hidden", "head", "intermediate", "layer"], "tokenizer": None}
+    meta = {
+        "hf_config": model.config.to_dict(),
+        "target": target_shape.prunable(),
+        "families": ["hidden", "head", "intermediate", "layer"],
+        "tokenizer": None,
+    }
     composer_model = ComposerShearedLlama(model, l0=l0, metadata=meta)
     summary = export_model_state(composer_model.state_dict(), tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert {k: config[k] for k in target} == target
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert sum(p.numel() for p in hf.parameters()) == count_params(target_shape) == summary["target"]["num_params"]
+    assert (
+        sum(p.numel() for p in hf.parameters())
+        == count_params(target_shape)
+        == summary["target"]["num_params"]
+    )
     l0.eval()
     l0.use_final_masks = True
     input_ids = torch.randint(0, 512, (2, 24))

@@ -8,7 +8,6 @@ from a checkpoint with tied embeddings.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import (
     NAMED_CONFIG_EXTRAS,
     LlamaShape,
-    check_llama_family,
     is_checkpoint_dir,
     named_shape,
+    read_config_json,
 )
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -45,15 +44,7 @@ def config_from_shape(shape: LlamaShape, **extra) -> LlamaConfig:
 
 
 def read_hf_config(path: str | os.PathLike) -> LlamaConfig:
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise ValueError(
-            f"{path} has no config.json: source_model must be a Hugging Face checkpoint directory"
-        )
-    with open(config_file) as f:
-        raw = json.load(f)
-    check_llama_family(raw, where=str(config_file))
-    config = LlamaConfig.from_dict(raw)
+    config = LlamaConfig.from_dict(read_config_json(path))
     if getattr(config, "head_dim", None) is None:
         config.head_dim = config.hidden_size // config.num_attention_heads
     return config

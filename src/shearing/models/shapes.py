@@ -163,15 +163,7 @@ def resolve_source_shape(
     not there (planning on a laptop) the named shape stands in for it, unless ``need_checkpoint``.
     """
     if is_checkpoint_dir(spec):
-        path = Path(spec) / "config.json"
-        if not path.is_file():
-            raise ValueError(
-                f"source model directory {spec} has no config.json: is it a Hugging Face checkpoint?"
-            )
-        with open(path) as f:
-            raw = json.load(f)
-        check_llama_family(raw, where=str(path))
-        shape = shape_from_hf_config(raw)
+        shape = shape_from_hf_config(read_config_json(spec))
         if expected is not None and shape != named_shape(expected):
             raise ValueError(
                 f"source model {spec} has shape {shape} but model.source_shape says {expected!r} "
@@ -187,6 +179,19 @@ def resolve_source_shape(
             f"checkpoint directory (or a named shape: {', '.join(sorted(NAMED_SHAPES))})"
         )
     return named_shape(str(spec))
+
+
+def read_config_json(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of an HF checkpoint directory, checked to be a LLaMA-family model we can prune."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{checkpoint_dir} has no config.json: the source model must be a Hugging Face checkpoint directory"
+        )
+    with open(path) as f:
+        raw = json.load(f)
+    check_llama_family(raw, where=str(path))
+    return raw
 
 
 def check_llama_family(raw_config: Mapping[str, Any], where: str) -> None:
