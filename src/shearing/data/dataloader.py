@@ -1,0 +1,688 @@
+"""The domain-mixture train loader, the per-domain eval loader, and their llm-foundry builders.
+
+Data layout: ``DATA_DIR/{train,eval}/<domain>/`` MDS shards (column ``tokens``, every sample exactly
+``seq_len`` tokens) plus ``DATA_DIR/manifest.json`` (``shearing.data.manifest``). Shards are read locally
+with streaming's MDS readers (index parsing and decoding are streaming's; the byte reads are ours:
+``os.pread`` on cached file descriptors, which is what makes random access cheap). ``remote:`` is not
+supported: copy the shards to local disk first.
+
+Train batches (``DomainMixtureDataset``) are dicts of ``input_ids`` and ``labels`` (LongTensor [b, T],
+equal: the model shifts), ``domain_idx`` (LongTensor [b], index into ``dataset.domains``) and
+``sample_id`` (LongTensor [b], the sample's index within its domain's split). Which samples make each
+global batch is decided by ``shearing.data.mixture`` (deterministic, rank-consistent; read its docstring
+for the allocation rule and its bounds). The dataset yields samples, device batch after device batch,
+and the DataLoader stacks them with ``batch_size = device_batch_size`` (Composer reads that attribute
+to size microbatches). The stream is infinite: set ``max_duration`` in ``ba``, ``sp`` or ``tok``.
+
+Workers. Worker w of a rank yields that rank's device batches ``start + w, start + w + W, ...`` (torch
+returns the batches of an iterable dataset round-robin over its W workers). Every worker composes every
+global batch itself (the allocation is cheap) and reads only its own.
+
+Proportion updates and the lag. ``set_proportions(p, after_step=s)`` is called in the main process (by
+the ``DynamicLoading`` callback) once s batches have been trained. The DataLoader has then asked its
+workers for batches up to ``s - 1 + W * prefetch_factor`` and any of them may already be built, so the
+update takes effect at batch ``s + W * prefetch_factor`` (0-based; ``s`` without workers): the
+``update_lag``, set by the builder. The request for that batch is sent only after the update is
+written, so every worker of every rank switches at the same batch, on every run: updates go through a
+shared-memory log (a torch tensor created before workers start), and a worker that finds an update
+for a batch it has already composed raises instead of diverging.
+
+Resumption. Composer calls ``state_dict(num_samples, from_beginning)`` when it checkpoints, with the
+number of samples trained (summed over ranks). The main process replays the cheap allocation up to
+that step (a ledger, advanced incrementally) and stores ``MixtureState``: the step, per-domain cursors
+and residuals, the proportions in effect and the updates not yet in effect. On load, Composer calls
+``load_state_dict`` before the loader is iterated and marks the train dataset as resumed, so it does
+not also skip batches; the workers start composing at the saved step.
+
+Eval batches (``DomainEvalDataset``) take the domains in a fixed order, no mixing, optionally the first
+``max_seqs_per_domain`` sequences of each. Global position g goes to rank ``g mod W``; ranks get equal
+numbers of batches (so FSDP collectives line up) and the at most one missing sample per rank is a pad
+row: token 0, ``labels`` all -100, ``domain_idx`` -1, ``sample_id`` -1, which no metric counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shearing.data.manifest import MANIFEST_NAME, SPLITS, Manifest, load_manifest
+from shearing.data.mixture import Mixture, MixtureState, validate_proportions
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TOKENS_COLUMN = "tokens"
+STATE_VERSION = 1
+MAX_PENDING_UPDATES = 256  # the shared update log is a ring buffer of this many entries
+_FD_CACHE = 128  # open shard files kept per process
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading one domain's shards
+
+
+class DomainShards:
+    """Random access to one domain's MDS shards, validated against the manifest up front.
+
+    Raises ``ValueError`` naming the folder or shard if the folder is missing or empty, the ``tokens``
+    column has another dtype or length than the manifest says, or a shard is corrupt (its file is
+    missing, shorter or longer than its index entry, or its header disagrees with the index).
+    """
+
+    def __init__(self, folder: str | os.PathLike, domain: str, seq_len: int, dtype: str):
+        from streaming.base.format import reader_from_json
+
+        self.folder = Path(folder)
+        self.domain = domain
+        self.seq_len = seq_len
+        self.dtype = np.dtype(dtype)
+        index = self.folder / "index.json"
+        if not self.folder.is_dir():
+            raise ValueError(
+                f"domain {domain!r}: folder {self.folder} does not exist (check the domain list)"
+            )
+        if not index.is_file():
+            raise ValueError(
+                f"domain {domain!r}: {self.folder} has no index.json; it is not an MDS shard folder"
+            )
+        with open(index) as f:
+            shards = json.load(f).get("shards", [])
+        readers = [reader_from_json(str(self.folder), None, obj) for obj in shards]
+        readers = [r for r in readers if r.samples > 0]
+        if not readers:
+            raise ValueError(f"domain {domain!r}: {self.folder} holds no samples")
+        self._paths: list[str] = []
+        self._data_start: list[int] = []  # file offset of sample 0's token values (fast path)
+        self._stride: list[int] = []  # bytes per sample (fast path); 0 means decode generically
+        self._readers = readers
+        for reader in readers:
+            self._check_shard(reader)
+        counts = np.asarray([r.samples for r in readers], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_samples = int(self._starts[-1])
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def _check_shard(self, reader) -> None:
+        name = f"domain {self.domain!r} shard {self.folder / reader.raw_data.basename}"
+        if TOKENS_COLUMN not in reader.column_names:
+            raise ValueError(f"{name} has no {TOKENS_COLUMN!r} column (columns: {reader.column_names})")
+        encoding = reader.column_encodings[reader.column_names.index(TOKENS_COLUMN)]
+        parts = encoding.split(":")
+        if parts[0] != "ndarray" or len(parts) < 2 or parts[1] != self.dtype.name:
+            raise ValueError(
+                f"{name} stores tokens as {encoding!r} but the manifest says dtype {self.dtype.name}: "
+                f"expected 'ndarray:{self.dtype.name}'"
+            )
+        path = self.folder / reader.raw_data.basename
+        if not path.is_file():
+            hint = (
+                " (compressed shards are not supported: write them with compression=None)"
+                if reader.zip_data
+                else ""
+            )
+            raise ValueError(f"{name} is missing{hint}")
+        size = path.stat().st_size
+        if size != reader.raw_data.bytes:
+            raise ValueError(
+                f"{name} is corrupt: index.json says {reader.raw_data.bytes} bytes, the file has {size}; "
+                "re-run data preparation for this domain"
+            )
+        n = reader.samples
+        header = np.fromfile(path, dtype=np.uint32, count=n + 2)
+        if len(header) < n + 2 or header[0] != n:
+            raise ValueError(
+                f"{name} is corrupt: index.json says {n} samples, the file header says "
+                f"{int(header[0]) if len(header) else 'nothing'}; re-run data preparation for this domain"
+            )
+        offsets = header[1:].astype(np.int64)
+        if offsets[-1] != size or np.any(np.diff(offsets) <= 0):
+            raise ValueError(
+                f"{name} is corrupt: its sample offsets end at byte {int(offsets[-1])} of a {size}-byte file; "
+                "re-run data preparation for this domain"
+            )
+        with open(path, "rb") as f:
+            f.seek(int(offsets[0]))
+            first = reader.decode_sample(f.read(int(offsets[1] - offsets[0])))[TOKENS_COLUMN]
+        if first.ndim != 1 or len(first) != self.seq_len or first.dtype != self.dtype:
+            raise ValueError(
+                f"{name} holds sequences of shape {tuple(first.shape)} and dtype {first.dtype}, but the manifest "
+                f"says seq_len {self.seq_len} and dtype {self.dtype.name}"
+            )
+        sizes = np.diff(offsets)
+        value_bytes = self.seq_len * self.dtype.itemsize
+        if len(reader.column_names) == 1 and np.all(sizes == sizes[0]):
+            self._data_start.append(int(offsets[0] + sizes[0] - value_bytes))
+            self._stride.append(int(sizes[0]))
+        elif len(reader.column_names) == 1:
+            raise ValueError(
+                f"{name} holds samples of different lengths; every sample must be exactly {self.seq_len} tokens"
+            )
+        else:  # other columns around the tokens: decode each sample with streaming's reader
+            self._data_start.append(int(offsets[0]))
+            self._stride.append(0)
+        self._paths.append(str(path))
+
+    # ------------------------------------------------------------------------------------ reads
+    def _fd(self, shard: int) -> int:
+        if os.getpid() != self._pid:  # forked into a worker: descriptors are per process
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self._paths[shard], os.O_RDONLY)
+            self._fds[shard] = fd
+            if len(self._fds) > _FD_CACHE:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(shard)
+        return fd
+
+    def _read_one(self, shard: int, local: int) -> bytes:
+        fd = self._fd(shard)
+        stride = self._stride[shard]
+        value_bytes = self.seq_len * self.dtype.itemsize
+        if stride:
+            data = os.pread(fd, value_bytes, self._data_start[shard] + local * stride)
+            if len(data) != value_bytes:
+                raise ValueError(
+                    f"domain {self.domain!r}: shard {self._paths[shard]} ends early; it is corrupt"
+                )
+            return data
+        begin, end = np.frombuffer(os.pread(fd, 8, 4 + 4 * local), dtype=np.uint32).astype(np.int64)
+        sample = self._readers[shard].decode_sample(os.pread(fd, int(end - begin), int(begin)))
+        return np.ascontiguousarray(sample[TOKENS_COLUMN], dtype=self.dtype).tobytes()
+
+    def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Token rows [len(ids), seq_len] (the manifest's dtype) of the samples ``ids`` (0-based, in order)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
+            raise IndexError(
+                f"domain {self.domain!r} has {self.num_samples} samples; asked for {ids.min()}..{ids.max()}"
+            )
+        shards = np.searchsorted(self._starts, ids, side="right") - 1
+        locals_ = ids - self._starts[shards]
+        buf = b"".join(self._read_one(int(s), int(i)) for s, i in zip(shards, locals_))
+        return np.frombuffer(buf, dtype=self.dtype).reshape(len(ids), self.seq_len)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fds"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration helpers
+
+
+def _split_root(local: str | os.PathLike, split: str) -> tuple[Path, str, Manifest]:
+    """The folder holding the domain folders, the split name and the manifest, for ``local``."""
+    root = Path(local)
+    if (root / MANIFEST_NAME).is_file():  # DATA_DIR itself
+        root = root / split
+    elif root.name in SPLITS:
+        split = root.name
+    return root, split, load_manifest(root)
+
+
+def _domain_list(manifest: Manifest, domains: Sequence[str] | None) -> list[str]:
+    if domains is None:
+        return manifest.domain_names
+    domains = [str(d) for d in domains]
+    unknown = [d for d in domains if d not in manifest.domains]
+    if unknown:
+        raise ValueError(f"domains {unknown} are not in the manifest (it has {manifest.domain_names})")
+    if not domains or len(set(domains)) != len(domains):
+        raise ValueError(f"the domain list must be non-empty and without repeats, got {domains}")
+    return domains
+
+
+def _open_domains(root: Path, split: str, manifest: Manifest, domains: Sequence[str]) -> list[DomainShards]:
+    opened = []
+    for domain in domains:
+        shards = DomainShards(root / domain, domain, manifest.seq_len, manifest.dtype)
+        expected = getattr(manifest.domains[domain], split).sequences
+        if shards.num_samples != expected:
+            raise ValueError(
+                f"domain {domain!r}: the manifest says {expected} {split} sequences but {root / domain} holds "
+                f"{shards.num_samples}; the shards and manifest.json are out of sync (re-run data preparation)"
+            )
+        opened.append(shards)
+    return opened
+
+
+def _check_remote(remote: str | None) -> None:
+    if remote:
+        raise ValueError(
+            f"remote={remote!r}: this loader reads local shards only; copy them to `local` first "
+            "(e.g. with your storage's CLI), then drop `remote`"
+        )
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    from composer.utils import dist
+
+    world = dist.get_world_size() if world_size is None else int(world_size)
+    rank = dist.get_global_rank() if rank is None else int(rank)
+    if world <= 0 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of size {world}")
+    return rank, world
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _samples(
+    tokens: np.ndarray, domain_idx: np.ndarray, sample_ids: np.ndarray
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One dict per row; a pad row (domain -1) gets labels -100. The DataLoader stacks them."""
+    rows = torch.from_numpy(tokens)
+    for row, d, i in zip(rows, domain_idx.tolist(), sample_ids.tolist()):
+        labels = row if d >= 0 else torch.full_like(row, IGNORE_INDEX)
+        yield {
+            "input_ids": row,
+            "labels": labels,
+            "domain_idx": torch.tensor(d),
+            "sample_id": torch.tensor(i),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train: the domain mixture
+
+
+class DomainMixtureDataset(IterableDataset):
+    """An infinite stream of this rank's device batches of a deterministic domain mixture.
+
+    Args:
+        local: ``DATA_DIR/train`` (or ``DATA_DIR``) with the manifest and one MDS folder per domain.
+        device_batch_size: samples per device batch; the global batch is this × ``world_size``.
+        domains: domain names (default: the manifest's, in its order).
+        proportions: initial proportions, a list aligned with ``domains`` or a mapping; default: each
+            domain's share of the split's tokens in the manifest (restricted to ``domains``).
+        seed: seeds the per-domain epoch permutations and per-device-batch shuffles.
+        shuffle: shuffle (``False``: each domain in storage order, slots in domain order).
+        rank, world_size: default to Composer's distributed setup; give them to simulate ranks.
+        update_lag: batches between a ``set_proportions`` call and its effect (see the module
+            docstring); the builder sets ``num_workers * prefetch_factor``.
+        remote: unsupported; an error if given.
+    """
+
+    def __init__(
+        self,
+        local: str | os.PathLike,
+        device_batch_size: int,
+        domains: Sequence[str] | None = None,
+        proportions: Sequence[float] | Mapping[str, float] | None = None,
+        seed: int = 17,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        update_lag: int = 0,
+        remote: str | None = None,
+    ):
+        super().__init__()
+        _check_remote(remote)
+        if int(device_batch_size) != device_batch_size or device_batch_size <= 0:
+            raise ValueError(f"device_batch_size must be a positive integer, got {device_batch_size}")
+        root, split, manifest = _split_root(local, "train")
+        self.local = str(root)
+        self.domains = _domain_list(manifest, domains)
+        if proportions is None:
+            shares = manifest.token_proportions(split)
+            total = sum(shares[d] for d in self.domains)
+            if total <= 0:
+                raise ValueError(f"the manifest's {split} split holds no tokens in domains {self.domains}")
+            proportions = [shares[d] / total for d in self.domains]
+        self.initial_proportions = validate_proportions(proportions, self.domains)
+        self.shards = _open_domains(root, split, manifest, self.domains)
+        self.seq_len = manifest.seq_len
+        self.max_seq_len = manifest.seq_len  # what Composer's default token counting looks for
+        self.device_batch_size = int(device_batch_size)
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        self.global_batch_size = self.device_batch_size * self.world_size
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        if update_lag < 0:
+            raise ValueError(f"update_lag must be >= 0, got {update_lag}")
+        self.update_lag = int(update_lag)
+        k = len(self.domains)
+        # Updates published in the main process, read by workers: (effective step, proportions...).
+        self._log = torch.zeros(MAX_PENDING_UPDATES, 1 + k, dtype=torch.float64).share_memory_()
+        self._log_count = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._base = MixtureState.initial(self.initial_proportions)
+        self._published: list[tuple[int, list[float]]] = []
+        self._ledger: Mixture | None = None
+        self._ledger_seen = 0
+
+    # ----------------------------------------------------------------------------- proportions
+    def _mixture(self, state: MixtureState) -> Mixture:
+        return Mixture(
+            self.domains,
+            [s.num_samples for s in self.shards],
+            self.global_batch_size,
+            self.seed,
+            self.shuffle,
+            state=state,
+        )
+
+    @property
+    def proportions(self) -> list[float]:
+        """The latest proportions: those of the last ``set_proportions`` call, else the starting ones."""
+        if self._published:
+            return list(self._published[-1][1])
+        pending = self._base.pending
+        return list(pending[-1][1]) if pending else list(self._base.proportions)
+
+    def set_proportions(self, proportions: Sequence[float] | Mapping[str, float], after_step: int) -> int:
+        """Use ``proportions`` from batch ``after_step + update_lag`` on; returns that (0-based) batch.
+
+        Call it in the main process after ``after_step`` batches were trained, with the same arguments
+        on every rank. Steps must not decrease from call to call.
+        """
+        values = validate_proportions(proportions, self.domains)
+        effective = int(after_step) + self.update_lag
+        last = self._published[-1][0] if self._published else self._base.step
+        if effective < last:
+            raise ValueError(
+                f"proportion update for step {effective} comes after one for step {last}: "
+                "updates must be published in step order"
+            )
+        count = int(self._log_count.item())
+        self._log[count % MAX_PENDING_UPDATES] = torch.tensor([effective, *values], dtype=torch.float64)
+        self._log_count += 1
+        self._published.append((effective, values))
+        return effective
+
+    def reset_proportions(self, proportions: Sequence[float] | Mapping[str, float]) -> None:
+        """Replace the starting proportions; only before the first batch of a fresh run."""
+        if self._base.step != 0 or self._published or self._base.pending:
+            raise ValueError(
+                "starting proportions can only be replaced before the first batch of a fresh run"
+            )
+        self.initial_proportions = validate_proportions(proportions, self.domains)
+        self._base = MixtureState.initial(self.initial_proportions)
+        self._ledger = None
+
+    def _poll(self, mixture: Mixture, seen: int) -> int:
+        count = int(self._log_count.item())
+        if count - seen > MAX_PENDING_UPDATES:
+            raise RuntimeError(
+                f"more than {MAX_PENDING_UPDATES} proportion updates within the prefetch window"
+            )
+        for n in range(seen, count):
+            row = self._log[n % MAX_PENDING_UPDATES].tolist()
+            effective = int(row[0])
+            if effective < mixture.state.step:
+                raise RuntimeError(
+                    f"a proportion update for batch {effective} reached a loader process that had already "
+                    f"composed batch {mixture.state.step - 1}; update_lag ({self.update_lag}) must be at least "
+                    "num_workers * prefetch_factor of the DataLoader"
+                )
+            mixture.schedule(effective, row[1:])
+        return count
+
+    # -------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, num_workers = _worker()
+        if num_workers > 1 and self.update_lag < num_workers:
+            raise ValueError(
+                f"update_lag {self.update_lag} is below num_workers {num_workers}: build the loader with "
+                "build_domain_mixture_dataloader, or set update_lag = num_workers * prefetch_factor"
+            )
+        mixture = self._mixture(self._base)
+        start, seen = mixture.state.step, 0
+        while True:
+            seen = self._poll(mixture, seen)
+            plan = mixture.next_batch()
+            if (plan.step - start) % num_workers != worker:
+                continue
+            if self.rank == 0:
+                for domain, epoch in plan.new_epochs:
+                    log.info(
+                        "domain %r ran out of samples at batch %d: starting its epoch %d",
+                        domain,
+                        plan.step,
+                        epoch,
+                    )
+            domain_idx, sample_ids = mixture.rank_slots(plan, self.rank, self.world_size)
+            tokens = np.empty((len(sample_ids), self.seq_len), dtype=np.int64)
+            for d in np.unique(domain_idx):
+                sel = domain_idx == d
+                tokens[sel] = self.shards[d].read(sample_ids[sel])
+            yield from _samples(tokens, domain_idx, sample_ids)
+
+    # ------------------------------------------------------------------------------ resumption
+    def _ledger_at(self, step: int) -> Mixture:
+        if self._ledger is None or self._ledger.state.step > step:
+            self._ledger, self._ledger_seen = self._mixture(self._base), 0
+        for effective, values in self._published[self._ledger_seen :]:
+            self._ledger.schedule(effective, values)
+        self._ledger_seen = len(self._published)
+        self._ledger.advance_to(step)
+        return self._ledger
+
+    def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict[str, Any]:
+        """The state after ``num_samples`` samples (all ranks together) were trained.
+
+        ``from_beginning`` is part of Composer's protocol; this dataset never ends an epoch, so the
+        count is always from the start of training.
+        """
+        step, rest = divmod(int(num_samples), self.global_batch_size)
+        if rest:
+            raise ValueError(
+                f"{num_samples} samples is not a whole number of global batches of {self.global_batch_size}"
+            )
+        return {
+            "version": STATE_VERSION,
+            "domains": list(self.domains),
+            "num_samples": [s.num_samples for s in self.shards],
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "mixture": self._ledger_at(step).state.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a ``state_dict``; refuses one from a different data or batch configuration."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported mixture loader state version {state.get('version')}")
+        mine = {
+            "domains": list(self.domains),
+            "num_samples": [s.num_samples for s in self.shards],
+            "global_batch_size": self.global_batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+        for key, value in mine.items():
+            if state[key] != value:
+                raise ValueError(
+                    f"cannot resume the domain mixture: the checkpoint has {key}={state[key]!r}, this run "
+                    f"{value!r}; resume with the same data, domains, seed, shuffle and global batch size"
+                )
+        self._base = MixtureState.from_dict(state["mixture"])
+        self._published, self._ledger, self._ledger_seen = [], None, 0
+        self._log_count.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Eval: every domain in turn
+
+
+class DomainEvalDataset(IterableDataset):
+    """This rank's eval batches: each domain's first ``max_seqs_per_domain`` sequences, domain by domain.
+
+    Args:
+        local: ``DATA_DIR/eval`` (or ``DATA_DIR``).
+        device_batch_size: samples per device batch (the last batch may be smaller).
+        domains: default: the manifest's, in its order (keep the train loader's order: ``domain_idx``
+            indexes this list, and the metrics are built from the train dataset's ``domains``).
+        max_seqs_per_domain: read only the first N sequences of each domain (``None``: all).
+        rank, world_size: default to Composer's distributed setup.
+        remote: unsupported; an error if given.
+    """
+
+    def __init__(
+        self,
+        local: str | os.PathLike,
+        device_batch_size: int,
+        domains: Sequence[str] | None = None,
+        max_seqs_per_domain: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        remote: str | None = None,
+    ):
+        super().__init__()
+        _check_remote(remote)
+        if int(device_batch_size) != device_batch_size or device_batch_size <= 0:
+            raise ValueError(f"device_batch_size must be a positive integer, got {device_batch_size}")
+        if max_seqs_per_domain is not None and max_seqs_per_domain <= 0:
+            raise ValueError(
+                f"max_seqs_per_domain must be positive (or null for all), got {max_seqs_per_domain}"
+            )
+        root, split, manifest = _split_root(local, "eval")
+        self.local = str(root)
+        self.domains = _domain_list(manifest, domains)
+        self.shards = _open_domains(root, split, manifest, self.domains)
+        self.seq_len = manifest.seq_len
+        self.max_seq_len = manifest.seq_len
+        self.device_batch_size = int(device_batch_size)
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        cap = max_seqs_per_domain or max(s.num_samples for s in self.shards)
+        self.samples_per_domain = [min(cap, s.num_samples) for s in self.shards]
+        total = sum(self.samples_per_domain)
+        self.rank_samples = -(-total // self.world_size)  # every rank gets this many rows, pads included
+        self.num_batches = -(-self.rank_samples // self.device_batch_size)
+
+    def __len__(self) -> int:
+        return self.rank_samples  # rows this rank yields, pads included: len(DataLoader) = num_batches
+
+    def _rank_slots(self) -> tuple[np.ndarray, np.ndarray]:
+        counts = np.asarray(self.samples_per_domain, dtype=np.int64)
+        positions = np.arange(self.rank, self.rank_samples * self.world_size, self.world_size)
+        real = positions < counts.sum()
+        domain_idx = np.full(len(positions), -1, dtype=np.int64)
+        sample_ids = np.full(len(positions), -1, dtype=np.int64)
+        domain_idx[real] = np.searchsorted(np.cumsum(counts), positions[real], side="right")
+        sample_ids[real] = positions[real] - (np.cumsum(counts) - counts)[domain_idx[real]]
+        return domain_idx, sample_ids
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, num_workers = _worker()
+        domain_idx, sample_ids = self._rank_slots()
+        for b in range(worker, self.num_batches, num_workers):
+            sl = slice(b * self.device_batch_size, (b + 1) * self.device_batch_size)
+            d_idx, ids = domain_idx[sl], sample_ids[sl]
+            tokens = np.zeros((len(ids), self.seq_len), dtype=np.int64)
+            for d in np.unique(d_idx[d_idx >= 0]):
+                sel = d_idx == d
+                tokens[sel] = self.shards[d].read(ids[sel])
+            yield from _samples(tokens, d_idx, ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# llm-foundry builders
+
+
+def num_samples_in_batch(batch: Mapping[str, torch.Tensor]) -> int:
+    """Real (non-pad) samples in a batch of either loader."""
+    return int((batch["domain_idx"] >= 0).sum())
+
+
+def num_tokens_in_batch(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens of the real samples in a batch of either loader."""
+    return num_samples_in_batch(batch) * int(batch["input_ids"].shape[1])
+
+
+def _loader(
+    dataset, batch_size, num_workers, prefetch_factor, pin_memory, persistent_workers, timeout
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        timeout=timeout,
+    )
+
+
+def _data_spec(loader: DataLoader):
+    from composer.core import DataSpec
+
+    return DataSpec(
+        loader, get_num_samples_in_batch=num_samples_in_batch, get_num_tokens_in_batch=num_tokens_in_batch
+    )
+
+
+def build_domain_mixture_dataloader(
+    tokenizer: Any,
+    device_batch_size: int | float,
+    dataset: dict[str, Any],
+    num_workers: int = 0,
+    prefetch_factor: int | None = 2,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    drop_last: bool = True,
+    timeout: float = 0,
+):
+    """llm-foundry builder (``train_loader: {name: domain_mixture, dataset: {...}, ...}``) -> ``DataSpec``.
+
+    ``dataset`` holds ``DomainMixtureDataset``'s arguments (``local``, ``domains``, ``proportions``,
+    ``seed``, ``shuffle``, ...). ``tokenizer`` is unused (the shards are tokenized) and ``drop_last`` has
+    no effect (the stream is infinite); both are accepted for the registry's calling convention.
+    """
+    del tokenizer, drop_last
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if num_workers > 0 and (prefetch_factor is None or prefetch_factor < 1):
+        raise ValueError(f"prefetch_factor must be >= 1 with workers, got {prefetch_factor}")
+    lag = num_workers * prefetch_factor if num_workers > 0 else 0
+    ds = DomainMixtureDataset(device_batch_size=device_batch_size, update_lag=lag, **dict(dataset))
+    return _data_spec(
+        _loader(
+            ds, ds.device_batch_size, num_workers, prefetch_factor, pin_memory, persistent_workers, timeout
+        )
+    )
+
+
+def build_domain_eval_dataloader(
+    tokenizer: Any,
+    device_batch_size: int | float,
+    dataset: dict[str, Any],
+    num_workers: int = 0,
+    prefetch_factor: int | None = 2,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    drop_last: bool = False,
+    timeout: float = 0,
+):
+    """llm-foundry builder (``eval_loader: {name: domain_eval, dataset: {...}}``) -> ``DataSpec``.
+
+    ``dataset`` holds ``DomainEvalDataset``'s arguments (``local``, ``domains``, ``max_seqs_per_domain``).
+    ``drop_last`` must stay False: every eval sequence is read, by exactly one rank.
+    """
+    del tokenizer
+    if drop_last:
+        raise ValueError("drop_last=True would skip eval sequences; the eval loader reads every one")
+    ds = DomainEvalDataset(device_batch_size=device_batch_size, **dict(dataset))
+    return _data_spec(
+        _loader(
+            ds, ds.device_batch_size, num_workers, prefetch_factor, pin_memory, persistent_workers, timeout
+        )
+    )
