@@ -1,37 +1,30 @@
-"""Shared fixtures: a tiny trained tokenizer, a tiny random HF LLaMA checkpoint, a tiny MDS corpus.
+"""Shared fixtures: a real two-domain corpus, a tokenizer trained on it, a tiny random HF LLaMA, and the
+corpus prepared by ``tokenize_domains`` (MDS train/eval per domain + manifest).
 
-Everything is built locally from text that ships with Python (its standard library sources), so the
-suite needs no downloads. Expensive fixtures are session-scoped.
+Everything is built locally from text that ships with Python (its standard library), so the suite needs
+no downloads. The fixtures are session-scoped: built once per test run.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from tiny import SEQ_LEN, VOCAB, make_hf_llama, stdlib_texts
+from tiny import SEQ_LEN, VOCAB, make_hf_llama, write_raw_corpus
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def raw_corpus(tmp_path_factory) -> Path:
+    return write_raw_corpus(tmp_path_factory.mktemp("raw"))
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, raw_corpus) -> Path:
+    from shearing.data.tokenizer import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(
+        raw_corpus, VOCAB, tmp_path_factory.mktemp("tok") / "tokenizer", progress=False
     )
-    tok.train_from_iterator(stdlib_texts(200_000), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    out = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -40,20 +33,19 @@ def tiny_gqa_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_mds(tmp_path_factory, tokenizer_dir) -> Path:
-    """``train`` and ``eval`` MDS splits of packed ``SEQ_LEN``-token stdlib text (column ``tokens``)."""
-    from streaming import MDSWriter
-    from transformers import AutoTokenizer
+def tiny_data(tmp_path_factory, raw_corpus, tokenizer_dir) -> Path:
+    """A ``tokenize_domains`` output: DATA_DIR/{train,eval}/{code,docs} and DATA_DIR/manifest.json."""
+    from shearing.data.prep import PrepConfig, prepare
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids: list[int] = []
-    for text in stdlib_texts(300_000):
-        ids += [tok.bos_token_id, *tok(text)["input_ids"], tok.eos_token_id]
-    seqs = np.asarray(ids[: len(ids) // SEQ_LEN * SEQ_LEN], dtype=np.uint16).reshape(-1, SEQ_LEN)
-    root = tmp_path_factory.mktemp("mds")
-    n_eval = 32
-    for split, rows in (("eval", seqs[:n_eval]), ("train", seqs[n_eval:])):
-        with MDSWriter(out=str(root / split), columns={"tokens": "ndarray:uint16"}) as writer:
-            for row in rows:
-                writer.write({"tokens": row})
-    return root
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare(
+        PrepConfig(
+            input=raw_corpus,
+            tokenizer=str(tokenizer_dir),
+            output=out,
+            seq_len=SEQ_LEN,
+            eval_seqs=16,
+            progress=False,
+        )
+    )
+    return out

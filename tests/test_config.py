@@ -76,7 +76,15 @@ def test_wrong_type_is_rejected():
         ("pruning.families=[head,intermediate,layer]", "add 'hidden'"),
     ],
 )
-def test_bad_runs_fail_validation(override, message, tiny_mds):
-    cfg = load_config(REPO / "yamls/testing/prune_tiny.yaml", [f"variables.data_local={tiny_mds}", override])
+def test_bad_runs_fail_validation(override, message, tiny_data):
+    cfg = load_config(REPO / "yamls/testing/prune_tiny.yaml", [f"variables.data_local={tiny_data}", override])
     with pytest.raises((ValueError, FileNotFoundError), match=message):
+        validate_run(cfg)
+
+
+def test_sequence_length_must_match_the_data(tiny_data):
+    cfg = load_config(
+        REPO / "yamls/testing/prune_tiny.yaml", [f"variables.data_local={tiny_data}", "max_seq_len=128"]
+    )
+    with pytest.raises(ValueError, match="packed into 64-token sequences"):
         validate_run(cfg)

@@ -14,7 +14,7 @@ COMPOSER = Path(sys.executable).parent / "composer"
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
-def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_mds, parallelism):
+def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, parallelism):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = []
     if parallelism == "fsdp2":
@@ -37,7 +37,7 @@ def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_mds, pa
         str(tmp_path),
         str(REPO / "yamls/testing/prune_tiny.yaml"),
         f"variables.source_model={tiny_gqa_dir}",
-        f"variables.data_local={tiny_mds}",
+        f"variables.data_local={tiny_data}",
         "max_duration=12ba",
         "eval_interval=6ba",
         *extra,

@@ -24,11 +24,11 @@ TARGET = {
 
 
 @pytest.fixture(scope="module")
-def pruned_run(tmp_path_factory, tiny_gqa_dir, tiny_mds):
+def pruned_run(tmp_path_factory, tiny_gqa_dir, tiny_data):
     run_dir = tmp_path_factory.mktemp("prune_run")
     overrides = [
         f"variables.source_model={tiny_gqa_dir}",
-        f"variables.data_local={tiny_mds}",
+        f"variables.data_local={tiny_data}",
         f"variables.save_folder={run_dir}",
         "pruning.export_on_fit_end=true",
     ]
@@ -126,3 +126,16 @@ def test_export_rejects_checkpoint_with_foreign_keys(pruned_run):
     state["model.model.layers.0.self_attn.q_proj.bias"] = torch.zeros(4)
     with pytest.raises(ValueError, match="unexpected keys"):
         export_mod.rebuild(state)
+
+
+def test_dynamic_batch_loading_ran_with_per_domain_metrics(pruned_run):
+    trainer, run_dir = pruned_run
+    history = json.loads((run_dir / "dynamic_loading.json").read_text())
+    assert history["domains"] == ["code", "docs"]
+    # reference_losses: source -> the source model's own eval losses, computed before training.
+    assert set(history["reference_losses"]) == {"code", "docs"}
+    assert [entry["step"] for entry in history["history"]] == [0, 100, 200, 300]
+    metrics = trainer.state.eval_metrics["eval"]
+    for domain in ("code", "docs"):
+        value = float(metrics[f"{domain}_LanguageCrossEntropy"].compute())
+        assert 0 < value < float(history["reference_losses"][domain]) + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import json
 import sysconfig
 from pathlib import Path
 
@@ -11,17 +13,30 @@ VOCAB = 512  # the tiny named shapes' vocabulary
 SEQ_LEN = 64
 
 
-def stdlib_texts(limit_bytes: int = 400_000) -> list[str]:
-    """Real text present on any machine: Python standard library sources."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(root.glob("*.py")):
+def stdlib_files(limit: int = 80) -> list[Path]:
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:limit]
+
+
+def write_raw_corpus(root: Path, budget: int = 150_000) -> Path:
+    """Two real-text domains as ``root/code.jsonl`` (stdlib sources) and ``root/docs.jsonl`` (their docstrings)."""
+    root.mkdir(parents=True, exist_ok=True)
+    code, docs = [], []
+    for path in stdlib_files():
         text = path.read_text(encoding="utf-8", errors="ignore")
-        texts.append(text)
-        total += len(text)
-        if total > limit_bytes:
-            break
-    return texts
+        if sum(map(len, code)) < budget:
+            code.append(text)
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef) and ast.get_docstring(node):
+                docs.append(ast.get_docstring(node))
+    for name, texts in (("code", code), ("docs", docs)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text}) + "\n")
+    return root
 
 
 def make_hf_llama(out: Path, tokenizer_dir: Path | None = None, seed: int = 0, **fields) -> Path:

@@ -157,7 +157,10 @@ def domain_eval_losses(
     max_seqs: int | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Token-level cross-entropy of an HF causal LM on every domain of ``data_dir`` (``DATA_DIR/eval``)."""
+    """Token-level cross-entropy of a causal LM on every domain of ``data_dir`` (``DATA_DIR/eval``).
+
+    ``model`` is an HF causal LM or shearing's ``MaskedLlamaForCausalLM`` (which returns the logits).
+    """
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -168,7 +171,7 @@ def domain_eval_losses(
         raise ValueError(f"--max-seqs must be at least 1 (or left out for all), got {max_seqs}")
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    vocab_size = model.get_output_embeddings().weight.shape[0]
+    vocab_size = model.config.vocab_size
     was_training = model.training
     model.eval()
     losses = {}
@@ -183,7 +186,8 @@ def domain_eval_losses(
                 )
             ids = torch.from_numpy(batch.astype(np.int64)).to(device)
             with torch.no_grad(), autocast:
-                logits = model(input_ids=ids).logits
+                out = model(input_ids=ids)
+                logits = out.logits if hasattr(out, "logits") else out
             for row in range(ids.shape[0]):  # one row at a time keeps the fp32 logits small
                 total += F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum").item()
             count += ids.shape[0] * (ids.shape[1] - 1)

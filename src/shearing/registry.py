@@ -11,7 +11,7 @@ import importlib
 
 from llmfoundry import registry
 
-# name -> "module:attribute", resolved lazily so optional parts do not slow every import down.
+# name -> "module:attribute" of what each registered name builds.
 DATALOADERS = {
     "domain_mixture": "shearing.data.dataloader:build_domain_mixture_dataloader",
     "domain_eval": "shearing.data.dataloader:build_domain_eval_dataloader",
@@ -29,16 +29,10 @@ def _resolve(target: str):
 def register_all() -> None:
     for name, target in DATALOADERS.items():
         if name not in registry.dataloaders:
-            try:
-                registry.dataloaders.register(name, func=_resolve(target))
-            except (ImportError, AttributeError):
-                continue
+            registry.dataloaders.register(name, func=_resolve(target))
     for name, target in CALLBACKS.items():
         if name not in registry.callbacks:
-            try:
-                registry.callbacks.register(name, func=_resolve(target))
-            except (ImportError, AttributeError):
-                continue
+            registry.callbacks.register(name, func=_resolve(target))
 
 
 register_all()

@@ -26,6 +26,7 @@ from llmfoundry.utils.builders import build_algorithm, build_callback, build_log
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
 from shearing.callbacks.pruning import LagrangianPruning, PruningExport
 from shearing.config import OptimizerConfig, RunConfig, load_config
+from shearing.data.manifest import load_manifest
 from shearing.models.composer_model import ComposerShearedLlama
 from shearing.models.hf_io import load_source_model
 from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape, resolve_target_shape
@@ -53,6 +54,13 @@ def validate_run(cfg: RunConfig) -> None:
                 f"{key}.dataset.local={local} does not exist: set variables.data_local to a prepared data folder "
                 "(data_prep/tokenize_domains.py writes one)"
             )
+        if loader.get("name") in ("domain_mixture", "domain_eval"):
+            seq_len = load_manifest(local).seq_len
+            if seq_len != cfg.max_seq_len:
+                raise ValueError(
+                    f"max_seq_len={cfg.max_seq_len} but the data at {local} was packed into {seq_len}-token "
+                    "sequences: set max_seq_len to match, or re-run data_prep/tokenize_domains.py --seq-len"
+                )
     if cfg.global_train_batch_size % dist.get_world_size():
         raise ValueError(
             f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {dist.get_world_size()} ranks"
@@ -142,6 +150,36 @@ def build_algorithms(cfg: RunConfig) -> list:
     return algorithms
 
 
+def resolve_reference_losses(cfg: RunConfig, model: ComposerShearedLlama) -> None:
+    """``dynamic_loading.reference_losses: source`` -> the source model's per-domain eval loss, computed now.
+
+    SPEC §3 option (b). It costs one pass over the eval split before training; for large models compute
+    it once with ``python -m shearing.reference_losses --model ...`` and pass the JSON file instead.
+    """
+    options = cfg.callbacks.get("dynamic_loading")
+    if not options or options.get("reference_losses") != "source":
+        return
+    dataset = (cfg.eval_loader or {}).get("dataset") or {}
+    if "local" not in dataset:
+        raise ValueError("dynamic_loading.reference_losses=source needs an eval_loader with dataset.local")
+    from shearing.reference_losses import domain_eval_losses
+
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    losses = domain_eval_losses(
+        model.model.to(device),
+        dataset["local"],
+        batch_size=cfg.device_eval_batch_size,
+        max_seqs=dataset.get("max_seqs_per_domain"),
+        progress=dist.get_global_rank() == 0,
+    )
+    log.info("reference losses from the source model: %s", losses)
+    options["reference_losses"] = losses
+
+
 def build_callbacks(cfg: RunConfig) -> list:
     callbacks = [build_callback(name, kwargs or {}, cfg) for name, kwargs in cfg.callbacks.items()]
     if cfg.pruning is not None and cfg.pruning.export_on_fit_end:
@@ -167,6 +205,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     if domains:
         for evaluator in evaluators:
             evaluator.metric_names = list(model.eval_metrics)
+    resolve_reference_losses(cfg, model)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(
         cfg.scheduler.name, {"t_warmup": cfg.scheduler.t_warmup, "alpha_f": cfg.scheduler.alpha_f}
