@@ -16,13 +16,12 @@ COMPOSER = Path(sys.executable).parent / "composer"
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
 def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, parallelism):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    extra = []
+    extra = [f"variables.save_folder={tmp_path / 'run'}"]  # checkpoints and dynamic_loading.json stay in tmp
     if parallelism == "fsdp2":
         # FSDP2 (the CPU-capable one) with activation checkpointing and a full-state-dict export at the end.
         env["FSDP_VERSION"] = "2"
-        extra = [
+        extra += [
             "fsdp_config={state_dict_type: full, activation_checkpointing: true}",
-            f"variables.save_folder={tmp_path / 'run'}",
             "pruning.export_on_fit_end=true",
         ]
     cmd = [
