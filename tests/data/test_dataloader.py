@@ -109,6 +109,16 @@ def test_mixture_batches_follow_the_allocation(root, world, workers):
         assert sorted(per_id.values()) == [full] * (size - rest) + [full + 1] * rest
 
 
+def test_labels_get_their_own_storage_before_use(root):
+    (spec,) = mixture_loaders(root, 1, 2)
+    raw = next(iter(spec.dataloader))
+    assert raw["labels"].data_ptr() == raw["input_ids"].data_ptr()  # sent once from the worker
+    batch = spec.batch_transforms(raw)
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    batch["labels"][0, 0] = -100
+    assert int(batch["input_ids"][0, 0]) != -100
+
+
 def test_new_epochs_are_logged(root, caplog):
     (spec,) = mixture_loaders(root, 1, 0)
     it = iter(spec.dataloader)
@@ -254,10 +264,11 @@ def test_eval_loader_reads_every_sequence_once(root, world, workers, cap):
         for r in range(world)
     ]
     seen, tokens, real_rows = [], 0, 0
-    lengths = set()
+    lengths, rows = set(), set()
     for spec in specs:
         batches = list(spec.dataloader)
         lengths.add(len(batches))
+        rows.add(sum(len(b["domain_idx"]) for b in batches))
         assert len(batches) == len(spec.dataloader)
         order = []
         for batch in batches:
@@ -271,7 +282,7 @@ def test_eval_loader_reads_every_sequence_once(root, world, workers, cap):
             tokens += spec.get_num_tokens_in_batch(batch)
             real_rows += spec.get_num_samples_in_batch(batch)
         assert order == sorted(order)  # domain by domain, in a fixed order
-    assert len(lengths) == 1  # every rank runs the same number of batches
+    assert len(lengths) == 1 and len(rows) == 1  # every rank runs the same batches (pads fill the gap)
     expected = [(d, i) for d, (_, n) in enumerate(DOMAINS.values()) for i in range(min(n, cap or n))]
     assert sorted(seen) == expected  # each sequence exactly once, across ranks and workers
     assert real_rows == len(expected) and tokens == len(expected) * SEQ_LEN

@@ -120,6 +120,38 @@ def test_adversarial_schedules_keep_the_guarantees(k, batch_size):
     assert forced < 20  # rare even under this adversary (k = 7 hits a few; k = 4 none)
 
 
+# States reached on adversarial schedules where Tijdeman's rule alone would leave a domain a full
+# sample behind although an allocation within 1 sample exists: the water-filling fallback finds it.
+FALLBACK_CASES = [
+    (
+        3,
+        [2737046611, -1621580142, -1252491016, -898176703, -490836415, 1526037665],
+        [3406150285, 71583, 28168567, 71583, 71583, 860433695],
+    ),
+    (
+        8,
+        [-1596087816, -985766016, -1474420248, 2858492872, 1197781208],
+        [85900, 85899, 85899, 130988467, 4163721131],
+    ),
+    (
+        5,
+        [2769105854, -2306900094, 3136947488, -3043238248, 672448628, -1228363628],
+        [4051276169, 71583, 229994020, 521123, 7754498, 5349903],
+    ),
+]
+
+
+@pytest.mark.parametrize("batch_size,residuals,weights", FALLBACK_CASES)
+def test_fallback_keeps_a_feasible_batch_within_one_sample(batch_size, residuals, weights):
+    from shearing.data.mixture import _tijdeman
+
+    assert max(_tijdeman(residuals, weights, batch_size)[1]) >= RESOLUTION  # the rule alone misses
+    poured = [r + w * batch_size for r, w in zip(residuals, weights)]
+    assert list(feasible_allocations(poured, batch_size))  # ... although a feasible batch exists
+    counts, after = allocate(residuals, weights, batch_size)
+    assert sum(counts) == batch_size and all(-RESOLUTION < r < RESOLUTION for r in after)
+
+
 def test_no_rule_can_promise_one_sample():
     """Seven domains, any allocation rule: two batches force a domain a full sample behind, a third 1.25.
 

@@ -1,0 +1,151 @@
+"""Batches/s of the domain-mixture loader vs a plain StreamingDataset over one domain.
+
+Builds a synthetic 7-domain MDS root (seq 4096, uint16, RedPajama-like sizes) in a temporary folder,
+then times, for 0, 2 and 4 DataLoader workers:
+
+- ``mixture``: ``build_domain_mixture_dataloader`` (7 domains, shuffled, device batch 32);
+- ``plain``: ``streaming.StreamingDataset(local=<largest domain>, shuffle=True, batch_size=32)`` in a
+  ``DataLoader(batch_size=32)``, the loader llm-foundry's ``text`` dataloader wraps.
+
+Each measurement runs in a fresh subprocess (streaming keeps per-process shared state), skips
+``--warmup`` batches (worker start-up), then times ``--batches`` batches. The target is a ratio of at
+least 0.9 (mixture / plain). Usage::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/loader_throughput.py [--batches 300] [--workers 0 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SEQ_LEN = 4096
+BATCH = 32
+DOMAINS = {
+    "cc": 9000,
+    "c4": 2400,
+    "github": 900,
+    "book": 900,
+    "wiki": 900,
+    "arxiv": 600,
+    "stackexchange": 600,
+}
+
+
+def build_root(root: Path) -> None:
+    from streaming import MDSWriter
+
+    from shearing.data.manifest import DomainEntry, Manifest, SplitStats, save_manifest
+
+    rng = np.random.default_rng(0)
+    entries = {}
+    for name, count in DOMAINS.items():
+        for split, n in (("train", count), ("eval", 8)):
+            with MDSWriter(out=str(root / split / name), columns={"tokens": "ndarray:uint16"}) as writer:
+                for _ in range(n):
+                    writer.write({"tokens": rng.integers(0, 32000, SEQ_LEN, dtype=np.uint16)})
+        entries[name] = DomainEntry(
+            train=SplitStats(sequences=count, tokens=count * SEQ_LEN),
+            eval=SplitStats(sequences=8, tokens=8 * SEQ_LEN),
+        )
+    save_manifest(Manifest(seq_len=SEQ_LEN, dtype="uint16", domains=entries), root)
+
+
+def time_loader(kind: str, root: Path, workers: int, batches: int, warmup: int) -> float:
+    """Batches per second of one loader (run inside a subprocess)."""
+    if kind == "mixture":
+        from shearing.data.dataloader import build_domain_mixture_dataloader
+
+        loader = build_domain_mixture_dataloader(
+            None,
+            BATCH,
+            {"local": str(root / "train"), "seed": 17, "shuffle": True, "rank": 0, "world_size": 1},
+            num_workers=workers,
+            prefetch_factor=2,
+        ).dataloader
+    else:
+        from streaming import StreamingDataset
+        from streaming.base.util import clean_stale_shared_memory
+        from torch.utils.data import DataLoader
+
+        clean_stale_shared_memory()
+        dataset = StreamingDataset(
+            local=str(root / "train" / "cc"), shuffle=True, shuffle_seed=17, batch_size=BATCH
+        )
+        loader = DataLoader(
+            dataset, batch_size=BATCH, num_workers=workers, prefetch_factor=2 if workers else None
+        )
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    total = 0
+    for _ in range(batches):
+        batch = next(it)
+        total += int(batch["tokens" if kind == "plain" else "input_ids"].shape[0])
+    elapsed = time.perf_counter() - start
+    assert total == batches * BATCH
+    return batches / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per cell")
+    parser.add_argument("--_measure", nargs=3, metavar=("KIND", "ROOT", "WORKERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._measure:
+        kind, root, workers = args._measure
+        print(json.dumps(time_loader(kind, Path(root), int(workers), args.batches, args.warmup)))
+        return
+
+    if (args.batches + args.warmup) * BATCH > DOMAINS["cc"]:
+        parser.error(f"the plain loader reads one epoch of {DOMAINS['cc']} samples: lower --batches")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        build_root(root)
+        print(f"built {sum(DOMAINS.values())} x {SEQ_LEN}-token samples in {time.perf_counter() - t0:.0f}s")
+        rows = []
+        for workers in args.workers:
+            cell = {}
+            for kind in ("plain", "mixture"):
+                runs = []
+                for _ in range(args.repeats):
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--batches",
+                        str(args.batches),
+                        "--warmup",
+                        str(args.warmup),
+                    ]
+                    out = subprocess.run(
+                        [*cmd, "--_measure", kind, str(root), str(workers)],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    runs.append(float(out.stdout.strip().splitlines()[-1]))
+                cell[kind] = max(runs)
+            rows.append((workers, cell["plain"], cell["mixture"], cell["mixture"] / cell["plain"]))
+        print(f"\nseq {SEQ_LEN}, batch {BATCH}, {len(DOMAINS)} domains, best of {args.repeats}")
+        print(f"{'workers':>7} | {'plain batches/s':>15} | {'mixture batches/s':>17} | {'ratio':>5}")
+        for workers, plain, mixture, ratio in rows:
+            print(f"{workers:>7} | {plain:>15.1f} | {mixture:>17.1f} | {ratio:>5.2f}")
+
+
+if __name__ == "__main__":
+    main()
