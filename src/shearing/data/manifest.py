@@ -85,7 +85,9 @@ class Manifest:
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
         version = raw.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise ValueError(f"manifest format_version {version} is not supported (expected {FORMAT_VERSION})")
+            raise ValueError(
+                f"manifest format_version {version} is not supported (expected {FORMAT_VERSION})"
+            )
         domains = {
             name: DomainEntry(
                 train=SplitStats(**entry["train"]),
