@@ -5,7 +5,10 @@ then times, for 0, 2 and 4 DataLoader workers:
 
 - ``mixture``: ``build_domain_mixture_dataloader`` (7 domains, shuffled, device batch 32);
 - ``plain``: ``streaming.StreamingDataset(local=<largest domain>, shuffle=True, batch_size=32)`` in a
-  ``DataLoader(batch_size=32)``, the loader llm-foundry's ``text`` dataloader wraps.
+  ``DataLoader(batch_size=32)``, the loader llm-foundry's ``text`` dataloader wraps; its batches are the
+  raw uint16 tokens;
+- ``plain_long``: the same, collated in the workers into int64 ``input_ids`` plus ``labels`` (what
+  llm-foundry's text loader hands the model, and what the mixture loader yields).
 
 Each measurement runs in a fresh subprocess (streaming keeps per-process shared state), skips
 ``--warmup`` batches (worker start-up), then times ``--batches`` batches. The target is a ratio of at
@@ -58,6 +61,13 @@ def build_root(root: Path) -> None:
     save_manifest(Manifest(seq_len=SEQ_LEN, dtype="uint16", domains=entries), root)
 
 
+def _to_long(samples: list[dict]) -> dict:
+    import torch
+
+    ids = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
 def time_loader(kind: str, root: Path, workers: int, batches: int, warmup: int) -> float:
     """Batches per second of one loader (run inside a subprocess)."""
     if kind == "mixture":
@@ -80,7 +90,11 @@ def time_loader(kind: str, root: Path, workers: int, batches: int, warmup: int) 
             local=str(root / "train" / "cc"), shuffle=True, shuffle_seed=17, batch_size=BATCH
         )
         loader = DataLoader(
-            dataset, batch_size=BATCH, num_workers=workers, prefetch_factor=2 if workers else None
+            dataset,
+            batch_size=BATCH,
+            num_workers=workers,
+            prefetch_factor=2 if workers else None,
+            collate_fn=_to_long if kind == "plain_long" else None,
         )
     it = iter(loader)
     for _ in range(warmup):
@@ -121,7 +135,7 @@ def main() -> None:
         rows = []
         for workers in args.workers:
             cell = {}
-            for kind in ("plain", "mixture"):
+            for kind in ("plain", "plain_long", "mixture"):
                 runs = []
                 for _ in range(args.repeats):
                     cmd = [
@@ -140,11 +154,16 @@ def main() -> None:
                     )
                     runs.append(float(out.stdout.strip().splitlines()[-1]))
                 cell[kind] = max(runs)
-            rows.append((workers, cell["plain"], cell["mixture"], cell["mixture"] / cell["plain"]))
-        print(f"\nseq {SEQ_LEN}, batch {BATCH}, {len(DOMAINS)} domains, best of {args.repeats}")
-        print(f"{'workers':>7} | {'plain batches/s':>15} | {'mixture batches/s':>17} | {'ratio':>5}")
-        for workers, plain, mixture, ratio in rows:
-            print(f"{workers:>7} | {plain:>15.1f} | {mixture:>17.1f} | {ratio:>5.2f}")
+            rows.append((workers, cell["plain"], cell["plain_long"], cell["mixture"]))
+        print(f"\nbatches/s, seq {SEQ_LEN}, batch {BATCH}, {len(DOMAINS)} domains, best of {args.repeats}")
+        print(
+            f"{'workers':>7} | {'plain':>7} | {'plain_long':>10} | {'mixture':>7} | {'vs plain':>8} | {'vs plain_long':>13}"
+        )
+        for workers, plain, plain_long, mixture in rows:
+            print(
+                f"{workers:>7} | {plain:>7.1f} | {plain_long:>10.1f} | {mixture:>7.1f} | "
+                f"{mixture / plain:>8.2f} | {mixture / plain_long:>13.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -367,8 +368,11 @@ class DomainMixtureDataset(IterableDataset):
         self.update_lag = int(update_lag)
         k = len(self.domains)
         # Updates published in the main process, read by workers: (effective step, proportions...).
+        # The lock orders the row writes before the count on any memory model (a spawn-context lock
+        # also works in forked workers).
         self._log = torch.zeros(MAX_PENDING_UPDATES, 1 + k, dtype=torch.float64).share_memory_()
         self._log_count = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._log_lock = multiprocessing.get_context("spawn").Lock()
         self._base = MixtureState.initial(self.initial_proportions)
         self._published: list[tuple[int, list[float]]] = []
         self._ledger: Mixture | None = None
@@ -407,9 +411,10 @@ class DomainMixtureDataset(IterableDataset):
                 f"proportion update for step {effective} comes after one for step {last}: "
                 "updates must be published in step order"
             )
-        count = int(self._log_count.item())
-        self._log[count % MAX_PENDING_UPDATES] = torch.tensor([effective, *values], dtype=torch.float64)
-        self._log_count += 1
+        with self._log_lock:
+            count = int(self._log_count.item())
+            self._log[count % MAX_PENDING_UPDATES] = torch.tensor([effective, *values], dtype=torch.float64)
+            self._log_count += 1
         self._published.append((effective, values))
         return effective
 
@@ -424,13 +429,14 @@ class DomainMixtureDataset(IterableDataset):
         self._ledger = None
 
     def _poll(self, mixture: Mixture, seen: int) -> int:
-        count = int(self._log_count.item())
-        if count - seen > MAX_PENDING_UPDATES:
-            raise RuntimeError(
-                f"more than {MAX_PENDING_UPDATES} proportion updates within the prefetch window"
-            )
-        for n in range(seen, count):
-            row = self._log[n % MAX_PENDING_UPDATES].tolist()
+        with self._log_lock:
+            count = int(self._log_count.item())
+            if count - seen > MAX_PENDING_UPDATES:
+                raise RuntimeError(
+                    f"more than {MAX_PENDING_UPDATES} proportion updates within the prefetch window"
+                )
+            rows = [self._log[n % MAX_PENDING_UPDATES].tolist() for n in range(seen, count)]
+        for row in rows:
             effective = int(row[0])
             if effective < mixture.state.step:
                 raise RuntimeError(
@@ -521,7 +527,8 @@ class DomainMixtureDataset(IterableDataset):
                 )
         self._base = MixtureState.from_dict(state["mixture"])
         self._published, self._ledger, self._ledger_seen = [], None, 0
-        self._log_count.zero_()
+        with self._log_lock:
+            self._log_count.zero_()
 
 
 # ---------------------------------------------------------------------------------------------------
