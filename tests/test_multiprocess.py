@@ -22,7 +22,7 @@ def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, p
         env["FSDP_VERSION"] = "2"
         extra += [
             "fsdp_config={state_dict_type: full, activation_checkpointing: true}",
-            "pruning.export_on_fit_end=true",
+            "export.on_fit_end=true",
         ]
     cmd = [
         str(COMPOSER),

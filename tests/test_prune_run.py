@@ -30,7 +30,7 @@ def pruned_run(tmp_path_factory, tiny_gqa_dir, tiny_data):
         f"variables.source_model={tiny_gqa_dir}",
         f"variables.data_local={tiny_data}",
         f"variables.save_folder={run_dir}",
-        "pruning.export_on_fit_end=true",
+        "export.on_fit_end=true",
     ]
     trainer = train_from_yaml(YAML, overrides)
     return trainer, run_dir

@@ -41,7 +41,7 @@ REQUIRED_VARIABLES = (
 class ModelConfig:
     """The model to start from."""
 
-    source: str  # HF checkpoint directory, or a named shape for random init
+    source: Any  # HF checkpoint directory, or a named shape / mapping of shape fields for random init
     source_shape: str | None = None  # named shape the recipe expects; checked against the checkpoint
     attn_impl: str = "sdpa"  # sdpa | flash | eager
     tokenizer: str | None = None  # tokenizer directory; default: the source directory
@@ -56,9 +56,15 @@ class PruningConfig:
     families: list[str] = field(default_factory=lambda: ["hidden", "head", "intermediate", "layer"])
     lagrangian_warmup: str = "0.2dur"  # target sparsity ramps 0 -> final over this many steps
     eval_masks: str = "expected"  # expected: expected number of zeros per row | final: exact target
-    export_on_fit_end: bool = False  # write a HF directory of the target shape when training ends
-    export_folder: str | None = None  # default: <save_folder>/hf
-    export_dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class ExportConfig:
+    """Write a Hugging Face directory when training ends (the target shape, for a pruning run)."""
+
+    on_fit_end: bool = False
+    folder: str | None = None  # default: <save_folder>/hf
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
 
 @dataclass
@@ -92,6 +98,7 @@ class RunConfig:
     seed: int
     eval_loader: dict[str, Any] | None = None
     pruning: PruningConfig | None = None
+    export: ExportConfig = field(default_factory=ExportConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device_train_microbatch_size: Any = "auto"
@@ -104,7 +111,7 @@ class RunConfig:
     save_interval: Any = "1000ba"
     save_num_checkpoints_to_keep: int = -1
     save_overwrite: bool = False
-    autoresume: bool = False
+    autoresume: bool | None = None  # default: on whenever save_folder is set
     load_path: str | None = None
     run_name: str | None = None
     algorithms: dict[str, Any] = field(default_factory=dict)

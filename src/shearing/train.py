@@ -24,7 +24,8 @@ from llmfoundry.data.dataloader import build_dataloader
 from llmfoundry.utils.builders import build_algorithm, build_callback, build_logger, build_scheduler
 
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
-from shearing.callbacks.pruning import LagrangianPruning, PruningExport
+from shearing.callbacks.export import ExportOnFitEnd
+from shearing.callbacks.pruning import LagrangianPruning
 from shearing.config import OptimizerConfig, RunConfig, load_config
 from shearing.data.manifest import load_manifest
 from shearing.models.composer_model import ComposerShearedLlama
@@ -67,8 +68,14 @@ def validate_run(cfg: RunConfig) -> None:
         )
 
 
-def build_tokenizer(cfg: RunConfig):
+def tokenizer_path(cfg: RunConfig) -> str | None:
+    """``model.tokenizer``, else the source checkpoint directory, else none (random-init sources)."""
     path = cfg.model.tokenizer or (cfg.model.source if is_checkpoint_dir(cfg.model.source) else None)
+    return str(Path(path).resolve()) if path else None
+
+
+def build_tokenizer(cfg: RunConfig):
+    path = tokenizer_path(cfg)
     if path is None:
         return None
     from transformers import AutoTokenizer
@@ -79,11 +86,6 @@ def build_tokenizer(cfg: RunConfig):
         if cfg.model.tokenizer:
             raise ValueError(f"model.tokenizer={path} could not be loaded: {e}") from None
         return None
-
-
-def tokenizer_path(cfg: RunConfig) -> str | None:
-    path = cfg.model.tokenizer or (cfg.model.source if is_checkpoint_dir(cfg.model.source) else None)
-    return str(Path(path).resolve()) if path else None
 
 
 def build_model(cfg: RunConfig) -> ComposerShearedLlama:
@@ -182,11 +184,11 @@ def resolve_reference_losses(cfg: RunConfig, model: ComposerShearedLlama) -> Non
 
 def build_callbacks(cfg: RunConfig) -> list:
     callbacks = [build_callback(name, kwargs or {}, cfg) for name, kwargs in cfg.callbacks.items()]
-    if cfg.pruning is not None and cfg.pruning.export_on_fit_end:
-        folder = cfg.pruning.export_folder or (Path(cfg.save_folder) / "hf" if cfg.save_folder else None)
+    if cfg.export.on_fit_end:
+        folder = cfg.export.folder or (Path(cfg.save_folder) / "hf" if cfg.save_folder else None)
         if folder is None:
-            raise ValueError("pruning.export_on_fit_end needs pruning.export_folder or save_folder")
-        callbacks.append(PruningExport(folder, dtype=cfg.pruning.export_dtype))
+            raise ValueError("export.on_fit_end needs export.folder or save_folder")
+        callbacks.append(ExportOnFitEnd(folder, dtype=cfg.export.dtype))
     return callbacks
 
 
@@ -231,7 +233,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=cfg.save_overwrite,
-        autoresume=cfg.autoresume,
+        autoresume=cfg.save_folder is not None if cfg.autoresume is None else cfg.autoresume,
         load_path=cfg.load_path,
         seed=cfg.seed,
         progress_bar=cfg.progress_bar,

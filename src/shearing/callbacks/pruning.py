@@ -9,20 +9,15 @@ total; the multipliers ascend because their optimizer group has a negative learn
 player of the min-max problem). The loss becomes ``{"total", "lm_loss", "lagrangian"}`` so the
 plain LM loss is logged on its own. Every batch it logs the expected sparsity and current target per
 family, the multipliers and the expected parameter count.
-
-``PruningExport`` (a ``Callback``) writes the Hugging Face directory of the target shape when
-training ends, if the run asked for it.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
-from composer.core import Algorithm, Callback, Event, State, Time, TimeUnit
+from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
-from composer.utils import dist
 
 from shearing.pruning.l0 import L0Module, warmup_progress
 
@@ -80,21 +75,3 @@ class LagrangianPruning(Algorithm):
             state.loss = {"total": lm_loss + term, "lm_loss": lm_loss.detach(), "lagrangian": term.detach()}
         elif event == Event.BATCH_END:
             logger.log_metrics({name: float(value) for name, value in l0.last_stats.items()})
-
-
-class PruningExport(Callback):
-    """At the end of training, export the pruned model of the exact target shape."""
-
-    def __init__(self, folder: str | Path, dtype: str = "float32"):
-        self.folder = Path(folder)
-        self.dtype = dtype
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        from shearing.export import export_model_state
-
-        model_state = state.get_model_state_dict()  # collective under FSDP: every rank calls it
-        if dist.get_global_rank() == 0:
-            summary = export_model_state(model_state, self.folder, dtype=self.dtype)
-            logger.log_metrics({"pruning/exported_num_params": float(summary["target"]["num_params"])})
-            log.info("exported the pruned model to %s", self.folder)
-        dist.barrier()

@@ -9,7 +9,9 @@ from a checkpoint with tied embeddings.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -18,10 +20,12 @@ from transformers import LlamaConfig
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import (
     NAMED_CONFIG_EXTRAS,
+    SHAPE_FIELDS,
     LlamaShape,
     is_checkpoint_dir,
     named_shape,
     read_config_json,
+    shape_from_mapping,
 )
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -93,16 +97,21 @@ def load_state_dict_strict(model: MaskedLlamaForCausalLM, state: dict[str, torch
 
 
 def load_source_model(
-    spec: str | os.PathLike, attn_impl: str = "sdpa", seed: int = 17
+    spec: str | os.PathLike | Mapping[str, Any], attn_impl: str = "sdpa", seed: int = 17
 ) -> tuple[MaskedLlamaForCausalLM, LlamaConfig]:
-    """The source model: an HF checkpoint directory (strict load) or a named shape (random init)."""
+    """The source model: an HF checkpoint directory (strict load), or a named shape or a mapping of shape
+    fields (random init, seeded)."""
     if is_checkpoint_dir(spec):
         config = read_hf_config(spec)
         model = MaskedLlamaForCausalLM(config, attn_impl=attn_impl)
         load_state_dict_strict(model, read_hf_state_dict(spec), where=str(spec))
         return model, config
-    shape = named_shape(str(spec))
-    config = config_from_shape(shape, **NAMED_CONFIG_EXTRAS.get(str(spec), {}))
+    if isinstance(spec, Mapping):
+        shape = shape_from_mapping(spec)
+        extras = {k: v for k, v in spec.items() if k not in SHAPE_FIELDS}
+    else:
+        shape, extras = named_shape(str(spec)), NAMED_CONFIG_EXTRAS.get(str(spec), {})
+    config = config_from_shape(shape, **extras)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MaskedLlamaForCausalLM(config, attn_impl=attn_impl)

@@ -149,6 +149,31 @@ def shape_from_hf_config(config: Any) -> LlamaShape:
     )
 
 
+SHAPE_FIELDS = (*PRUNABLE_FIELDS, "vocab_size", "head_dim", "tie_word_embeddings")
+
+
+def shape_from_mapping(spec: Mapping[str, Any]) -> LlamaShape:
+    """A random-init source given as a mapping: the shape fields (``head_dim`` defaults to D / H,
+    ``num_key_value_heads`` to H) plus optional extra HF config fields (``rope_theta``, ...)."""
+    missing = [
+        name
+        for name in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+        )
+        if name not in spec
+    ]
+    if missing:
+        raise ValueError(f"model.source as a shape mapping is missing {missing}")
+    fields = {name: spec[name] for name in SHAPE_FIELDS if name in spec}
+    fields.setdefault("num_key_value_heads", fields["num_attention_heads"])
+    fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
+    return LlamaShape(**fields)
+
+
 def is_checkpoint_dir(spec: Any) -> bool:
     return isinstance(spec, str | os.PathLike) and Path(spec).is_dir()
 
@@ -162,6 +187,8 @@ def resolve_source_shape(
     for (``model.source_shape``): a checkpoint of another shape is an error, and when the directory is
     not there (planning on a laptop) the named shape stands in for it, unless ``need_checkpoint``.
     """
+    if isinstance(spec, Mapping):
+        return shape_from_mapping(spec)
     if is_checkpoint_dir(spec):
         shape = shape_from_hf_config(read_config_json(spec))
         if expected is not None and shape != named_shape(expected):
