@@ -49,3 +49,18 @@ def tiny_data(tmp_path_factory, raw_corpus, tokenizer_dir) -> Path:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def pruned_run(tmp_path_factory, tiny_gqa_dir, tiny_data):
+    """``prune_tiny`` run to the end (300 steps) with the export: (trainer, run folder with hf/)."""
+    from shearing.train import train_from_yaml
+
+    run_dir = tmp_path_factory.mktemp("prune_run")
+    overrides = [
+        f"variables.source_model={tiny_gqa_dir}",
+        f"variables.data_local={tiny_data}",
+        f"variables.save_folder={run_dir}",
+        "export.on_fit_end=true",
+    ]
+    return train_from_yaml("yamls/testing/prune_tiny.yaml", overrides), run_dir

@@ -11,9 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from shearing import export as export_mod
 from shearing.models.shapes import count_params, resolve_target_shape, shape_from_hf_config
 from shearing.pruning.surgery import prune_model
-from shearing.train import train_from_yaml
 
-YAML = "yamls/testing/prune_tiny.yaml"
 TARGET = {
     "hidden_size": 48,
     "num_hidden_layers": 3,
@@ -21,19 +19,6 @@ TARGET = {
     "num_key_value_heads": 2,
     "intermediate_size": 96,
 }
-
-
-@pytest.fixture(scope="module")
-def pruned_run(tmp_path_factory, tiny_gqa_dir, tiny_data):
-    run_dir = tmp_path_factory.mktemp("prune_run")
-    overrides = [
-        f"variables.source_model={tiny_gqa_dir}",
-        f"variables.data_local={tiny_data}",
-        f"variables.save_folder={run_dir}",
-        "export.on_fit_end=true",
-    ]
-    trainer = train_from_yaml(YAML, overrides)
-    return trainer, run_dir
 
 
 def test_expected_sparsity_reaches_target(pruned_run):

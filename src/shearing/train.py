@@ -102,7 +102,7 @@ def build_model(cfg: RunConfig) -> ComposerShearedLlama:
     if cfg.pruning is not None:
         source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
         target = resolve_target_shape(source, cfg.pruning.target)
-        l0 = L0Module(source, target, cfg.pruning.families)
+        l0 = L0Module(source, target, cfg.pruning.families, seed=cfg.seed)
         l0.use_final_masks = cfg.pruning.eval_masks == "final"
         metadata.update(target=target.prunable(), families=list(cfg.pruning.families))
     return ComposerShearedLlama(llama, l0=l0, metadata=metadata)
@@ -182,6 +182,22 @@ def resolve_reference_losses(cfg: RunConfig, model: ComposerShearedLlama) -> Non
     options["reference_losses"] = losses
 
 
+def resolve_initial_proportions(cfg: RunConfig) -> None:
+    """``dynamic_loading.initial_proportions`` may name a previous run's folder: use its final proportions."""
+    options = cfg.callbacks.get("dynamic_loading") or {}
+    spec = options.get("initial_proportions")
+    if isinstance(spec, str) and Path(spec).is_dir():
+        from shearing.callbacks.dynamic_loading import FILE_STEM
+
+        path = Path(spec) / f"{FILE_STEM}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"dynamic_loading.initial_proportions={spec} is a folder without {path.name}: "
+                "give the pruning run's save_folder (it writes that file) or a list of proportions"
+            )
+        options["initial_proportions"] = str(path)
+
+
 def build_callbacks(cfg: RunConfig) -> list:
     callbacks = [build_callback(name, kwargs or {}, cfg) for name, kwargs in cfg.callbacks.items()]
     if cfg.export.on_fit_end:
@@ -208,6 +224,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         for evaluator in evaluators:
             evaluator.metric_names = list(model.eval_metrics)
     resolve_reference_losses(cfg, model)
+    resolve_initial_proportions(cfg)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(
         cfg.scheduler.name, {"t_warmup": cfg.scheduler.t_warmup, "alpha_f": cfg.scheduler.alpha_f}

@@ -64,6 +64,8 @@ class LagrangianPruning(Algorithm):
         l0 = find_l0(state.model)
         if event == Event.BATCH_START:
             l0.progress = self.progress(state)
+            l0.step = int(state.timestamp.batch)
+            l0.micro_batch = 0
         elif event == Event.AFTER_LOSS:
             term = l0.pending_lagrangian
             if term is None:

@@ -143,9 +143,19 @@ class L0Module(nn.Module):
     ``forward()`` returns the masks for the model: a fresh hard-concrete sample in training mode,
     deterministic masks in eval mode (expected number of zeros, or the exact target when
     ``use_final_masks`` is set). Keys are ``<family>_z``.
+
+    The sampling noise comes from a generator seeded by (seed, step, rank, micro-batch), not from the
+    global RNG: a resumed run draws exactly the masks the uninterrupted run drew, whatever else consumed
+    random numbers in between (Composer does not restore the global RNG when the dataset resumes itself).
     """
 
-    def __init__(self, source: LlamaShape, target: LlamaShape, families: Sequence[str] = DEFAULT_FAMILIES):
+    def __init__(
+        self,
+        source: LlamaShape,
+        target: LlamaShape,
+        families: Sequence[str] = DEFAULT_FAMILIES,
+        seed: int = 17,
+    ):
         super().__init__()
         self.source, self.target = source, target
         self.specs = {spec.name: spec for spec in plan_families(source, target, families)}
@@ -157,8 +167,11 @@ class L0Module(nn.Module):
             self.lambdas[f"{name}_1"] = nn.Parameter(torch.zeros(1))  # 1-D: FSDP2 shards no scalars
             self.lambdas[f"{name}_2"] = nn.Parameter(torch.zeros(1))
         self.use_final_masks = False
+        self.seed = seed
         # Set by the LagrangianPruning algorithm before each batch; read by forward().
         self.progress = 0.0
+        self.step = 0
+        self.micro_batch = 0
         # Written by every training forward, while the parameters are materialised (under FSDP they are
         # sharded outside forward): the constraint term to add to the loss and detached stats to log.
         self.pending_lagrangian: torch.Tensor | None = None
@@ -178,8 +191,21 @@ class L0Module(nn.Module):
         if self.training:
             self.pending_lagrangian, _ = self.lagrangian(self.progress)
             self.last_stats = mask_stats(self, self.progress)
-            return {f"{name}_z": hc.sample_gates(la) for name, la in self.log_alphas.items()}
+            generator = self._noise_generator()
+            return {f"{name}_z": hc.sample_gates(la, generator) for name, la in self.log_alphas.items()}
         return self.deterministic_masks(exact=self.use_final_masks)
+
+    def _noise_generator(self) -> torch.Generator:
+        from composer.utils import dist
+
+        device = next(iter(self.log_alphas.values())).device
+        generator = torch.Generator(device=device)
+        key = (
+            (self.seed * 1_000_003 + self.step) * 10_007 + dist.get_global_rank()
+        ) * 1_009 + self.micro_batch
+        generator.manual_seed(key % (2**63 - 1))
+        self.micro_batch += 1
+        return generator
 
     @torch.no_grad()
     def deterministic_masks(self, exact: bool) -> dict[str, torch.Tensor]:
