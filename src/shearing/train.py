@@ -26,6 +26,7 @@ from llmfoundry.utils.builders import build_algorithm, build_callback, build_log
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
 from shearing.callbacks.export import ExportOnFitEnd
 from shearing.callbacks.pruning import LagrangianPruning
+from shearing.checkpoints import check_save_folder, recover_latest_checkpoint
 from shearing.config import OptimizerConfig, RunConfig, load_config
 from shearing.data.manifest import load_manifest
 from shearing.models.composer_model import ComposerShearedLlama
@@ -208,11 +209,23 @@ def build_callbacks(cfg: RunConfig) -> list:
     return callbacks
 
 
+def prepare_save_folder(cfg: RunConfig, model: ComposerShearedLlama) -> None:
+    """Rank 0: a writable folder with room for a checkpoint, and a readable latest checkpoint to resume."""
+    if cfg.save_folder is None or dist.get_global_rank() != 0:
+        return
+    params = sum(p.numel() for p in model.parameters())
+    check_save_folder(cfg.save_folder, checkpoint_bytes=params * 4 * 3)  # fp32 weights + two Adam moments
+    autoresume = cfg.save_folder is not None if cfg.autoresume is None else cfg.autoresume
+    if autoresume:
+        recover_latest_checkpoint(cfg.save_folder)
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
     validate_run(cfg)
     reproducibility.seed_all(cfg.seed)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg)
+    prepare_save_folder(cfg, model)
     device_batch_size = cfg.global_train_batch_size // dist.get_world_size()
     train_loader = build_loader(cfg.train_loader, tokenizer, device_batch_size)
     dataset = getattr(getattr(train_loader, "dataloader", train_loader), "dataset", None)
