@@ -30,7 +30,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -150,16 +150,24 @@ def _batches(samples: Iterator[np.ndarray], batch_size: int, max_seqs: int | Non
         yield np.stack(batch)
 
 
-def domain_eval_losses(
+class DomainLoss(NamedTuple):
+    """Mean token cross-entropy of one domain and the number of predicted tokens it averages over."""
+
+    loss: float
+    tokens: int
+
+
+def domain_eval_totals(
     model: Any,
     data_dir: str | os.PathLike,
     batch_size: int = 8,
     max_seqs: int | None = None,
     progress: bool = True,
-) -> dict[str, float]:
+) -> dict[str, DomainLoss]:
     """Token-level cross-entropy of a causal LM on every domain of ``data_dir`` (``DATA_DIR/eval``).
 
     ``model`` is an HF causal LM or shearing's ``MaskedLlamaForCausalLM`` (which returns the logits).
+    Domains come in the manifest's order; ``tokens`` counts predicted positions (T - 1 per sequence).
     """
     import torch
     import torch.nn.functional as F
@@ -174,7 +182,7 @@ def domain_eval_losses(
     vocab_size = model.config.vocab_size
     was_training = model.training
     model.eval()
-    losses = {}
+    results = {}
     for name, folder in _domain_folders(Path(data_dir)).items():
         total, count = 0.0, 0
         batches = _batches(iter_mds_tokens(folder), batch_size, max_seqs)
@@ -193,9 +201,21 @@ def domain_eval_losses(
             count += ids.shape[0] * (ids.shape[1] - 1)
         if count == 0:
             raise ValueError(f"domain {name!r} has no eval sequences in {folder}")
-        losses[name] = total / count
+        results[name] = DomainLoss(loss=total / count, tokens=count)
     model.train(was_training)
-    return losses
+    return results
+
+
+def domain_eval_losses(
+    model: Any,
+    data_dir: str | os.PathLike,
+    batch_size: int = 8,
+    max_seqs: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Per-domain mean token cross-entropy (``domain_eval_totals`` without the token counts)."""
+    totals = domain_eval_totals(model, data_dir, batch_size, max_seqs, progress)
+    return {name: result.loss for name, result in totals.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

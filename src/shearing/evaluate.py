@@ -1,0 +1,240 @@
+"""Evaluate a Hugging Face checkpoint: per-domain loss, lm-eval-harness tasks, inference speed.
+
+    python -m shearing.evaluate --model HF_DIR --data DATA_DIR/eval --output results.json [--max-seqs N]
+    python -m shearing.evaluate --model HF_DIR --tasks lm_eval:hellaswag,arc_easy [--num-fewshot K] \
+        [--limit N] [--include-path TASK_YAMLS] --output results.json
+    python -m shearing.evaluate --model PRUNED_DIR --speed-baseline SOURCE_DIR --output speed.json \
+        [--prompt-len 512 --new-tokens 128 --batch-size 1]
+
+Any combination of ``--data``, ``--tasks`` and ``--speed-baseline`` runs in one call on one loaded model.
+``results.json`` (written atomically: a temporary file renamed into place):
+
+    {"model": str,
+     "domains": {name: {"loss": float, "perplexity": float, "tokens": int}},   # with --data
+     "average_loss": float,                                                    # with --data
+     "tasks": {task: {metric: value}},                                         # with --tasks
+     "speed": {...}}                                                           # with --speed-baseline
+
+``average_loss`` is the unweighted mean over domains; ``tokens`` counts predicted positions. The pieces
+are plain functions in ``shearing.evaluation`` (``domains``, ``harness``, ``speed``); this module is the
+command line and the orchestration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shearing.evaluation.harness import parse_tasks
+from shearing.evaluation.loading import check_hf_dir
+
+DEFAULT_BATCH = 8  # sequences per forward for --data and --tasks
+DEFAULT_SPEED_BATCH = 1  # prompts per generate for --speed-baseline
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate; mirrors the command line (``None`` batch size: the per-mode default)."""
+
+    model: str
+    data: str | None = None
+    tasks: str | None = None
+    speed_baseline: str | None = None
+    tokenizer: str | None = None
+    batch_size: int | None = None
+    max_seqs: int | None = None
+    num_fewshot: int | None = None
+    limit: int | float | None = None
+    include_path: str | None = None
+    local_tasks_only: bool = False
+    prompt_len: int = 512
+    new_tokens: int = 128
+    repeats: int = 3
+    dtype: str = "auto"
+    device: str | None = None
+    progress: bool = True
+
+
+def check_options(options: EvalOptions) -> dict[str, list[str]]:
+    """Validate the request before any model is loaded; returns the parsed ``--tasks``."""
+    if not (options.data or options.tasks or options.speed_baseline):
+        raise ValueError(
+            "nothing to evaluate: give --data DATA_DIR/eval, --tasks lm_eval:TASK,... or --speed-baseline HF_DIR"
+        )
+    if options.batch_size is not None and options.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {options.batch_size}")
+    check_hf_dir(options.model, "--model")
+    if options.speed_baseline:
+        check_hf_dir(options.speed_baseline, "--speed-baseline")
+    if options.data and not Path(options.data).is_dir():
+        raise ValueError(f"--data {options.data} is not a folder: point it at DATA_DIR/eval")
+    return parse_tasks(options.tasks) if options.tasks else {}
+
+
+def evaluate(options: EvalOptions) -> dict[str, Any]:
+    """Run everything ``options`` asks for on one loaded model; the results.json mapping."""
+    import torch
+
+    from shearing.evaluation.loading import default_device, load_model, load_tokenizer, resolve_dtype
+
+    tasks = check_options(options)
+    device = torch.device(options.device) if options.device else default_device()
+    dtype = resolve_dtype(options.dtype, device)
+    model = load_model(options.model, device, dtype, "--model")
+    result: dict[str, Any] = {"model": str(options.model)}
+    if options.data:
+        from shearing.evaluation.domains import domain_results
+
+        result["domains"], result["average_loss"] = domain_results(
+            model, options.data, options.batch_size or DEFAULT_BATCH, options.max_seqs, options.progress
+        )
+    if tasks:
+        from shearing.evaluation.harness import run_lm_eval
+
+        tokenizer = load_tokenizer(options.tokenizer or options.model)
+        result["tasks"] = run_lm_eval(
+            model,
+            tokenizer,
+            tasks["lm_eval"],
+            num_fewshot=options.num_fewshot,
+            limit=options.limit,
+            batch_size=options.batch_size or DEFAULT_BATCH,
+            include_path=options.include_path,
+            include_defaults=not options.local_tasks_only,
+        )
+    if options.speed_baseline:
+        from shearing.evaluation.speed import compare_speed
+
+        baseline = load_model(options.speed_baseline, device, dtype, "--speed-baseline")
+        speed = compare_speed(
+            model,
+            baseline,
+            prompt_len=options.prompt_len,
+            new_tokens=options.new_tokens,
+            batch_size=options.batch_size or DEFAULT_SPEED_BATCH,
+            repeats=options.repeats,
+        )
+        result["speed"] = {"baseline_model": str(options.speed_baseline), **speed}
+        del baseline
+    return result
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON through a temporary sibling file renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """A short human-readable table of ``result``."""
+    lines = []
+    if "domains" in result:
+        lines.append(f"{'domain':<16}{'loss':>8}{'ppl':>10}{'tokens':>12}")
+        for name, row in result["domains"].items():
+            lines.append(f"{name:<16}{row['loss']:>8.4f}{row['perplexity']:>10.2f}{row['tokens']:>12,}")
+        lines.append(f"{'average':<16}{result['average_loss']:>8.4f}")
+    for task, metrics in result.get("tasks", {}).items():
+        lines.append(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if "speed" in result:
+        speed = result["speed"]
+        for who in ("model", "baseline"):
+            row = speed[who]
+            lines.append(
+                f"{who:<9} prefill {row['prefill_tokens_per_s']:>12,.1f} tok/s   "
+                f"decode {row['decode_tokens_per_s']:>10,.1f} tok/s"
+            )
+        lines.append(
+            f"speedup   prefill {speed['prefill_speedup']:.2f}x   decode {speed['decode_speedup']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def _limit(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shearing.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="HF model folder to evaluate")
+    parser.add_argument("--output", required=True, type=Path, help="results.json to write")
+    parser.add_argument("--data", help="DATA_DIR/eval: per-domain loss and perplexity")
+    parser.add_argument("--tasks", help="lm-eval-harness tasks: lm_eval:hellaswag,arc_easy,...")
+    parser.add_argument("--speed-baseline", help="HF model folder to compare inference speed against")
+    parser.add_argument("--tokenizer", help="tokenizer folder for --tasks (default: the --model folder)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"sequences per forward ({DEFAULT_BATCH}) for --data/--tasks; prompts per generate "
+        f"({DEFAULT_SPEED_BATCH}) for --speed-baseline",
+    )
+    parser.add_argument("--max-seqs", type=int, default=None, help="at most this many sequences per domain")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (task default)")
+    parser.add_argument("--limit", type=_limit, default=None, help="examples per task (a fraction if < 1)")
+    parser.add_argument("--include-path", help="folder of extra lm-eval task yamls (local data)")
+    parser.add_argument(
+        "--local-tasks-only",
+        action="store_true",
+        help="index only --include-path tasks, not lm-eval's bundled ones (faster start)",
+    )
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per phase (median)")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, ...")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = EvalOptions(
+        model=args.model,
+        data=args.data,
+        tasks=args.tasks,
+        speed_baseline=args.speed_baseline,
+        tokenizer=args.tokenizer,
+        batch_size=args.batch_size,
+        max_seqs=args.max_seqs,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        include_path=args.include_path,
+        local_tasks_only=args.local_tasks_only,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    try:
+        result = evaluate(options)
+    except (ValueError, OSError) as err:  # bad input: model folder, data, task names
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_json_atomic(args.output, result)
+    print(format_summary(result))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
