@@ -142,6 +142,7 @@ def _evaluate(
 def run_demo(output: Path, device: str = "cpu", scale: float = 1.0) -> dict[str, Any]:
     from shearing.data.prep import PrepConfig, prepare
     from shearing.data.tokenizer import train_bpe_tokenizer
+    from shearing.models.shapes import named_shape
 
     start = time.time()
     output = output.resolve()
@@ -224,15 +225,7 @@ def run_demo(output: Path, device: str = "cpu", scale: float = 1.0) -> dict[str,
     lap("evaluate and report", t0)
 
     export = json.loads((runs / "prune" / "hf" / "shearing_export.json").read_text())
-    target = json.loads(
-        (YAMLS / "prune.yaml")
-        .read_text()
-        .split("target_model: ", 1)[1]
-        .split("\n", 1)[0]
-        .replace("{", '{"')
-        .replace(": ", '": ')
-        .replace(", ", ', "')
-    )
+    target = named_shape("demo_pruned").prunable()
     summary = {
         "documents": documents,
         "losses": {"source": reference, "pruned": pruned_losses, "continued": cpt_losses},

@@ -102,7 +102,10 @@ NAMED_SHAPES: dict[str, LlamaShape] = {
     "llama3_3b": _llama(3072, 28, 24, 8, 8192, 128256, 128),
     # A GQA target that also prunes KV groups: 4 of 8 groups kept, 4 query heads each.
     "llama3_1.5b": _llama(2048, 24, 16, 4, 5632, 128256, 128),
-    # Tiny shapes for CPU tests and demos.
+    # make demo: a small GQA source (4 query heads over 2 KV groups) and its pruned target.
+    "demo_source": _llama(128, 4, 4, 2, 384, 2048, 32),
+    "demo_pruned": _llama(96, 3, 2, 1, 256, 2048, 32),
+    # Tiny shapes for CPU tests.
     "tiny_mha": _llama(64, 4, 4, 4, 176, 512, 16),
     "tiny_mha_pruned": _llama(48, 3, 2, 2, 96, 512, 16),
     "tiny_gqa": _llama(64, 4, 8, 4, 176, 512, 16),
