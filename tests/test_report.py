@@ -1,0 +1,295 @@
+"""``python -m shearing.report``: synthetic run folders (every input the report reads) and one real tiny run.
+
+The synthetic folders carry a few hundred steps of the metrics our runs log, a dynamic-loading history,
+an export summary with the structure of a real tiny pruning (L0 final masks + ``prune_model``) and a
+results file; the real one is ``yamls/testing/prune_tiny.yaml`` for 40 batches with the
+``metrics_file`` logger and the export at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from shearing import report
+from shearing.reporting import SECTION_TITLES, build_report
+
+DOMAINS = ["cc", "c4", "github", "book", "wiki", "arxiv", "stackexchange"]
+FAMILIES = {"hidden": 0.375, "head": 0.375, "intermediate": 0.372, "layer": 0.0}
+PLOT_SECTIONS = SECTION_TITLES[:5]  # the sections that draw figures (the last two are tables)
+
+
+# ------------------------------------------------------------------------------ synthetic inputs
+def write_metrics(path: Path, steps: int = 300, eval_every: int = 50, pruning: bool = True, seed: int = 0):
+    """A metrics.jsonl shaped like a pruning run's: several lines per step, as Composer logs them."""
+    rng = random.Random(seed)
+    warmup = steps // 5
+    refs = {d: 2.0 + 0.1 * i for i, d in enumerate(DOMAINS)}
+    with open(path, "w") as f:
+        for step in range(steps + 1):
+            loss = 2.2 + 2.0 * math.exp(-step / 60) + rng.gauss(0, 0.08)
+            f.write(json.dumps({"step": step, "time/token": step * 8 * 64.0}) + "\n")
+            f.write(
+                json.dumps({"step": step, "loss/train/total": loss + 0.01, "loss/train/lm_loss": loss}) + "\n"
+            )
+            if pruning:
+                ramp = min(1.0, step / warmup)
+                stats = {}
+                for k, (family, target) in enumerate(FAMILIES.items()):
+                    stats[f"pruning/expected_sparsity/{family}"] = target * (
+                        1 - math.exp(-step / (40 + 10 * k))
+                    )
+                    stats[f"pruning/target_sparsity/{family}"] = target * ramp
+                    stats[f"pruning/lambda_1/{family}"] = -0.5 * math.sin(step / 40) * (k + 1)
+                    stats[f"pruning/lambda_2/{family}"] = 0.02 * step * (k + 1)
+                stats["pruning/expected_num_params"] = 6.7e9 - 4.0e9 * (1 - math.exp(-step / 50))
+                stats["pruning/target_num_params"] = 2701560320.0
+                f.write(json.dumps({"step": step, **stats}) + "\n")
+            if step and step % eval_every == 0:
+                evals = {
+                    f"metrics/eval/{d}_LanguageCrossEntropy": refs[d] + 0.5 * math.exp(-step / 100)
+                    for d in DOMAINS
+                }
+                evals["metrics/eval/LanguageCrossEntropy"] = sum(evals.values()) / len(DOMAINS)
+                f.write(json.dumps({"step": step, **evals}) + "\n")
+    return refs
+
+
+def write_dynamic_loading(path: Path, refs: dict[str, float], steps: int = 300, eval_every: int = 50):
+    weights = {d: 1.0 / len(DOMAINS) for d in DOMAINS}
+    history = [{"step": 0, "effective_step": 0, "proportions": dict(weights)}]
+    for step in range(eval_every, steps + 1, eval_every):
+        raw = {d: w * math.exp(0.3 * (i % 3)) for i, (d, w) in enumerate(weights.items())}
+        weights = {d: v / sum(raw.values()) for d, v in raw.items()}
+        losses = {d: refs[d] + 0.5 * math.exp(-step / 100) for d in DOMAINS}
+        history.append(
+            {
+                "step": step,
+                "effective_step": step + 2,
+                "proportions": weights,
+                "losses": losses,
+                "loss_gaps": {d: losses[d] - refs[d] for d in DOMAINS},
+                "eval_tokens": {d: 1000 for d in DOMAINS},
+            }
+        )
+    record = {"domains": DOMAINS, "update": "paper", "reference_losses": refs, "history": history}
+    path.write_text(json.dumps(record))
+
+
+def tiny_export_summary(seed: int = 0) -> dict:
+    """The summary ``shearing.export`` writes, with the kept indices of a real tiny pruning."""
+    from shearing.models.hf_io import load_source_model
+    from shearing.models.shapes import count_params, named_shape, resolve_target_shape
+    from shearing.pruning.l0 import L0Module
+    from shearing.pruning.surgery import prune_model
+
+    source = named_shape("tiny_gqa")
+    target = resolve_target_shape(source, "tiny_gqa_pruned")
+    model, _ = load_source_model("tiny_gqa", seed=seed)
+    l0 = L0Module(source, target)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for log_alpha in l0.log_alphas.values():
+            log_alpha.copy_(torch.rand(log_alpha.shape, generator=generator) * 6 - 2)
+    l0.eval()
+    l0.use_final_masks = True
+    result = prune_model(model.eval(), l0())
+    return {
+        "source": {**source.to_dict(), "num_params": count_params(source)},
+        "target": {**result.shape.to_dict(), "num_params": count_params(result.shape)},
+        "dtype": "float32",
+        "pruned": True,
+        "families": list(l0.specs),
+        "kept": result.kept,
+    }
+
+
+def write_results(path: Path, model: str, shift: float = 0.0):
+    record = {
+        "model": model,
+        "domains": {
+            d: {"loss": 2.0 + 0.1 * i + shift, "perplexity": math.exp(2.0 + 0.1 * i + shift), "tokens": 4096}
+            for i, d in enumerate(DOMAINS)
+        },
+        "average_loss": 2.3 + shift,
+        "tasks": {"hellaswag": {"acc": 0.41 - shift, "acc_norm": 0.52 - shift}, "piqa": {"acc": 0.70}},
+        "speed": {"tokens_per_s": 12345.0, "batch_size": 8},
+    }
+    path.write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def synthetic_runs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("synthetic")
+    prune, cpt = root / "prune_2.7b", root / "cpt_2.7b"
+    (prune / "hf").mkdir(parents=True)
+    refs = write_metrics(prune / "metrics.jsonl")
+    write_dynamic_loading(prune / "dynamic_loading.json", refs)
+    (prune / "hf" / "shearing_export.json").write_text(json.dumps(tiny_export_summary()))
+    write_results(prune / "results.json", "prune_2.7b/hf")
+    cpt.mkdir()
+    write_metrics(cpt / "metrics.jsonl", steps=240, eval_every=40, pruning=False, seed=1)
+    write_dynamic_loading(cpt / "dynamic_loading.json", refs, steps=240, eval_every=40)
+    (cpt / "eval").mkdir()
+    write_results(cpt / "eval" / "final_results.json", "cpt_2.7b/hf", shift=-0.1)
+    return [prune, cpt]
+
+
+# ------------------------------------------------------------------------------------- checks
+def section_html(html: str, title: str) -> str:
+    """The HTML between ``<h2>title</h2>`` and the next ``<h2>``."""
+    start = html.index(f"<h2>{title}</h2>")
+    end = html.find("<h2>", start + 1)
+    return html[start : end if end >= 0 else len(html)]
+
+
+def assert_png_is_a_real_plot(path: Path) -> None:
+    assert path.stat().st_size > 10_000, path
+    with Image.open(path) as image:
+        width, height = image.size
+        assert width >= 600 and height >= 250, (path, image.size)
+        colors = image.convert("RGB").resize((64, 64)).getcolors(64 * 64)
+        assert colors is not None and len(colors) > 20, f"{path} looks blank"
+
+
+def test_report_of_synthetic_runs_has_every_section_and_plot(synthetic_runs, tmp_path):
+    paths = build_report(synthetic_runs, tmp_path / "report")
+    html = paths["html"].read_text()
+    markdown = paths["markdown"].read_text()
+    pngs = sorted((tmp_path / "report" / "figures").glob("*.png"))
+    for title in SECTION_TITLES:
+        assert f"<h2>{title}</h2>" in html and f"## {title}" in markdown
+    for title in PLOT_SECTIONS:
+        assert "<img " in section_html(html, title), f"section {title!r} has no plot"
+    assert html.count("<img ") == len(pngs) >= len(PLOT_SECTIONS)
+    assert 'src="data:image/png;base64,' in html and "figures/" not in html  # self-contained
+    for png in pngs:
+        assert f"(figures/{png.name})" in markdown
+        assert_png_is_a_real_plot(png)
+    # Both runs are in the overlays and the tables; the evaluation tables carry both results files.
+    for name in ("prune_2.7b", "cpt_2.7b"):
+        assert name in section_html(html, "Loss curves")
+        assert name in section_html(html, "Evaluation tables")
+    evaluation = section_html(html, "Evaluation tables")
+    for needle in ("hellaswag / acc_norm", "stackexchange", "tokens_per_s", "average loss"):
+        assert needle in evaluation
+    params = section_html(html, "Parameter counts")
+    assert "299,584" in params and "118,608" in params  # tiny_gqa -> tiny_gqa_pruned, exact counts
+
+
+def test_sections_without_data_say_so_in_one_line(tmp_path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(
+        '{"step": 1, "time/token": 512.0}\n{"step": 2, "time/tok'
+    )  # killed mid-line
+    paths = build_report([empty], tmp_path / "report")
+    html = paths["html"].read_text()
+    assert "<img " not in html and not list((tmp_path / "report" / "figures").glob("*.png"))
+    for title in SECTION_TITLES:
+        body = re.sub(r"<h2>.*?</h2>", "", section_html(html, title))
+        assert body.strip().count("<p>") == 1 and body.strip().startswith("<p>No"), (title, body)
+    assert "skipped 1 unreadable lines" in html
+
+
+def test_cli_prints_where_it_wrote_and_rejects_missing_folders(synthetic_runs, tmp_path, capsys):
+    out = tmp_path / "cli_report"
+    assert report.main([str(synthetic_runs[0]), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.html") in printed and (out / "report.md").exists()
+    assert report.main([str(tmp_path / "no_such_run"), "--output", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- real run
+def train_tiny(run: Path, tiny_gqa_dir: Path, tiny_data: Path, duration: str) -> None:
+    from llmfoundry import registry
+
+    from shearing.config import RunConfig
+    from shearing.loggers import MetricsFileLogger
+    from shearing.train import train_from_yaml
+
+    if "metrics_file" not in registry.loggers:
+        registry.loggers.register("metrics_file", func=MetricsFileLogger)
+    # The export switch is moving from pruning.export_on_fit_end to export.on_fit_end.
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    export = "export.on_fit_end=true" if "export" in fields else "pruning.export_on_fit_end=true"
+    overrides = [
+        f"variables.source_model={tiny_gqa_dir}",
+        f"variables.data_local={tiny_data}",
+        f"variables.save_folder={run}",
+        export,
+        f"max_duration={duration}",
+        "eval_interval=20ba",
+        "loggers={metrics_file: {}}",
+    ]
+    train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, tiny_gqa_dir, tiny_data) -> Path:
+    run = tmp_path_factory.mktemp("real") / "prune_tiny"
+    train_tiny(run, tiny_gqa_dir, tiny_data, "40ba")
+    write_results(run / "results.json", str(run / "hf"))
+    return run
+
+
+def test_real_run_logs_the_metrics_the_report_reads(real_run):
+    records = [json.loads(line) for line in (real_run / "metrics.jsonl").read_text().splitlines()]
+    names = set().union(*records)
+    for name in (
+        "loss/train/total",
+        "loss/train/lm_loss",
+        "loss/train/lagrangian",
+        "metrics/eval/LanguageCrossEntropy",
+        "metrics/eval/code_LanguageCrossEntropy",
+        "metrics/eval/docs_LanguageCrossEntropy",
+        "pruning/expected_sparsity/hidden",
+        "pruning/target_sparsity/layer",
+        "pruning/lambda_1/intermediate",
+        "pruning/lambda_2/hidden",
+        "pruning/expected_num_params",
+        "metrics/dynamic_loading/proportion/code",
+        "time/token",
+    ):
+        assert name in names, name
+    pairs = [(r["step"], name) for r in records for name in r if name != "step"]
+    assert len(pairs) == len(set(pairs))
+    assert max(r["step"] for r in records) == 40
+    assert all(isinstance(v, float) for r in records for k, v in r.items() if k != "step")
+
+
+def test_real_run_report_renders_every_plot(real_run, tmp_path):
+    paths = build_report([real_run], tmp_path / "report")
+    html = paths["html"].read_text()
+    for title in PLOT_SECTIONS:
+        assert "<img " in section_html(html, title), f"section {title!r} has no plot"
+    for png in (tmp_path / "report" / "figures").glob("*.png"):
+        assert_png_is_a_real_plot(png)
+    assert "0 (dropped)" in html or "dropped source layers" in html
+    assert "hellaswag" in section_html(html, "Evaluation tables")
+
+
+def test_real_run_resumed_in_a_moved_folder_logs_every_step_once(real_run, tiny_gqa_dir, tiny_data, tmp_path):
+    moved = tmp_path / "prune_tiny"
+    shutil.copytree(real_run, moved, symlinks=True)
+    before = (moved / "metrics.jsonl").read_text().splitlines()
+    train_tiny(moved, tiny_gqa_dir, tiny_data, "60ba")  # autoresume from the batch-40 checkpoint
+    lines = (moved / "metrics.jsonl").read_text().splitlines()
+    # Everything up to the checkpoint is kept as it was (the end-of-fit export line came after it).
+    kept = [line for line in before if json.loads(line)["step"] < 40]
+    assert lines[: len(kept)] == kept
+    records = [json.loads(line) for line in lines]
+    pairs = [(r["step"], name) for r in records for name in r if name != "step"]
+    assert len(pairs) == len(set(pairs))
+    assert {s for s, name in pairs if name == "metrics/eval/LanguageCrossEntropy"} == {20, 40, 60}
+    assert {s for s, name in pairs if name == "loss/train/lm_loss"} == set(range(60))
