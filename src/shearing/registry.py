@@ -1,4 +1,4 @@
-"""Joins llm-foundry's registries, so yamls can name our dataloaders, callbacks and algorithms.
+"""Joins llm-foundry's registries, so yamls can name our dataloaders, callbacks and loggers.
 
 Importing this module registers everything once; ``shearing.train`` imports it, and every rank that
 runs ``train.py`` therefore sees the same names. Foundry's own entries (``text`` loader,
@@ -19,6 +19,9 @@ DATALOADERS = {
 CALLBACKS = {
     "dynamic_loading": "shearing.callbacks.dynamic_loading:DynamicLoading",
 }
+LOGGERS = {
+    "metrics_file": "shearing.loggers:MetricsFileLogger",
+}
 
 
 def _resolve(target: str):
@@ -33,6 +36,9 @@ def register_all() -> None:
     for name, target in CALLBACKS.items():
         if name not in registry.callbacks:
             registry.callbacks.register(name, func=_resolve(target))
+    for name, target in LOGGERS.items():
+        if name not in registry.loggers:
+            registry.loggers.register(name, func=_resolve(target))
 
 
 register_all()
