@@ -1,0 +1,374 @@
+"""Reproduce the paper's claim at a scale a CPU can run: shearing a stronger model beats training from scratch.
+
+    python bench/reproduce.py [--output bench_out] [--scale 1.0] [--source-shape demo_source|JSON]
+
+On the demo's real three-domain corpus (``shearing.demo.build_corpus``, its tokenizer and MDS splits):
+
+- ``source``: the source shape pre-trained from scratch for T_src steps (``yamls/demo/source.yaml``);
+- ``sheared``: pruned to ``demo_pruned`` for T_prune steps (``prune.yaml``) then continued for T_cpt steps
+  (``cpt.yaml``), both with dynamic batch loading against the source's per-domain losses;
+- ``scratch_matched`` (a): ``demo_pruned`` from scratch for T_prune + T_cpt steps — the same tokens as
+  the sheared model's pruning + CPT;
+- ``scratch_long`` (b): ``demo_pruned`` from scratch for T_src steps — as many tokens as the source got;
+- ``sheared_constant`` (c): as ``sheared`` with ``dynamic_loading.update=constant`` (fixed mixture);
+- ``oneshot`` (d): ``shearing.pruning.oneshot.oneshot_masks`` (largest-norm units, first L_t layers) on
+  the source, cut with ``prune_model``, exported like a run, then the same CPT for T_prune + T_cpt steps
+  (the pruning steps it skips are given to CPT, so every target-shape run sees the same tokens).
+
+Every training run records its eval curve (``metrics/eval/LanguageCrossEntropy`` and per domain, from an
+eval before training and every ~1/8 of the run) through a small Composer callback joined to the
+llm-foundry registry, into ``runs/<name>/eval_trace.jsonl``; a sheared run's curve is the pruning run's
+(masked model, expected masks) followed by the CPT run's, offset by the pruning tokens. Each final
+export is evaluated per domain with ``shearing.evaluate``. The headline is the token ratio: how many
+tokens baseline (b) needs to reach the sheared model's final eval loss (linear interpolation on its
+curve), over the tokens the sheared model used after the source; "not reached" when (b) never gets there
+(then the same ratio on (a)'s curve is still given). The source's tokens are reported separately: in the
+paper the source is an existing model, a sunk cost.
+
+Outputs ``OUTPUT/reproduce.json`` and ``OUTPUT/reproduce.md`` and prints the table. Resumable: a run
+whose export and ``bench_run.json`` exist is skipped, and a run killed mid-way resumes from its last
+Composer checkpoint (the yamls autoresume from their save folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+from llmfoundry import registry
+
+from shearing import demo
+
+TRACE_CALLBACK = "bench_eval_trace"
+EVAL_LOSS = "LanguageCrossEntropy"
+STEPS = {"source": 400, "prune": 200, "cpt": 300}  # at --scale 1: ~13 min on a 2-core CPU
+TARGET = "demo_pruned"
+
+
+class EvalTrace(Callback):
+    """Append ``{"step", "loss", "<domain>": loss}`` to ``path`` after every evaluation."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        values = state.eval_metric_values
+        if EVAL_LOSS not in values:
+            return
+        record = {"step": int(state.timestamp.batch), "loss": float(values[EVAL_LOSS])}
+        suffix = "_" + EVAL_LOSS
+        record.update({k[: -len(suffix)]: float(v) for k, v in values.items() if k.endswith(suffix)})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if TRACE_CALLBACK not in registry.callbacks:
+    registry.callbacks.register(TRACE_CALLBACK, func=EvalTrace)
+
+
+def read_trace(run_dir: Path) -> list[dict[str, float]]:
+    """The run's eval points by step (a resumed run may log a step twice: the last record wins)."""
+    path = run_dir / "eval_trace.jsonl"
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], loss: float) -> float | None:
+    """Tokens at which a (tokens, loss) curve first reaches ``loss``, linearly interpolated; None if never."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:], strict=False):
+        if l1 <= loss:
+            if l0 <= loss:
+                return float(t0)
+            return t0 + (t1 - t0) * (l0 - loss) / (l0 - l1)
+    if curve and curve[0][1] <= loss:
+        return float(curve[0][0])
+    return None
+
+
+class Bench:
+    def __init__(self, output: Path, scale: float, source_shape: str, corpus_chars: int):
+        self.output = output.resolve()
+        self.scale = scale
+        self.source_shape = source_shape
+        self.corpus_chars = corpus_chars
+        self.data = self.output / "data"
+        self.runs = self.output / "runs"
+        self.tokenizer = self.output / "tokenizer"
+        self.ref_file = self.output / "reference_losses.json"
+        self.tokens_per_step = 0
+
+    def steps(self, name: str) -> int:
+        return max(10, int(STEPS[name] * self.scale))
+
+    # -- data ------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        from shearing.data.prep import PrepConfig, prepare
+        from shearing.data.tokenizer import train_bpe_tokenizer
+
+        raw = self.output / "raw"
+        demo.build_corpus(raw, budget=self.corpus_chars)
+        if not (self.tokenizer / "tokenizer.json").is_file():
+            train_bpe_tokenizer(raw, demo.VOCAB, self.tokenizer, progress=False)
+        prepare(
+            PrepConfig(
+                input=raw,
+                tokenizer=str(self.tokenizer),
+                output=self.data,
+                seq_len=demo.SEQ_LEN,
+                eval_seqs=32,
+                workers=2,
+            )
+        )
+
+    # -- runs ------------------------------------------------------------------------------------------
+    def done(self, name: str) -> dict[str, Any] | None:
+        marker = self.runs / name / "bench_run.json"
+        if marker.is_file() and (self.runs / name / "hf" / "config.json").is_file():
+            return json.loads(marker.read_text())
+        return None
+
+    def train(self, name: str, yaml: str, steps: int, overrides: list[str]) -> dict[str, Any]:
+        """Train one run (skipped when done); returns its record: steps, tokens, seconds."""
+        record = self.done(name)
+        if record is not None:
+            print(f"[reproduce] {name}: done before, skipped", flush=True)
+            return record
+        run_dir = self.runs / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        interval = max(1, steps // 8)
+        t0 = time.time()
+        demo._train(
+            yaml,
+            [
+                f"variables.data_local={self.data}",
+                f"variables.save_folder={run_dir}",
+                f"variables.max_duration={steps}ba",
+                f"variables.eval_interval={interval}ba",
+                f"variables.save_interval={max(interval, steps // 2)}ba",
+                "eval_first=true",
+                f"callbacks.{TRACE_CALLBACK}.path={run_dir / 'eval_trace.jsonl'}",
+                *overrides,
+            ],
+        )
+        record = {
+            "steps": steps,
+            "tokens": steps * self.tokens_per_step,
+            "seconds": round(time.time() - t0, 1),
+        }
+        (run_dir / "bench_run.json").write_text(json.dumps(record))
+        print(f"[reproduce] {name}: {steps} steps in {record['seconds']:.0f} s", flush=True)
+        return record
+
+    def oneshot_init(self, name: str) -> dict[str, Any]:
+        """The one-shot structured baseline's starting point: magnitude masks on the source, cut, exported."""
+        record = self.done(name)
+        if record is not None:
+            return record
+        from shearing.export import export_model_state
+        from shearing.models.hf_io import load_source_model
+        from shearing.models.shapes import named_shape
+        from shearing.pruning.oneshot import oneshot_masks
+        from shearing.pruning.surgery import prune_model
+
+        t0 = time.time()
+        model, _ = load_source_model(str(self.runs / "source" / "hf"))
+        pruned = prune_model(model, oneshot_masks(model, named_shape(TARGET))).model
+        # A model state as train.py saves it: HF weights under "model." plus the run metadata.
+        state = {f"model.{k}": v for k, v in pruned.state_dict().items()}
+        state["_extra_state"] = {"hf_config": pruned.config.to_dict(), "tokenizer": str(self.tokenizer)}
+        export_model_state(state, self.runs / name / "hf")
+        record = {"steps": 0, "tokens": 0, "seconds": round(time.time() - t0, 1)}
+        (self.runs / name / "bench_run.json").write_text(json.dumps(record))
+        return record
+
+    def evaluate(self, name: str) -> dict[str, Any]:
+        from shearing.evaluate import EvalOptions, evaluate, write_json_atomic
+
+        path = self.runs / name / "results.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        options = EvalOptions(
+            model=str(self.runs / name / "hf"),
+            data=str(self.data / "eval"),
+            batch_size=16,
+            device="cpu",
+            progress=False,
+        )
+        result = evaluate(options)
+        write_json_atomic(path, result)
+        return result
+
+    def curve(self, *names: str) -> list[tuple[int, float]]:
+        """(tokens, eval loss) of consecutive runs, each offset by the steps of the ones before it."""
+        points, offset = [], 0
+        for name in names:
+            trace = read_trace(self.runs / name)
+            points += [((offset + r["step"]) * self.tokens_per_step, r["loss"]) for r in trace]
+            offset += (self.done(name) or {}).get("steps", 0)
+        return points
+
+    # -- the whole benchmark ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from shearing.config import load_config
+
+        start = time.time()
+        self.prepare_data()
+        cfg = load_config(str(demo.YAMLS / "source.yaml"), [f"variables.data_local={self.data}"])
+        self.tokens_per_step = cfg.global_train_batch_size * cfg.max_seq_len
+        t_src, t_prune, t_cpt = self.steps("source"), self.steps("prune"), self.steps("cpt")
+        tok = [f"variables.tokenizer={self.tokenizer}"]
+
+        source_overrides = [*tok]
+        if self.source_shape != "demo_source":
+            source_overrides.append(f"variables.source_model={self.source_shape}")
+        records = {"source": self.train("source", "source.yaml", t_src, source_overrides)}
+        if not self.ref_file.is_file():
+            reference = {d: v["loss"] for d, v in self.evaluate("source")["domains"].items()}
+            self.ref_file.write_text(
+                json.dumps({"reference_losses": reference, "source": "bench source model"})
+            )
+        source_hf = self.runs / "source" / "hf"
+        prune_common = [
+            f"variables.source_model={source_hf}",
+            f"variables.reference_losses={self.ref_file}",
+            f"variables.target_model={TARGET}",
+        ]
+        if self.source_shape != "demo_source":
+            prune_common.append("model.source_shape=null")
+        constant = ["callbacks.dynamic_loading.update=constant"]
+
+        def cpt(name: str, init: str, steps: int, prune_run: str | None, extra: list[str]) -> dict:
+            proportions = (
+                [f"variables.prune_run={self.runs / prune_run}"]
+                if prune_run
+                else ["callbacks.dynamic_loading.initial_proportions=null"]
+            )
+            overrides = [
+                f"variables.source_model={self.runs / init / 'hf'}",
+                f"variables.reference_losses={self.ref_file}",
+                *proportions,
+                *extra,
+            ]
+            return self.train(name, "cpt.yaml", steps, overrides)
+
+        records["sheared_prune"] = self.train("sheared_prune", "prune.yaml", t_prune, prune_common)
+        records["sheared_cpt"] = cpt("sheared_cpt", "sheared_prune", t_cpt, "sheared_prune", [])
+        scratch = [*tok, f"variables.source_model={TARGET}"]
+        records["scratch_matched"] = self.train("scratch_matched", "source.yaml", t_prune + t_cpt, scratch)
+        records["scratch_long"] = self.train("scratch_long", "source.yaml", t_src, scratch)
+        records["constant_prune"] = self.train(
+            "constant_prune", "prune.yaml", t_prune, [*prune_common, *constant]
+        )
+        records["constant_cpt"] = cpt("constant_cpt", "constant_prune", t_cpt, "constant_prune", constant)
+        records["oneshot_init"] = self.oneshot_init("oneshot_init")
+        records["oneshot_cpt"] = cpt("oneshot_cpt", "oneshot_init", t_prune + t_cpt, None, [])
+
+        runs = {
+            "source": (["source"], "source shape from scratch"),
+            "sheared": (["sheared_prune", "sheared_cpt"], "prune + CPT, dynamic batch loading"),
+            "scratch_matched": (["scratch_matched"], "(a) target from scratch, same tokens as sheared"),
+            "scratch_long": (["scratch_long"], "(b) target from scratch, source's tokens"),
+            "sheared_constant": (["constant_prune", "constant_cpt"], "(c) prune + CPT, fixed mixture"),
+            "oneshot": (["oneshot_init", "oneshot_cpt"], "(d) one-shot magnitude prune + CPT"),
+        }
+        table = {}
+        for name, (parts, what) in runs.items():
+            result = self.evaluate(parts[-1])
+            table[name] = {
+                "what": what,
+                "domains": {d: v["loss"] for d, v in result["domains"].items()},
+                "average_loss": result["average_loss"],
+                "tokens": sum(records[p]["tokens"] for p in parts),
+                "seconds": round(sum(records[p]["seconds"] for p in parts), 1),
+                "curve": self.curve(*parts),
+            }
+        sheared = table["sheared"]
+        final = sheared["curve"][-1][1]
+        ratios = {}
+        for baseline in ("scratch_long", "scratch_matched"):
+            reach = tokens_to_reach(table[baseline]["curve"], final)
+            ratios[baseline] = {
+                "tokens_to_reach": reach,
+                "ratio": round(reach / sheared["tokens"], 3) if reach is not None else "not reached",
+            }
+        summary = {
+            "scale": self.scale,
+            "steps": {"source": t_src, "prune": t_prune, "cpt": t_cpt},
+            "tokens_per_step": self.tokens_per_step,
+            "source_shape": self.source_shape,
+            "target_shape": TARGET,
+            "source_tokens": records["source"]["tokens"],
+            "sheared_final_curve_loss": final,
+            "token_ratio": ratios["scratch_long"]["ratio"],
+            "token_ratio_detail": ratios,
+            "runs": table,
+            "wall_time_s": round(time.time() - start, 1),
+        }
+        (self.output / "reproduce.json").write_text(json.dumps(summary, indent=1))
+        (self.output / "reproduce.md").write_text(markdown(summary))
+        return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    runs = summary["runs"]
+    domains = list(next(iter(runs.values()))["domains"])
+    head = "| run | " + " | ".join(domains) + " | average | tokens | seconds |"
+    lines = [head, "|---" * (len(domains) + 4) + "|"]
+    for name, r in runs.items():
+        cells = [f"{r['domains'][d]:.3f}" for d in domains]
+        lines.append(
+            f"| {name} — {r['what']} | "
+            + " | ".join(cells)
+            + f" | {r['average_loss']:.3f} | {r['tokens']:,} | {r['seconds']:.0f} |"
+        )
+    detail = summary["token_ratio_detail"]
+    sheared_tokens = runs["sheared"]["tokens"]
+    lines += [
+        "",
+        f"Sheared final eval loss (training-time eval) {summary['sheared_final_curve_loss']:.3f} after {sheared_tokens:,} "
+        f"tokens (plus {summary['source_tokens']:,} for the source).",
+    ]
+    for baseline, d in detail.items():
+        reach = d["tokens_to_reach"]
+        where = f"{reach:,.0f} tokens, ratio {d['ratio']}" if reach is not None else "not reached"
+        lines.append(f"- tokens {baseline} needs to reach it: {where}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/reproduce.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", default="bench_out", type=Path)
+    parser.add_argument("--scale", default=1.0, type=float, help="multiply every run's steps")
+    parser.add_argument(
+        "--source-shape",
+        default="demo_source",
+        help="a named shape or a JSON mapping of the five shape fields (must prune to demo_pruned)",
+    )
+    parser.add_argument(
+        "--corpus-chars", default=demo.DOMAIN_BUDGET, type=int, help="raw characters per domain"
+    )
+    args = parser.parse_args(argv)
+    source_shape = args.source_shape
+    if source_shape.lstrip().startswith("{"):
+        source_shape = json.dumps(json.loads(source_shape)).replace('"', "")  # an OmegaConf flow mapping
+    summary = Bench(args.output, args.scale, source_shape, args.corpus_chars).run()
+    print()
+    print(markdown(summary))
+    print(f"wall time {summary['wall_time_s']:.0f} s; {args.output / 'reproduce.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

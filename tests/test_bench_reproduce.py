@@ -1,0 +1,50 @@
+"""CPU smoke run of bench/reproduce.py at a tiny scale: every run is trained, evaluated and reported."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = ("source", "sheared", "scratch_matched", "scratch_long", "sheared_constant", "oneshot")
+
+
+def test_tokens_to_reach():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from reproduce import tokens_to_reach
+    finally:
+        sys.path.pop(0)
+    curve = [(0, 8.0), (100, 6.0), (200, 5.0)]
+    assert tokens_to_reach(curve, 7.0) == 50.0
+    assert tokens_to_reach(curve, 5.0) == 200.0
+    assert tokens_to_reach(curve, 4.0) is None
+
+
+@pytest.mark.slow
+def test_reproduce_smoke(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--output", str(out), "--scale", "0.03"]
+    cmd += ["--corpus-chars", "400000"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "reproduce.json").read_text())
+    assert set(summary["runs"]) == set(RUNS)
+    for name, run in summary["runs"].items():
+        assert math.isfinite(run["average_loss"]), name
+        assert set(run["domains"]) == {"code", "docs", "legal"}
+        assert run["seconds"] > 0
+        assert len(run["curve"]) >= 2, name
+    assert summary["runs"]["sheared"]["tokens"] == summary["runs"]["scratch_matched"]["tokens"]
+    assert summary["runs"]["oneshot"]["tokens"] == summary["runs"]["scratch_matched"]["tokens"]
+    assert "token_ratio" in summary
+    assert (out / "reproduce.md").is_file()
+    # Resumable: a second call skips every run and rewrites the same table.
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "done before, skipped" in proc.stdout
+    again = json.loads((out / "reproduce.json").read_text())
+    assert again["runs"]["sheared"]["average_loss"] == summary["runs"]["sheared"]["average_loss"]
