@@ -28,7 +28,7 @@ def test_tokens_to_reach():
 def test_reproduce_smoke(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--output", str(out), "--scale", "0.03"]
-    cmd += ["--corpus-chars", "400000"]
+    cmd += ["--corpus-chars", "800000"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "reproduce.json").read_text())
