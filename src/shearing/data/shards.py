@@ -1,0 +1,219 @@
+"""Random access to a prepared data root's MDS shards, validated against the manifest up front.
+
+Index parsing and sample decoding are streaming's; the byte reads are ours (``os.pread`` on cached file
+descriptors), which is what makes the mixture loader's random access cheap. Checked before any read:
+the domain folder exists and is not empty, every shard's samples have the manifest's ``seq_len`` and
+dtype, and every shard file is as long as its index says (a truncated shard is an error, not padding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shearing.data.manifest import MANIFEST_NAME, SPLITS, Manifest, load_manifest
+
+log = logging.getLogger(__name__)
+
+TOKENS_COLUMN = "tokens"
+_FD_CACHE = 128  # open shard files kept per process
+
+
+class DomainShards:
+    """Random access to one domain's MDS shards, validated against the manifest up front.
+
+    Raises ``ValueError`` naming the folder or shard if the folder is missing or empty, the ``tokens``
+    column has another dtype or length than the manifest says, or a shard is corrupt (its file is
+    missing, shorter or longer than its index entry, or its header disagrees with the index).
+    """
+
+    def __init__(self, folder: str | os.PathLike, domain: str, seq_len: int, dtype: str):
+        from streaming.base.format import reader_from_json
+
+        self.folder = Path(folder)
+        self.domain = domain
+        self.seq_len = seq_len
+        self.dtype = np.dtype(dtype)
+        index = self.folder / "index.json"
+        if not self.folder.is_dir():
+            raise ValueError(
+                f"domain {domain!r}: folder {self.folder} does not exist (check the domain list)"
+            )
+        if not index.is_file():
+            raise ValueError(
+                f"domain {domain!r}: {self.folder} has no index.json; it is not an MDS shard folder"
+            )
+        with open(index) as f:
+            shards = json.load(f).get("shards", [])
+        readers = [reader_from_json(str(self.folder), None, obj) for obj in shards]
+        readers = [r for r in readers if r.samples > 0]
+        if not readers:
+            raise ValueError(f"domain {domain!r}: {self.folder} holds no samples")
+        self._paths: list[str] = []
+        self._data_start: list[int] = []  # file offset of sample 0's token values (fast path)
+        self._stride: list[int] = []  # bytes per sample (fast path); 0 means decode generically
+        self._readers = readers
+        for reader in readers:
+            self._check_shard(reader)
+        counts = np.asarray([r.samples for r in readers], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_samples = int(self._starts[-1])
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def _check_shard(self, reader) -> None:
+        name = f"domain {self.domain!r} shard {self.folder / reader.raw_data.basename}"
+        if TOKENS_COLUMN not in reader.column_names:
+            raise ValueError(f"{name} has no {TOKENS_COLUMN!r} column (columns: {reader.column_names})")
+        encoding = reader.column_encodings[reader.column_names.index(TOKENS_COLUMN)]
+        parts = encoding.split(":")
+        if parts[0] != "ndarray" or len(parts) < 2 or parts[1] != self.dtype.name:
+            raise ValueError(
+                f"{name} stores tokens as {encoding!r} but the manifest says dtype {self.dtype.name}: "
+                f"expected 'ndarray:{self.dtype.name}'"
+            )
+        path = self.folder / reader.raw_data.basename
+        if not path.is_file():
+            hint = (
+                " (compressed shards are not supported: write them with compression=None)"
+                if reader.zip_data
+                else ""
+            )
+            raise ValueError(f"{name} is missing{hint}")
+        size = path.stat().st_size
+        if size != reader.raw_data.bytes:
+            raise ValueError(
+                f"{name} is corrupt: index.json says {reader.raw_data.bytes} bytes, the file has {size}; "
+                "re-run data preparation for this domain"
+            )
+        n = reader.samples
+        header = np.fromfile(path, dtype=np.uint32, count=n + 2)
+        if len(header) < n + 2 or header[0] != n:
+            raise ValueError(
+                f"{name} is corrupt: index.json says {n} samples, the file header says "
+                f"{int(header[0]) if len(header) else 'nothing'}; re-run data preparation for this domain"
+            )
+        offsets = header[1:].astype(np.int64)
+        if offsets[-1] != size or np.any(np.diff(offsets) <= 0):
+            raise ValueError(
+                f"{name} is corrupt: its sample offsets end at byte {int(offsets[-1])} of a {size}-byte file; "
+                "re-run data preparation for this domain"
+            )
+        with open(path, "rb") as f:
+            f.seek(int(offsets[0]))
+            first = reader.decode_sample(f.read(int(offsets[1] - offsets[0])))[TOKENS_COLUMN]
+        if first.ndim != 1 or len(first) != self.seq_len or first.dtype != self.dtype:
+            raise ValueError(
+                f"{name} holds sequences of shape {tuple(first.shape)} and dtype {first.dtype}, but the manifest "
+                f"says seq_len {self.seq_len} and dtype {self.dtype.name}"
+            )
+        sizes = np.diff(offsets)
+        value_bytes = self.seq_len * self.dtype.itemsize
+        if len(reader.column_names) == 1 and np.all(sizes == sizes[0]):
+            self._data_start.append(int(offsets[0] + sizes[0] - value_bytes))
+            self._stride.append(int(sizes[0]))
+        elif len(reader.column_names) == 1:
+            raise ValueError(
+                f"{name} holds samples of different lengths; every sample must be exactly {self.seq_len} tokens"
+            )
+        else:  # other columns around the tokens: decode each sample with streaming's reader
+            self._data_start.append(int(offsets[0]))
+            self._stride.append(0)
+        self._paths.append(str(path))
+
+    # ------------------------------------------------------------------------------------ reads
+    def _fd(self, shard: int) -> int:
+        if os.getpid() != self._pid:  # forked into a worker: descriptors are per process
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self._paths[shard], os.O_RDONLY)
+            self._fds[shard] = fd
+            if len(self._fds) > _FD_CACHE:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(shard)
+        return fd
+
+    def _read_one(self, shard: int, local: int) -> bytes:
+        fd = self._fd(shard)
+        stride = self._stride[shard]
+        value_bytes = self.seq_len * self.dtype.itemsize
+        if stride:
+            data = os.pread(fd, value_bytes, self._data_start[shard] + local * stride)
+            if len(data) != value_bytes:
+                raise ValueError(
+                    f"domain {self.domain!r}: shard {self._paths[shard]} ends early; it is corrupt"
+                )
+            return data
+        begin, end = np.frombuffer(os.pread(fd, 8, 4 + 4 * local), dtype=np.uint32).astype(np.int64)
+        sample = self._readers[shard].decode_sample(os.pread(fd, int(end - begin), int(begin)))
+        return np.ascontiguousarray(sample[TOKENS_COLUMN], dtype=self.dtype).tobytes()
+
+    def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Token rows [len(ids), seq_len] (the manifest's dtype) of the samples ``ids`` (0-based, in order)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
+            raise IndexError(
+                f"domain {self.domain!r} has {self.num_samples} samples; asked for {ids.min()}..{ids.max()}"
+            )
+        shards = np.searchsorted(self._starts, ids, side="right") - 1
+        locals_ = ids - self._starts[shards]
+        buf = b"".join(self._read_one(int(s), int(i)) for s, i in zip(shards, locals_))
+        return np.frombuffer(buf, dtype=self.dtype).reshape(len(ids), self.seq_len)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fds"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration helpers
+
+
+def _split_root(local: str | os.PathLike, split: str) -> tuple[Path, str, Manifest]:
+    """The folder holding the domain folders, the split name and the manifest, for ``local``."""
+    root = Path(local)
+    if (root / MANIFEST_NAME).is_file():  # DATA_DIR itself
+        root = root / split
+    elif root.name in SPLITS:
+        split = root.name
+    return root, split, load_manifest(root)
+
+
+def _domain_list(manifest: Manifest, domains: Sequence[str] | None) -> list[str]:
+    if domains is None:
+        return manifest.domain_names
+    domains = [str(d) for d in domains]
+    unknown = [d for d in domains if d not in manifest.domains]
+    if unknown:
+        raise ValueError(f"domains {unknown} are not in the manifest (it has {manifest.domain_names})")
+    if not domains or len(set(domains)) != len(domains):
+        raise ValueError(f"the domain list must be non-empty and without repeats, got {domains}")
+    return domains
+
+
+def _open_domains(root: Path, split: str, manifest: Manifest, domains: Sequence[str]) -> list[DomainShards]:
+    opened = []
+    for domain in domains:
+        shards = DomainShards(root / domain, domain, manifest.seq_len, manifest.dtype)
+        expected = getattr(manifest.domains[domain], split).sequences
+        if shards.num_samples != expected:
+            raise ValueError(
+                f"domain {domain!r}: the manifest says {expected} {split} sequences but {root / domain} holds "
+                f"{shards.num_samples}; the shards and manifest.json are out of sync (re-run data preparation)"
+            )
+        opened.append(shards)
+    return opened
