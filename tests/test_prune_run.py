@@ -6,19 +6,14 @@ import sys
 
 import pytest
 import torch
+from tiny import TINY_TARGET
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shearing import export as export_mod
 from shearing.models.shapes import count_params, resolve_target_shape, shape_from_hf_config
 from shearing.pruning.surgery import prune_model
 
-TARGET = {
-    "hidden_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 96,
-}
+TARGET = TINY_TARGET
 
 
 def test_expected_sparsity_reaches_target(pruned_run):

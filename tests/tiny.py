@@ -11,6 +11,14 @@ import torch
 
 VOCAB = 512  # the tiny named shapes' vocabulary
 SEQ_LEN = 64
+# prune_tiny's target from the tiny GQA source (8 heads over 4 KV groups): named shape tiny_gqa_pruned.
+TINY_TARGET = {
+    "hidden_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+}
 
 
 def stdlib_files(limit: int = 80) -> list[Path]:

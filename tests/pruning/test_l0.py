@@ -3,18 +3,13 @@
 import pytest
 import torch
 from composer.optim import DecoupledAdamW
+from tiny import TINY_TARGET
 
 from shearing.models.shapes import LlamaShape, count_params, named_shape, resolve_target_shape
 from shearing.pruning.l0 import L0Module, count_masked_params, plan_families
 
 GQA = named_shape("tiny_gqa")  # 8 query heads over 4 KV groups
-TARGET = {
-    "hidden_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 96,
-}
+TARGET = TINY_TARGET
 
 
 def randomize(l0: L0Module, seed: int = 0) -> None:
