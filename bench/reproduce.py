@@ -194,7 +194,8 @@ class Bench:
         return record
 
     def evaluate(self, name: str) -> dict[str, Any]:
-        from shearing.evaluate import EvalOptions, evaluate, write_json_atomic
+        from shearing.evaluate import EvalOptions, evaluate
+        from shearing.io import write_json_atomic
 
         path = self.runs / name / "results.json"
         if path.is_file():

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shearing.io import write_json_atomic
+
 REPO = Path(__file__).resolve().parents[2]
 YAMLS = REPO / "yamls" / "demo"
 VOCAB = 2048
@@ -122,7 +124,7 @@ def _evaluate(
     model_dir: Path, data: Path, device: str, run_dir: Path, speed_baseline: Path | None = None
 ) -> dict:
     """Per-domain eval (and, against a baseline, inference speed) of an export; writes run_dir/results.json."""
-    from shearing.evaluate import EvalOptions, evaluate, write_json_atomic
+    from shearing.evaluate import EvalOptions, evaluate
 
     options = EvalOptions(
         model=str(model_dir),
@@ -181,7 +183,7 @@ def run_demo(output: Path, device: str = "cpu", scale: float = 1.0) -> dict[str,
     source_eval = _evaluate(runs / "source" / "hf", data, device, runs / "source")
     reference = {name: d["loss"] for name, d in source_eval["domains"].items()}
     ref_file = output / "reference_losses.json"
-    ref_file.write_text(json.dumps({"reference_losses": reference, "source": "demo source model"}, indent=1))
+    write_json_atomic(ref_file, {"reference_losses": reference, "source": "demo source model"})
     lap("reference losses", t0)
 
     t0 = time.time()
@@ -243,7 +245,7 @@ def run_demo(output: Path, device: str = "cpu", scale: float = 1.0) -> dict[str,
     }
     summary["checks"] = checks
     summary["wall_time_s"] = round(time.time() - start, 1)
-    (output / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(output / "demo_summary.json", summary)
     return summary
 
 

@@ -23,16 +23,14 @@ command line and the orchestration.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shearing.evaluation.harness import parse_tasks
 from shearing.evaluation.loading import check_hf_dir
+from shearing.io import write_json_atomic
 
 DEFAULT_BATCH = 8  # sequences per forward for --data and --tasks
 DEFAULT_SPEED_BATCH = 1  # prompts per generate for --speed-baseline
@@ -123,23 +121,6 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         result["speed"] = {"baseline_model": str(options.speed_baseline), **speed}
         del baseline
     return result
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON through a temporary sibling file renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def format_summary(result: dict[str, Any]) -> str:

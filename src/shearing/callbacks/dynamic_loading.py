@@ -41,6 +41,7 @@ from composer.utils import dist
 
 from shearing.data.mixture import validate_proportions
 from shearing.data.weights import update_domain_weights
+from shearing.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +239,7 @@ class DynamicLoading(Callback):
             "reference_losses": self.reference_losses,
             "history": self.history,
         }
-        tmp = self._folder / f"{FILE_STEM}.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, self._folder / f"{FILE_STEM}.json")
+        write_json_atomic(self._folder / f"{FILE_STEM}.json", record)
         columns = ["step", "effective_step"] + [
             f"{kind}/{d}" for kind in ("proportion", "loss", "loss_gap") for d in self.domains
         ]

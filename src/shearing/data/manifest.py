@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shearing.io import write_json_atomic
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "eval")
@@ -129,12 +131,4 @@ def load_manifest(data_root: str | os.PathLike) -> Manifest:
 
 def save_manifest(manifest: Manifest, data_root: str | os.PathLike) -> Path:
     """Write the manifest atomically (a temporary file renamed over the old one)."""
-    path = manifest_path(data_root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest.to_dict(), f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(manifest_path(data_root), manifest.to_dict())

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from shearing.data.manifest import DomainEntry, Manifest, SplitStats, save_manifest
 from shearing.data.raw import RawDomain, RawFile, ReadStats, discover_domains, read_documents
 from shearing.data.tokenizer import TokenizerInfo, load_tokenizer_info
+from shearing.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -444,13 +445,6 @@ def write_domain(
 # Orchestration, resume bookkeeping and the manifest
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _settings(
     config: PrepConfig, info: TokenizerInfo, dtype: str, domains: dict[str, RawDomain]
 ) -> dict[str, Any]:
@@ -492,7 +486,7 @@ def _check_settings(output: Path, settings: dict[str, Any]) -> None:
             f"--output {output} already holds train/ or eval/ data that this tool did not record: pick an "
             "empty --output folder"
         )
-    _write_json(path, settings)
+    write_json_atomic(path, settings)
 
 
 def _domain_caches(output: Path, domain: RawDomain) -> list[Path]:
@@ -538,7 +532,7 @@ def prepare(config: PrepConfig) -> Manifest:
     train_seqs = allot_train_sequences(available, config.seq_len, config.train_tokens)
     for name in pending:
         records[name] = write_domain(docs[name], plans[name], train_seqs[name], config, dtype)
-        _write_json(_done_path(output, name), records[name])
+        write_json_atomic(_done_path(output, name), records[name])
         shutil.rmtree(output / WORK_DIR / "tokens" / name, ignore_errors=True)
 
     for leftover in ("tmp", "tokens"):
