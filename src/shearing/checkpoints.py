@@ -32,7 +32,8 @@ def checkpoint_is_readable(path: Path) -> bool:
         return False
 
 
-def _batch_of(path: Path) -> int:
+def checkpoint_batch(path: Path) -> int:
+    """The batch count in a Composer checkpoint name (``ep0-ba320-rank0.pt`` -> 320); -1 if none."""
     match = re.search(r"ba(\d+)", path.name)
     return int(match.group(1)) if match else -1
 
@@ -48,7 +49,7 @@ def recover_latest_checkpoint(save_folder: str | os.PathLike) -> Path | None:
         return current
     candidates = sorted(
         (p for p in folder.glob("ep*-ba*-rank0.pt") if p.resolve() != current and p.is_file()),
-        key=_batch_of,
+        key=checkpoint_batch,
         reverse=True,
     )
     fallback = next((p for p in candidates if checkpoint_is_readable(p)), None)

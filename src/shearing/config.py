@@ -124,6 +124,11 @@ class RunConfig:
     dist_timeout: float = 600.0
     device: str | None = None  # default: gpu when available, else cpu
 
+    @property
+    def autoresume_enabled(self) -> bool:
+        """``autoresume``, defaulting to on whenever there is a ``save_folder`` to resume from."""
+        return self.save_folder is not None if self.autoresume is None else self.autoresume
+
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load, merge overrides, resolve and validate a run yaml."""

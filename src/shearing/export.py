@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import LlamaConfig
 
+from shearing.checkpoints import checkpoint_batch
 from shearing.models.hf_io import load_state_dict_strict
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import count_params, shape_from_hf_config
@@ -52,15 +52,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return latest.resolve()
     candidates = [p for p in path.glob("*.pt") if p.is_file()]
     if not candidates:
-        sharded = [p for p in path.iterdir() if p.is_dir() and re.search(r"ba\d+", p.name)]
+        sharded = [p for p in path.iterdir() if p.is_dir() and checkpoint_batch(p) >= 0]
         hint = " (sharded checkpoints: set fsdp_config.state_dict_type: full)" if sharded else ""
         raise FileNotFoundError(f"no Composer checkpoint (*.pt) in {path}{hint}")
-
-    def batches(p: Path) -> int:
-        match = re.search(r"ba(\d+)", p.name)
-        return int(match.group(1)) if match else -1
-
-    return max(candidates, key=lambda p: (batches(p), p.stat().st_mtime))
+    return max(candidates, key=lambda p: (checkpoint_batch(p), p.stat().st_mtime))
 
 
 def load_model_state(checkpoint: str | os.PathLike) -> dict[str, Any]:

@@ -215,8 +215,7 @@ def prepare_save_folder(cfg: RunConfig, model: ComposerShearedLlama) -> None:
         return
     params = sum(p.numel() for p in model.parameters())
     check_save_folder(cfg.save_folder, checkpoint_bytes=params * 4 * 3)  # fp32 weights + two Adam moments
-    autoresume = cfg.save_folder is not None if cfg.autoresume is None else cfg.autoresume
-    if autoresume:
+    if cfg.autoresume_enabled:
         recover_latest_checkpoint(cfg.save_folder)
 
 
@@ -263,7 +262,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         save_overwrite=cfg.save_overwrite,
-        autoresume=cfg.save_folder is not None if cfg.autoresume is None else cfg.autoresume,
+        autoresume=cfg.autoresume_enabled,
         load_path=cfg.load_path,
         seed=cfg.seed,
         progress_bar=cfg.progress_bar,

@@ -189,8 +189,8 @@ class L0Module(nn.Module):
         for log_alpha in self.log_alphas.values():
             hc.clamp_log_alpha_(log_alpha)
         if self.training:
-            self.pending_lagrangian, _ = self.lagrangian(self.progress)
-            self.last_stats = mask_stats(self, self.progress)
+            self.pending_lagrangian, expected = self.lagrangian(self.progress)
+            self.last_stats = mask_stats(self, self.progress, expected)
             generator = self._noise_generator()
             return {f"{name}_z": hc.sample_gates(la, generator) for name, la in self.log_alphas.items()}
         return self.deterministic_masks(exact=self.use_final_masks)
@@ -306,14 +306,17 @@ def count_masked_params(source: LlamaShape, keep: Mapping[str, torch.Tensor]) ->
     return embeddings + layers + d
 
 
-def mask_stats(l0: L0Module, progress: float) -> dict[str, torch.Tensor]:
+def mask_stats(
+    l0: L0Module, progress: float, expected: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Values to log every step (detached tensors, no host sync): expected sparsity and current target
     per family, the multipliers, the expected and target parameter counts."""
     with torch.no_grad():
         stats: dict[str, torch.Tensor] = {}
         targets = l0.target_sparsity(progress)
-        for name, sparsity in l0.expected_sparsity().items():
-            stats[f"pruning/expected_sparsity/{name}"] = sparsity.mean()
+        expected = l0.expected_sparsity() if expected is None else expected
+        for name, sparsity in expected.items():
+            stats[f"pruning/expected_sparsity/{name}"] = sparsity.detach().mean()
             stats[f"pruning/target_sparsity/{name}"] = torch.tensor(targets[name])
             stats[f"pruning/lambda_1/{name}"] = l0.lambdas[f"{name}_1"].detach().sum()
             stats[f"pruning/lambda_2/{name}"] = l0.lambdas[f"{name}_2"].detach().sum()
