@@ -95,7 +95,3 @@ class ComposerShearedLlama(ComposerModel):
     def set_extra_state(self, state: Any) -> None:
         if isinstance(state, dict):
             self.metadata = {k: v for k, v in state.items() if k != "version"}
-
-    @property
-    def pruning(self) -> bool:
-        return self.l0 is not None

@@ -26,8 +26,6 @@ packed full-length sequences: there is no padding mask.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -225,8 +223,3 @@ class MaskedLlamaForCausalLM(nn.Module):
             else:
                 x = layer(*args)
         return self.lm_head(self.model.norm(x, hidden_z))
-
-
-def build_llama_config(fields: dict[str, Any]) -> LlamaConfig:
-    """A ``LlamaConfig`` from shape fields plus any extra HF config fields."""
-    return LlamaConfig(**fields)

@@ -44,7 +44,6 @@ from torch import nn
 from shearing.models.shapes import LlamaShape, count_params
 from shearing.pruning import hard_concrete as hc
 
-ALL_FAMILIES = ("hidden", "head", "kv_group", "intermediate", "layer", "head_layer", "mlp")
 USER_FAMILIES = ("hidden", "head", "intermediate", "layer", "head_layer", "mlp")
 DEFAULT_FAMILIES = ("hidden", "head", "intermediate", "layer")
 
@@ -333,7 +332,6 @@ def warmup_progress(step: int, warmup_steps: int) -> float:
 
 
 __all__ = [
-    "ALL_FAMILIES",
     "DEFAULT_FAMILIES",
     "FamilySpec",
     "L0Module",
