@@ -80,6 +80,9 @@ class MaskedAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # B G T K
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        # Under autocast RoPE runs in fp32 (cos/sin follow the fp32 residual stream) while v is bf16; cast
+        # q, k back to v's dtype, as SDPA's autocast does, because flash-attn takes only fp16/bf16.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if self.attn_impl == "flash":
             from flash_attn import flash_attn_func
 
