@@ -2,9 +2,12 @@
 
     python bench/reproduce.py [--output bench_out] [--scale 1.0] [--source-shape demo_source|JSON]
 
-On the demo's real three-domain corpus (``shearing.demo.build_corpus``, its tokenizer and MDS splits):
+On a real four-domain corpus built from text on this machine (``bench/corpus.py``: code, docs, prose,
+legal; 5M characters each by default), a BPE tokenizer trained on it and its MDS splits (128 eval
+sequences per domain), with the demo's recipes (``yamls/demo``):
 
-- ``source``: the source shape pre-trained from scratch for T_src steps (``yamls/demo/source.yaml``);
+- ``source``: the source shape pre-trained from scratch for T_src steps (``yamls/demo/source.yaml``),
+  T_src much larger than the sheared model's budget (the paper: 2T tokens vs 50B);
 - ``sheared``: pruned to ``demo_pruned`` for T_prune steps (``prune.yaml``) then continued for T_cpt steps
   (``cpt.yaml``), both with dynamic batch loading against the source's per-domain losses;
 - ``scratch_matched`` (a): ``demo_pruned`` from scratch for T_prune + T_cpt steps — the same tokens as
@@ -45,9 +48,12 @@ from llmfoundry import registry
 
 from shearing import demo
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpus import DEFAULT_CHARS, build_corpus  # noqa: E402  (bench/ is not a package)
+
 TRACE_CALLBACK = "bench_eval_trace"
 EVAL_LOSS = "LanguageCrossEntropy"
-STEPS = {"source": 400, "prune": 200, "cpt": 300}  # at --scale 1: ~13 min on a 2-core CPU
+STEPS = {"source": 4000, "prune": 200, "cpt": 400}  # at --scale 1: ~45 min on a 2-core CPU
 TARGET = "demo_pruned"
 
 
@@ -98,11 +104,15 @@ def tokens_to_reach(curve: list[tuple[int, float]], loss: float) -> float | None
 
 
 class Bench:
-    def __init__(self, output: Path, scale: float, source_shape: str, corpus_chars: int):
+    def __init__(
+        self, output: Path, scale: float, source_shape: str, corpus_chars: int, eval_seqs: int, device: str
+    ):
         self.output = output.resolve()
         self.scale = scale
         self.source_shape = source_shape
         self.corpus_chars = corpus_chars
+        self.eval_seqs = eval_seqs
+        self.device = device
         self.data = self.output / "data"
         self.runs = self.output / "runs"
         self.tokenizer = self.output / "tokenizer"
@@ -118,7 +128,10 @@ class Bench:
         from shearing.data.tokenizer import train_bpe_tokenizer
 
         raw = self.output / "raw"
-        demo.build_corpus(raw, budget=self.corpus_chars)
+        marker = raw / "corpus.json"
+        if not marker.is_file() or json.loads(marker.read_text()).get("chars") != self.corpus_chars:
+            counts = build_corpus(raw, self.corpus_chars)
+            marker.write_text(json.dumps({"chars": self.corpus_chars, "domains": counts}))
         if not (self.tokenizer / "tokenizer.json").is_file():
             train_bpe_tokenizer(raw, demo.VOCAB, self.tokenizer, progress=False)
         prepare(
@@ -127,7 +140,7 @@ class Bench:
                 tokenizer=str(self.tokenizer),
                 output=self.data,
                 seq_len=demo.SEQ_LEN,
-                eval_seqs=32,
+                eval_seqs=self.eval_seqs,
                 workers=2,
             )
         )
@@ -158,6 +171,8 @@ class Bench:
                 f"variables.eval_interval={interval}ba",
                 f"variables.save_interval={max(interval, steps // 2)}ba",
                 "eval_first=true",
+                f"eval_loader.dataset.max_seqs_per_domain={self.eval_seqs}",
+                *(["device=gpu", "precision=amp_bf16"] if self.device == "gpu" else []),
                 f"callbacks.{TRACE_CALLBACK}.path={run_dir / 'eval_trace.jsonl'}",
                 *overrides,
             ],
@@ -204,7 +219,7 @@ class Bench:
             model=str(self.runs / name / "hf"),
             data=str(self.data / "eval"),
             batch_size=16,
-            device="cpu",
+            device="cuda" if self.device == "gpu" else "cpu",
             progress=False,
         )
         result = evaluate(options)
@@ -357,14 +372,16 @@ def main(argv: list[str] | None = None) -> int:
         default="demo_source",
         help="a named shape or a JSON mapping of the five shape fields (must prune to demo_pruned)",
     )
-    parser.add_argument(
-        "--corpus-chars", default=demo.DOMAIN_BUDGET, type=int, help="raw characters per domain"
-    )
+    parser.add_argument("--corpus-chars", default=DEFAULT_CHARS, type=int, help="raw characters per domain")
+    parser.add_argument("--eval-seqs", default=128, type=int, help="held-out sequences per domain")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="gpu: bf16 on one GPU")
     args = parser.parse_args(argv)
     source_shape = args.source_shape
     if source_shape.lstrip().startswith("{"):
         source_shape = json.dumps(json.loads(source_shape)).replace('"', "")  # an OmegaConf flow mapping
-    summary = Bench(args.output, args.scale, source_shape, args.corpus_chars).run()
+    summary = Bench(
+        args.output, args.scale, source_shape, args.corpus_chars, args.eval_seqs, args.device
+    ).run()
     print()
     print(markdown(summary))
     print(f"wall time {summary['wall_time_s']:.0f} s; {args.output / 'reproduce.json'}")

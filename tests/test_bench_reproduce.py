@@ -27,15 +27,15 @@ def test_tokens_to_reach():
 @pytest.mark.slow
 def test_reproduce_smoke(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--output", str(out), "--scale", "0.03"]
-    cmd += ["--corpus-chars", "800000"]
+    cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--output", str(out), "--scale", "0.003"]
+    cmd += ["--corpus-chars", "200000", "--eval-seqs", "16"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "reproduce.json").read_text())
     assert set(summary["runs"]) == set(RUNS)
     for name, run in summary["runs"].items():
         assert math.isfinite(run["average_loss"]), name
-        assert set(run["domains"]) == {"code", "docs", "legal"}
+        assert set(run["domains"]) == {"code", "docs", "prose", "legal"}
         assert run["seconds"] > 0
         assert len(run["curve"]) >= 2, name
     assert summary["runs"]["sheared"]["tokens"] == summary["runs"]["scratch_matched"]["tokens"]

@@ -40,8 +40,13 @@ DOMAIN_BUDGET = 1_200_000  # characters of raw text per domain
 
 
 def _take(texts, budget: int, low: int = 200) -> list[str]:
-    out, used = [], 0
+    """Texts of at least ``low`` characters, in order, duplicates dropped, until ``budget`` characters (lazy:
+    the sources are read only as far as needed)."""
+    out, used, seen = [], 0, set()
     for text in texts:
+        if text in seen:
+            continue
+        seen.add(text)
         if len(text) >= low:
             out.append(text)
             used += len(text)
@@ -56,6 +61,20 @@ def _code_texts():
             yield path.read_text(encoding="utf-8", errors="ignore")
 
 
+def docstrings(paths):
+    """The module, class and function docstrings longer than 200 characters of Python files, in order."""
+    for path in paths:
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    yield doc
+
+
 def _docs_texts():
     try:
         from pydoc_data.topics import topics
@@ -63,16 +82,7 @@ def _docs_texts():
         yield from topics.values()
     except ImportError:
         pass
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8", errors="ignore"))
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    yield doc
+    yield from docstrings(sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")))
 
 
 def _legal_texts():
@@ -100,7 +110,7 @@ def build_corpus(raw: Path, budget: int = DOMAIN_BUDGET) -> dict[str, int]:
     raw.mkdir(parents=True, exist_ok=True)
     counts = {}
     for name, texts in (("code", _code_texts()), ("docs", _docs_texts()), ("legal", _legal_texts())):
-        docs = _take(dict.fromkeys(texts), budget)  # dict.fromkeys: drop duplicate texts, keep order
+        docs = _take(texts, budget)
         if len(docs) < 20:
             raise RuntimeError(
                 f"demo corpus: found only {len(docs)} documents for domain {name!r} on this machine"
