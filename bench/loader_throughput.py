@@ -42,23 +42,23 @@ DOMAINS = {
 }
 
 
-def build_root(root: Path) -> None:
+def build_root(root: Path, seq_len: int = SEQ_LEN, domains: dict[str, int] = DOMAINS) -> None:
     from streaming import MDSWriter
 
     from shearing.data.manifest import DomainEntry, Manifest, SplitStats, save_manifest
 
     rng = np.random.default_rng(0)
     entries = {}
-    for name, count in DOMAINS.items():
+    for name, count in domains.items():
         for split, n in (("train", count), ("eval", 8)):
             with MDSWriter(out=str(root / split / name), columns={"tokens": "ndarray:uint16"}) as writer:
                 for _ in range(n):
-                    writer.write({"tokens": rng.integers(0, 32000, SEQ_LEN, dtype=np.uint16)})
+                    writer.write({"tokens": rng.integers(0, 32000, seq_len, dtype=np.uint16)})
         entries[name] = DomainEntry(
-            train=SplitStats(sequences=count, tokens=count * SEQ_LEN),
-            eval=SplitStats(sequences=8, tokens=8 * SEQ_LEN),
+            train=SplitStats(sequences=count, tokens=count * seq_len),
+            eval=SplitStats(sequences=8, tokens=8 * seq_len),
         )
-    save_manifest(Manifest(seq_len=SEQ_LEN, dtype="uint16", domains=entries), root)
+    save_manifest(Manifest(seq_len=seq_len, dtype="uint16", domains=entries), root)
 
 
 def _to_long(samples: list[dict]) -> dict:

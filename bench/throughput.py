@@ -67,7 +67,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -302,8 +301,7 @@ def build_synthetic_root(root: Path, seq_len: int, scale: float) -> dict[str, in
     import loader_throughput
 
     domains = {name: max(1, round(n * scale)) for name, n in loader_throughput.DOMAINS.items()}
-    with mock.patch.multiple(loader_throughput, SEQ_LEN=seq_len, DOMAINS=domains):
-        loader_throughput.build_root(root)
+    loader_throughput.build_root(root, seq_len, domains)
     return domains
 
 
