@@ -1,6 +1,7 @@
 """Reproduce the paper's claim at a scale a CPU can run: shearing a stronger model beats training from scratch.
 
     python bench/reproduce.py [--output bench_out] [--scale 1.0] [--source-shape demo_source|JSON]
+        [--target-shape demo_pruned|JSON] [--seq-len 128] [--batch 16] [--device cpu|gpu]
 
 On a real four-domain corpus built from text on this machine (``bench/corpus.py``: code, docs, prose,
 legal; 5M characters each by default), a BPE tokenizer trained on it and its MDS splits (128 eval
@@ -36,6 +37,7 @@ Composer checkpoint (the yamls autoresume from their save folders).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -105,11 +107,23 @@ def tokens_to_reach(curve: list[tuple[int, float]], loss: float) -> float | None
 
 class Bench:
     def __init__(
-        self, output: Path, scale: float, source_shape: str, corpus_chars: int, eval_seqs: int, device: str
+        self,
+        output: Path,
+        scale: float,
+        source_shape: str,
+        corpus_chars: int,
+        eval_seqs: int,
+        device: str,
+        target_shape: str = TARGET,
+        batch: int | None = None,
+        seq_len: int = demo.SEQ_LEN,
     ):
         self.output = output.resolve()
         self.scale = scale
         self.source_shape = source_shape
+        self.target_shape = target_shape
+        self.batch = batch
+        self.seq_len = seq_len
         self.corpus_chars = corpus_chars
         self.eval_seqs = eval_seqs
         self.device = device
@@ -121,6 +135,37 @@ class Bench:
 
     def steps(self, name: str) -> int:
         return max(10, int(STEPS[name] * self.scale))
+
+    def shared_overrides(self) -> list[str]:
+        """Overrides every run gets: device and precision, sequence length, batch size."""
+        out = [f"variables.max_seq_len={self.seq_len}"]
+        if self.device == "gpu":
+            out += ["device=gpu", "precision=amp_bf16"]
+        if self.batch is not None:
+            out += [f"global_train_batch_size={self.batch}", f"device_train_microbatch_size={self.batch}"]
+        return out
+
+    @staticmethod
+    def _spec(shape: str) -> str | dict[str, Any]:
+        """A shape as the resolvers take it: a name, or the parsed flow mapping."""
+        if not shape.startswith("{"):
+            return shape
+        from omegaconf import OmegaConf
+
+        return dict(OmegaConf.create(shape))
+
+    def target_spec(self) -> str | dict[str, Any]:
+        return self._spec(self.target_shape)
+
+    def scratch_shape(self) -> str:
+        """The target shape with every field (vocabulary, head_dim, tying from the source), to train from
+        scratch."""
+        if not self.target_shape.startswith("{"):
+            return self.target_shape
+        from shearing.models.shapes import resolve_source_shape, resolve_target_shape
+
+        full = resolve_target_shape(resolve_source_shape(self._spec(self.source_shape)), self.target_spec())
+        return flow_mapping(json.dumps(dataclasses.asdict(full)))
 
     # -- data ------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -139,7 +184,7 @@ class Bench:
                 input=raw,
                 tokenizer=str(self.tokenizer),
                 output=self.data,
-                seq_len=demo.SEQ_LEN,
+                seq_len=self.seq_len,
                 eval_seqs=self.eval_seqs,
                 workers=2,
             )
@@ -172,7 +217,7 @@ class Bench:
                 f"variables.save_interval={max(interval, steps // 2)}ba",
                 "eval_first=true",
                 f"eval_loader.dataset.max_seqs_per_domain={self.eval_seqs}",
-                *(["device=gpu", "precision=amp_bf16"] if self.device == "gpu" else []),
+                *self.shared_overrides(),
                 f"callbacks.{TRACE_CALLBACK}.path={run_dir / 'eval_trace.jsonl'}",
                 *overrides,
             ],
@@ -193,13 +238,14 @@ class Bench:
             return record
         from shearing.export import export_model_state
         from shearing.models.hf_io import load_source_model
-        from shearing.models.shapes import named_shape
+        from shearing.models.shapes import resolve_target_shape, shape_from_hf_config
         from shearing.pruning.oneshot import oneshot_masks
         from shearing.pruning.surgery import prune_model
 
         t0 = time.time()
         model, _ = load_source_model(str(self.runs / "source" / "hf"))
-        pruned = prune_model(model, oneshot_masks(model, named_shape(TARGET))).model
+        target = resolve_target_shape(shape_from_hf_config(model.config), self.target_spec())
+        pruned = prune_model(model, oneshot_masks(model, target)).model
         # A model state as train.py saves it: HF weights under "model." plus the run metadata.
         state = {f"model.{k}": v for k, v in pruned.state_dict().items()}
         state["_extra_state"] = {"hf_config": pruned.config.to_dict(), "tokenizer": str(self.tokenizer)}
@@ -241,7 +287,9 @@ class Bench:
 
         start = time.time()
         self.prepare_data()
-        cfg = load_config(str(demo.YAMLS / "source.yaml"), [f"variables.data_local={self.data}"])
+        cfg = load_config(
+            str(demo.YAMLS / "source.yaml"), [f"variables.data_local={self.data}", *self.shared_overrides()]
+        )
         self.tokens_per_step = cfg.global_train_batch_size * cfg.max_seq_len
         t_src, t_prune, t_cpt = self.steps("source"), self.steps("prune"), self.steps("cpt")
         tok = [f"variables.tokenizer={self.tokenizer}"]
@@ -259,7 +307,7 @@ class Bench:
         prune_common = [
             f"variables.source_model={source_hf}",
             f"variables.reference_losses={self.ref_file}",
-            f"variables.target_model={TARGET}",
+            f"variables.target_model={self.target_shape}",
         ]
         if self.source_shape != "demo_source":
             prune_common.append("model.source_shape=null")
@@ -277,11 +325,13 @@ class Bench:
                 *proportions,
                 *extra,
             ]
+            if self.target_shape != TARGET:
+                overrides.append("model.source_shape=null")  # cpt.yaml names demo_pruned
             return self.train(name, "cpt.yaml", steps, overrides)
 
         records["sheared_prune"] = self.train("sheared_prune", "prune.yaml", t_prune, prune_common)
         records["sheared_cpt"] = cpt("sheared_cpt", "sheared_prune", t_cpt, "sheared_prune", [])
-        scratch = [*tok, f"variables.source_model={TARGET}"]
+        scratch = [*tok, f"variables.source_model={self.scratch_shape()}"]
         records["scratch_matched"] = self.train("scratch_matched", "source.yaml", t_prune + t_cpt, scratch)
         records["scratch_long"] = self.train("scratch_long", "source.yaml", t_src, scratch)
         records["constant_prune"] = self.train(
@@ -324,7 +374,7 @@ class Bench:
             "steps": {"source": t_src, "prune": t_prune, "cpt": t_cpt},
             "tokens_per_step": self.tokens_per_step,
             "source_shape": self.source_shape,
-            "target_shape": TARGET,
+            "target_shape": self.target_shape,
             "source_tokens": records["source"]["tokens"],
             "sheared_final_curve_loss": final,
             "token_ratio": ratios["scratch_long"]["ratio"],
@@ -363,6 +413,13 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def flow_mapping(shape: str) -> str:
+    """A named shape as is; a JSON mapping as an OmegaConf flow mapping (for a command-line override)."""
+    if shape.lstrip().startswith("{"):
+        return json.dumps(json.loads(shape)).replace('"', "")
+    return shape
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/reproduce.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="bench_out", type=Path)
@@ -373,14 +430,26 @@ def main(argv: list[str] | None = None) -> int:
         help="a named shape or a JSON mapping of the five shape fields (must prune to demo_pruned)",
     )
     parser.add_argument("--corpus-chars", default=DEFAULT_CHARS, type=int, help="raw characters per domain")
+    parser.add_argument(
+        "--target-shape",
+        default=TARGET,
+        help="a named shape or a JSON mapping of the five prunable fields (the sheared models' shape)",
+    )
+    parser.add_argument("--seq-len", default=demo.SEQ_LEN, type=int, help="tokens per training sequence")
+    parser.add_argument("--batch", default=None, type=int, help="global batch (default: the yamls' 16)")
     parser.add_argument("--eval-seqs", default=128, type=int, help="held-out sequences per domain")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="gpu: bf16 on one GPU")
     args = parser.parse_args(argv)
-    source_shape = args.source_shape
-    if source_shape.lstrip().startswith("{"):
-        source_shape = json.dumps(json.loads(source_shape)).replace('"', "")  # an OmegaConf flow mapping
     summary = Bench(
-        args.output, args.scale, source_shape, args.corpus_chars, args.eval_seqs, args.device
+        args.output,
+        args.scale,
+        flow_mapping(args.source_shape),
+        args.corpus_chars,
+        args.eval_seqs,
+        args.device,
+        target_shape=flow_mapping(args.target_shape),
+        batch=args.batch,
+        seq_len=args.seq_len,
     ).run()
     print()
     print(markdown(summary))

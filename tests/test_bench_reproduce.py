@@ -28,7 +28,11 @@ def test_tokens_to_reach():
 def test_reproduce_smoke(tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--output", str(out), "--scale", "0.003"]
-    cmd += ["--corpus-chars", "200000", "--eval-seqs", "16"]
+    cmd += ["--corpus-chars", "200000", "--eval-seqs", "16", "--seq-len", "64", "--batch", "8"]
+    # The named demo source pruned to a target given as a mapping (vocabulary and head_dim from the source).
+    target = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    target |= {"num_key_value_heads": 1, "intermediate_size": 192}
+    cmd += ["--target-shape", json.dumps(target)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "reproduce.json").read_text())
@@ -38,6 +42,11 @@ def test_reproduce_smoke(tmp_path):
         assert set(run["domains"]) == {"code", "docs", "prose", "legal"}
         assert run["seconds"] > 0
         assert len(run["curve"]) >= 2, name
+    assert summary["tokens_per_step"] == 8 * 64
+    for run in ("sheared_cpt", "scratch_matched", "scratch_long", "constant_cpt", "oneshot_cpt"):
+        config = json.loads((out / "runs" / run / "hf" / "config.json").read_text())
+        assert {k: config[k] for k in target} == target, run
+        assert config["vocab_size"] == 2048 and config["head_dim"] == 32, run
     assert summary["runs"]["sheared"]["tokens"] == summary["runs"]["scratch_matched"]["tokens"]
     assert summary["runs"]["oneshot"]["tokens"] == summary["runs"]["scratch_matched"]["tokens"]
     assert "token_ratio" in summary
