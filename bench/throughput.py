@@ -133,6 +133,13 @@ def capped(shape: LlamaShape, layers: int | None) -> LlamaShape:
     )
 
 
+def pruning_shapes(args: argparse.Namespace) -> tuple[LlamaShape, LlamaShape]:
+    """The pruning source capped at ``--layers`` and the target's widths at the same cap (the target is
+    resolved against the full-depth source, whose layer count it must not exceed)."""
+    full = named_shape(args.shape)
+    return capped(full, args.layers), capped(resolve_target_shape(full, args.target), args.layers)
+
+
 def masked_model(shape: LlamaShape, args: argparse.Namespace, attn: str, device: torch.device):
     """A seeded random ``MaskedLlamaForCausalLM`` built directly on ``device``, in training mode."""
     torch.manual_seed(0)
@@ -243,8 +250,7 @@ def training_row(dims: LlamaShape, args, batch: int, seconds: float, device: tor
 # -------------------------------------------------------------------------------------------- sections
 def run_train(args, device: torch.device) -> list[dict]:
     """(i) plain and (ii) pruning steps of the capped source, per attention implementation."""
-    shape = capped(named_shape(args.shape), args.layers)
-    target = capped(resolve_target_shape(shape, args.target), args.layers)
+    shape, target = pruning_shapes(args)
     rows = []
     for attn, skip in attn_impls(args):
         if skip:
@@ -466,9 +472,9 @@ def eval_row(phase: str, name: str, shape: LlamaShape, batch: int, forward: floa
 
 def pruning_eval_row(args, device: torch.device) -> dict:
     """The pruning run's per-domain evaluation: the masked source under deterministic masks."""
-    shape = capped(named_shape(args.shape), args.layers)
+    shape, target = pruning_shapes(args)
     model = masked_model(shape, args, "sdpa", device)
-    l0 = L0Module(shape, capped(resolve_target_shape(shape, args.target), args.layers)).to(device)
+    l0 = L0Module(shape, target).to(device)
 
     def measure(batch: int, model=model, l0=l0) -> tuple[float, float]:
         ids = random_tokens(shape.vocab_size, batch, args.seq_len, device)

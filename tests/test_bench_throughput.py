@@ -29,7 +29,7 @@ finally:
     sys.path.pop(0)
 
 TINY = [
-    *("--device", "cpu", "--shape", "tiny_gqa", "--target", "tiny_gqa_pruned", "--layers", "4"),
+    *("--device", "cpu", "--shape", "tiny_gqa", "--target", "tiny_gqa_pruned", "--layers", "2"),
     *("--seq-len", "32", "--batch", "2", "--steps", "2", "--warmup", "1", "--attn", "sdpa,flash"),
     *("--cpt-shapes", "tiny_gqa_pruned", "--loader-domain-scale", "0.02"),
     *("--infer-source", "tiny_mha", "--infer-targets", "tiny_mha_pruned"),
