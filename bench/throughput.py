@@ -11,15 +11,16 @@ The training sections share one method: bf16 autocast on CUDA (fp32 master weigh
 Composer's DecoupledAdamW (the recipes' optimizer) with gradient clipping; one optimizer step per
 micro-batch of ``--batch`` x ``--seq-len`` tokens (random ones, except in the loader section); the time of
 a step is the mean over ``--steps`` steps after ``--warmup`` (CUDA synchronised at both ends). On CUDA
-out-of-memory the micro-batch is halved and the measurement retried; the tables give the batch used and whether activation checkpointing was on (its
-recompute is not counted as model FLOPs, so it lowers MFU). MFU = tokens/s x ``flops_per_token`` / the
+out-of-memory the micro-batch is halved and the measurement retried; the tables give the batch used and
+whether activation checkpointing was on (its recompute is not counted as model FLOPs, so it lowers MFU). MFU = tokens/s x ``flops_per_token`` / the
 device's dense bf16 peak (a table of data-sheet values; n/a when the device is not in it, e.g. on CPU).
 One device holds the whole model and its AdamW state here; the recipes shard them with FSDP.
 
 train   (i) plain training and (ii) pruning steps of ``--shape`` capped at ``--layers`` layers, per attention
         implementation (SDPA; flash-attn when installed). A pruning step samples hard-concrete masks, runs
         the masked model, adds the Lagrangian term and steps three parameter groups (weights, mask logits,
-        multipliers). Overhead ratio = pruning / plain step time (target <= 1.10x).
+        multipliers). Overhead ratio = pruning / plain step time (target <= 1.10x); the two are timed
+        alternately, step by step, and each is the median of its ``--steps`` steps.
 cpt     (iii) plain training of the pruned shapes ``--cpt-shapes`` (full depth unless ``--cpt-layers``), what
         continued pre-training runs (target: MFU >= 45% at seq 4096 on H100-class hardware).
 loader  Dynamic-loading overhead per step. A synthetic 7-domain MDS root (``loader_throughput.build_root``:
@@ -61,6 +62,7 @@ import dataclasses
 import gc
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -194,6 +196,26 @@ def mean_seconds(run: Callable[[], Any], steps: int, warmup: int, device: torch.
     return (time.perf_counter() - start) / steps
 
 
+def interleaved_seconds(
+    runs: list[Callable[[], Any]], steps: int, warmup: int, device: torch.device
+) -> list[float]:
+    """Median seconds of each of ``runs``, called in turn ``steps`` times after ``warmup`` rounds: alternating
+    them cancels drift (other processes, clocks, allocator growth) that sequential means would charge to
+    one of them."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(steps):
+        for run, seconds in zip(runs, times, strict=True):
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 @torch.no_grad()
 def forward_seconds(model, masks, ids: torch.Tensor, args: argparse.Namespace) -> float:
     """Seconds of one evaluation forward (logits of every position) on ``ids``."""
@@ -261,10 +283,12 @@ def run_train(args, device: torch.device) -> list[dict]:
 
         def measure(batch: int, model=model, l0=l0) -> tuple[float, float]:
             ids = random_tokens(shape.vocab_size, batch, args.seq_len, device)
-            prune = train_step(model, l0)  # first: it needs the most memory
-            pruning = mean_seconds(lambda: prune(ids), args.steps, args.warmup, device)
+            prune = train_step(model, l0)
             plain_step = train_step(model, None)
-            return mean_seconds(lambda: plain_step(ids), args.steps, args.warmup, device), pruning
+            pruning, plain = interleaved_seconds(
+                [lambda: prune(ids), lambda: plain_step(ids)], args.steps, args.warmup, device
+            )
+            return plain, pruning
 
         (plain, pruning), batch = largest_fitting(measure, args.batch, device)
         common = {"shape": args.shape, "attn": attn}
