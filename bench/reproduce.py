@@ -29,7 +29,8 @@ curve), over the tokens the sheared model used after the source; "not reached" w
 (then the same ratio on (a)'s curve is still given). The source's tokens are reported separately: in the
 paper the source is an existing model, a sunk cost.
 
-Outputs ``OUTPUT/reproduce.json`` and ``OUTPUT/reproduce.md`` and prints the table. Resumable: a run
+Outputs ``OUTPUT/reproduce.json``, ``OUTPUT/reproduce.md`` and the eval-loss-vs-tokens plot
+``OUTPUT/reproduce.png``, and prints the table. Resumable: a run
 whose export and ``bench_run.json`` exist is skipped, and a run killed mid-way resumes from its last
 Composer checkpoint (the yamls autoresume from their save folders).
 """
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,6 +59,7 @@ TRACE_CALLBACK = "bench_eval_trace"
 EVAL_LOSS = "LanguageCrossEntropy"
 STEPS = {"source": 4000, "prune": 200, "cpt": 400}  # at --scale 1: ~45 min on a 2-core CPU
 TARGET = "demo_pruned"
+SEEDED = ("sheared", "scratch_matched", "sheared_constant", "oneshot")  # repeated with --extra-seeds
 
 
 class EvalTrace(Callback):
@@ -117,7 +120,11 @@ class Bench:
         target_shape: str = TARGET,
         batch: int | None = None,
         seq_len: int = demo.SEQ_LEN,
+        extra_seeds: tuple[int, ...] = (),
+        data: Path | None = None,
     ):
+        self.extra_seeds = tuple(extra_seeds)
+        self.given_data = data
         self.output = output.resolve()
         self.scale = scale
         self.source_shape = source_shape
@@ -172,6 +179,10 @@ class Bench:
         from shearing.data.prep import PrepConfig, prepare
         from shearing.data.tokenizer import train_bpe_tokenizer
 
+        if self.given_data is not None:
+            self.use_prepared(self.given_data)
+            return
+
         raw = self.output / "raw"
         marker = raw / "corpus.json"
         if not marker.is_file() or json.loads(marker.read_text()).get("chars") != self.corpus_chars:
@@ -189,6 +200,26 @@ class Bench:
                 workers=2,
             )
         )
+
+    def use_prepared(self, data: Path) -> None:
+        """Train on a folder ``data_prep/tokenize_domains.py`` wrote (its manifest names the tokenizer)."""
+        from shearing.data.manifest import load_manifest
+
+        manifest = load_manifest(data)
+        if manifest.seq_len != self.seq_len:
+            raise SystemExit(
+                f"--data {data} holds {manifest.seq_len}-token sequences but --seq-len is {self.seq_len}: "
+                f"pass --seq-len {manifest.seq_len}"
+            )
+        tokenizer = Path(manifest.tokenizer.get("path", ""))
+        if (
+            not (tokenizer / "tokenizer.json").is_file()
+            and not (tokenizer / "tokenizer_config.json").is_file()
+        ):
+            raise SystemExit(
+                f"--data {data}: its manifest's tokenizer {str(tokenizer)!r} is not a local folder"
+            )
+        self.data, self.tokenizer = data.resolve(), tokenizer
 
     # -- runs ------------------------------------------------------------------------------------------
     def done(self, name: str) -> dict[str, Any] | None:
@@ -291,6 +322,7 @@ class Bench:
             str(demo.YAMLS / "source.yaml"), [f"variables.data_local={self.data}", *self.shared_overrides()]
         )
         self.tokens_per_step = cfg.global_train_batch_size * cfg.max_seq_len
+        self.seed = cfg.seed  # the yamls' seed: the first (unsuffixed) runs
         t_src, t_prune, t_cpt = self.steps("source"), self.steps("prune"), self.steps("cpt")
         tok = [f"variables.tokenizer={self.tokenizer}"]
 
@@ -329,17 +361,29 @@ class Bench:
                 overrides.append("model.source_shape=null")  # cpt.yaml names demo_pruned
             return self.train(name, "cpt.yaml", steps, overrides)
 
-        records["sheared_prune"] = self.train("sheared_prune", "prune.yaml", t_prune, prune_common)
-        records["sheared_cpt"] = cpt("sheared_cpt", "sheared_prune", t_cpt, "sheared_prune", [])
         scratch = [*tok, f"variables.source_model={self.scratch_shape()}"]
-        records["scratch_matched"] = self.train("scratch_matched", "source.yaml", t_prune + t_cpt, scratch)
-        records["scratch_long"] = self.train("scratch_long", "source.yaml", t_src, scratch)
-        records["constant_prune"] = self.train(
-            "constant_prune", "prune.yaml", t_prune, [*prune_common, *constant]
-        )
-        records["constant_cpt"] = cpt("constant_cpt", "constant_prune", t_cpt, "constant_prune", constant)
+
+        def pipelines(suffix: str = "", seed: tuple[str, ...] = ()) -> None:
+            """The four target-shape pipelines of the same token budget, run names suffixed."""
+
+            def go(name: str, yaml: str, steps: int, overrides: list[str]) -> None:
+                records[name + suffix] = self.train(name + suffix, yaml, steps, [*overrides, *seed])
+
+            def cpt_after(name: str, init: str, steps: int, prune_run: str | None, extra: list[str]) -> None:
+                records[name + suffix] = cpt(name + suffix, init, steps, prune_run, [*extra, *seed])
+
+            go("sheared_prune", "prune.yaml", t_prune, prune_common)
+            cpt_after("sheared_cpt", "sheared_prune" + suffix, t_cpt, "sheared_prune" + suffix, [])
+            go("scratch_matched", "source.yaml", t_prune + t_cpt, scratch)
+            go("constant_prune", "prune.yaml", t_prune, [*prune_common, *constant])
+            cpt_after("constant_cpt", "constant_prune" + suffix, t_cpt, "constant_prune" + suffix, constant)
+            cpt_after("oneshot_cpt", "oneshot_init", t_prune + t_cpt, None, [])
+
         records["oneshot_init"] = self.oneshot_init("oneshot_init")
-        records["oneshot_cpt"] = cpt("oneshot_cpt", "oneshot_init", t_prune + t_cpt, None, [])
+        pipelines()
+        records["scratch_long"] = self.train("scratch_long", "source.yaml", t_src, scratch)
+        for extra in self.extra_seeds:
+            pipelines(f".seed{extra}", (f"variables.seed={extra}",))
 
         runs = {
             "source": (["source"], "source shape from scratch"),
@@ -360,6 +404,17 @@ class Bench:
                 "seconds": round(sum(records[p]["seconds"] for p in parts), 1),
                 "curve": self.curve(*parts),
             }
+        seeds = {}
+        if self.extra_seeds:
+            for name in SEEDED:
+                parts, _ = runs[name]
+                averages = [table[name]["average_loss"]]
+                averages += [self.evaluate(parts[-1] + f".seed{x}")["average_loss"] for x in self.extra_seeds]
+                seeds[name] = {
+                    "average_loss": averages,
+                    "mean": statistics.mean(averages),
+                    "std": statistics.stdev(averages),
+                }
         sheared = table["sheared"]
         final = sheared["curve"][-1][1]
         ratios = {}
@@ -380,11 +435,42 @@ class Bench:
             "token_ratio": ratios["scratch_long"]["ratio"],
             "token_ratio_detail": ratios,
             "runs": table,
+            "seeds": {"seeds": [self.seed, *self.extra_seeds], "runs": seeds} if seeds else None,
             "wall_time_s": round(time.time() - start, 1),
         }
         (self.output / "reproduce.json").write_text(json.dumps(summary, indent=1))
         (self.output / "reproduce.md").write_text(markdown(summary))
+        plot_curves(summary, self.output / "reproduce.png")
         return summary
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> None:
+    """Eval loss vs training tokens of every target-shape run (the source's final loss as a line)."""
+    from shearing.reporting.figures import HUMAN, plt, run_color
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    runs = summary["runs"]
+    for i, (name, run) in enumerate(runs.items()):
+        if name == "source":
+            ax.axhline(run["curve"][-1][1], color="gray", ls="--", lw=1, label="source, final")
+            continue
+        tokens, losses = zip(*[(t, loss) for t, loss in run["curve"] if t > 0], strict=True)
+        ax.plot(tokens, losses, color=run_color(i), lw=1.6, marker=".", label=f"{name}: {run['what']}")
+    sheared_tokens = runs["sheared"]["tokens"]
+    ax.set_xscale("log")
+    lowest = min(loss for run in runs.values() for _, loss in run["curve"])
+    ax.set_ylim(lowest - 0.15, runs["scratch_matched"]["curve"][0][1] * 0.75)
+    ax.axvline(sheared_tokens, color="black", lw=0.6, alpha=0.5)
+    ax.xaxis.set_major_formatter(HUMAN)
+    ax.set_xlabel("training tokens after the source (log scale)")
+    ax.set_ylabel("eval loss (mean over domains)")
+    ax.set_title(f"{summary['source_shape']} -> {summary['target_shape']}: eval loss vs tokens", fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -410,6 +496,14 @@ def markdown(summary: dict[str, Any]) -> str:
         reach = d["tokens_to_reach"]
         where = f"{reach:,.0f} tokens, ratio {d['ratio']}" if reach is not None else "not reached"
         lines.append(f"- tokens {baseline} needs to reach it: {where}")
+    seeds = summary.get("seeds")
+    if seeds:
+        lines += ["", "Average eval loss by seed (data order and initialisation; the source is shared):", ""]
+        lines += ["| run | " + " | ".join(f"seed {x}" for x in seeds["seeds"]) + " | mean ± std |"]
+        lines += ["|---" * (len(seeds["seeds"]) + 2) + "|"]
+        for name, r in seeds["runs"].items():
+            cells = " | ".join(f"{v:.3f}" for v in r["average_loss"])
+            lines.append(f"| {name} | {cells} | {r['mean']:.3f} ± {r['std']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -438,6 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", default=demo.SEQ_LEN, type=int, help="tokens per training sequence")
     parser.add_argument("--batch", default=None, type=int, help="global batch (default: the yamls' 16)")
     parser.add_argument("--eval-seqs", default=128, type=int, help="held-out sequences per domain")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a prepared data folder (data_prep/tokenize_domains.py) instead of the built-in corpus",
+    )
+    parser.add_argument(
+        "--extra-seeds",
+        default="",
+        help="comma-separated seeds to repeat the four same-budget target-shape runs with (mean ± std)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="gpu: bf16 on one GPU")
     args = parser.parse_args(argv)
     summary = Bench(
@@ -450,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         target_shape=flow_mapping(args.target_shape),
         batch=args.batch,
         seq_len=args.seq_len,
+        extra_seeds=tuple(int(x) for x in args.extra_seeds.split(",") if x),
+        data=args.data,
     ).run()
     print()
     print(markdown(summary))
