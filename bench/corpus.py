@@ -17,7 +17,6 @@ Writes ``OUTPUT_DIR/<domain>.jsonl`` atomically and returns documents and charac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -84,11 +83,7 @@ def build_corpus(raw: Path, chars: int = DEFAULT_CHARS) -> dict[str, dict[str, i
                 f"bench corpus: domain {name!r} found only {len(docs)} documents, {found:,} characters on this "
                 f"machine (asked for {chars:,}); lower --chars"
             )
-        tmp = raw / f".{name}.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for text in docs:
-                f.write(json.dumps({"text": text}) + "\n")
-        tmp.replace(raw / f"{name}.jsonl")
+        demo.write_jsonl(raw / f"{name}.jsonl", docs)
         counts[name] = {"documents": len(docs), "chars": found}
     return counts
 

@@ -68,6 +68,25 @@ def _to_long(samples: list[dict]) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def plain_loader(root: Path, batch: int, workers: int, collate_fn=None):
+    """A ``DataLoader`` over a plain shuffled ``StreamingDataset`` of the largest domain (``cc``)."""
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+    from torch.utils.data import DataLoader
+
+    clean_stale_shared_memory()
+    dataset = StreamingDataset(
+        local=str(root / "train" / "cc"), shuffle=True, shuffle_seed=17, batch_size=batch
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        collate_fn=collate_fn,
+    )
+
+
 def time_loader(kind: str, root: Path, workers: int, batches: int, warmup: int) -> float:
     """Batches per second of one loader (run inside a subprocess)."""
     if kind == "mixture":
@@ -81,21 +100,7 @@ def time_loader(kind: str, root: Path, workers: int, batches: int, warmup: int) 
             prefetch_factor=2,
         ).dataloader
     else:
-        from streaming import StreamingDataset
-        from streaming.base.util import clean_stale_shared_memory
-        from torch.utils.data import DataLoader
-
-        clean_stale_shared_memory()
-        dataset = StreamingDataset(
-            local=str(root / "train" / "cc"), shuffle=True, shuffle_seed=17, batch_size=BATCH
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=BATCH,
-            num_workers=workers,
-            prefetch_factor=2 if workers else None,
-            collate_fn=_to_long if kind == "plain_long" else None,
-        )
+        loader = plain_loader(root, BATCH, workers, _to_long if kind == "plain_long" else None)
     it = iter(loader)
     for _ in range(warmup):
         next(it)

@@ -338,23 +338,9 @@ def build_synthetic_root(root: Path, seq_len: int, scale: float) -> dict[str, in
 def make_loader(kind: str, root: Path, batch: int, workers: int):
     """(DataLoader, the mixture dataset or None) of a plain streaming loader or the domain-mixture loader."""
     if kind == "plain":
-        from loader_throughput import _to_long
-        from streaming import StreamingDataset
-        from streaming.base.util import clean_stale_shared_memory
-        from torch.utils.data import DataLoader
+        from loader_throughput import _to_long, plain_loader
 
-        clean_stale_shared_memory()
-        dataset = StreamingDataset(
-            local=str(root / "train" / "cc"), shuffle=True, shuffle_seed=17, batch_size=batch
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=batch,
-            num_workers=workers,
-            prefetch_factor=2 if workers else None,
-            collate_fn=_to_long,
-        )
-        return loader, None
+        return plain_loader(root, batch, workers, _to_long), None
     from shearing.data.dataloader import build_domain_mixture_dataloader
 
     spec = build_domain_mixture_dataloader(

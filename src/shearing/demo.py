@@ -105,6 +105,15 @@ def _legal_texts():
                     continue
 
 
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    """``{"text": ...}`` per line, written to a temporary file and moved into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    tmp.replace(path)
+
+
 def build_corpus(raw: Path, budget: int = DOMAIN_BUDGET) -> dict[str, int]:
     """Write ``raw/<domain>.jsonl`` for the three demo domains; returns documents per domain."""
     raw.mkdir(parents=True, exist_ok=True)
@@ -115,11 +124,7 @@ def build_corpus(raw: Path, budget: int = DOMAIN_BUDGET) -> dict[str, int]:
             raise RuntimeError(
                 f"demo corpus: found only {len(docs)} documents for domain {name!r} on this machine"
             )
-        tmp = raw / f".{name}.jsonl.tmp"
-        with open(tmp, "w") as f:
-            for text in docs:
-                f.write(json.dumps({"text": text}) + "\n")
-        tmp.replace(raw / f"{name}.jsonl")
+        write_jsonl(raw / f"{name}.jsonl", docs)
         counts[name] = len(docs)
     return counts
 
