@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from shearing.evaluation.loading import count_parameters
-from shearing.models.shapes import LlamaShape
+from shearing.models.shapes import LlamaShape, layer_params, outside_layer_params
 
 
 def make_prompt(
@@ -152,17 +152,11 @@ def compare_speed(
 LayerWidths = tuple[int, int, int]  # (query heads, KV heads, MLP channels) of one decoder layer
 
 
-def layer_params(hidden_size: int, head_dim: int, widths: LayerWidths) -> int:
-    """Parameters of one bias-free decoder layer with these widths (two norms included)."""
-    heads, kv_heads, channels = widths
-    return 2 * hidden_size * head_dim * (heads + kv_heads) + 3 * hidden_size * channels + 2 * hidden_size
-
-
 def nonuniform_param_count(source: LlamaShape, layers: Sequence[LayerWidths]) -> int:
     """Total parameters of a decoder with ``source``'s hidden size, vocabulary and head_dim and these layers."""
-    embeddings = source.vocab_size * source.hidden_size * (1 if source.tie_word_embeddings else 2)
-    body = sum(layer_params(source.hidden_size, source.head_dim, w) for w in layers)
-    return embeddings + body + source.hidden_size
+    return outside_layer_params(source) + sum(
+        layer_params(source.hidden_size, source.head_dim, *w) for w in layers
+    )
 
 
 def nonuniform_layer_widths(
@@ -193,8 +187,8 @@ def nonuniform_layer_widths(
     dense = (source.num_attention_heads, source.num_key_value_heads, source.intermediate_size)
     widths = [dense] * depth
     fixed = nonuniform_param_count(source, [dense] * (depth - len(pruned)))
-    smallest = len(pruned) * layer_params(d, k, (group, 1, 1))
-    largest = len(pruned) * layer_params(d, k, dense)
+    smallest = len(pruned) * layer_params(d, k, group, 1, 1)
+    largest = len(pruned) * layer_params(d, k, *dense)
     if not pruned or not smallest <= target_params - fixed < largest:
         raise ValueError(
             f"no non-uniform model of hidden size {d} and {depth} layers ({first} + {last} dense) has "
@@ -205,7 +199,7 @@ def nonuniform_layer_widths(
     head_f = 1 + spread * rng.uniform(-1, 1, len(pruned))
     mlp_f = 1 + spread * rng.uniform(-1, 1, len(pruned))
     budget = target_params - fixed - len(pruned) * 2 * d  # attention and MLP weights of the pruned layers
-    ratio = budget / (len(pruned) * (layer_params(d, k, dense) - 2 * d))
+    ratio = budget / (len(pruned) * (layer_params(d, k, *dense) - 2 * d))
     groups = np.clip(np.rint(ratio * head_f * source.num_key_value_heads), 1, source.num_key_value_heads)
     attention = int(sum(2 * d * k * (g * group + g) for g in groups))
     channels = (budget - attention) / (3 * d)  # MLP channels over all pruned layers

@@ -75,14 +75,27 @@ class LlamaShape:
         return dataclasses.asdict(self)
 
 
+def layer_params(hidden_size: int, head_dim: int, heads: int, kv_heads: int, intermediate_size: int) -> int:
+    """Parameters of one bias-free decoder layer: q/o and k/v projections, the MLP, its two norms."""
+    d, k = hidden_size, head_dim
+    return d * heads * k * 2 + d * kv_heads * k * 2 + 3 * d * intermediate_size + 2 * d
+
+
+def outside_layer_params(shape: LlamaShape) -> int:
+    """Parameters outside the decoder layers: token embeddings, the LM head unless tied, the final norm."""
+    return shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2) + shape.hidden_size
+
+
 def count_params(shape: LlamaShape) -> int:
     """Exact number of parameters of a bias-free LLaMA decoder of this shape."""
-    d, k = shape.hidden_size, shape.head_dim
-    attention = d * shape.num_attention_heads * k * 2 + d * shape.num_key_value_heads * k * 2
-    mlp = 3 * d * shape.intermediate_size
-    per_layer = attention + mlp + 2 * d
-    embeddings = shape.vocab_size * d * (1 if shape.tie_word_embeddings else 2)
-    return embeddings + shape.num_hidden_layers * per_layer + d
+    per_layer = layer_params(
+        shape.hidden_size,
+        shape.head_dim,
+        shape.num_attention_heads,
+        shape.num_key_value_heads,
+        shape.intermediate_size,
+    )
+    return outside_layer_params(shape) + shape.num_hidden_layers * per_layer
 
 
 def _llama(d: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, head_dim: int, tied: bool = False):
