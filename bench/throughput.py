@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from composer.optim import DecoupledAdamW
 
+from shearing.evaluation.speed import sync
 from shearing.models.hf_io import config_from_shape
 from shearing.models.llama import MaskedLlamaForCausalLM, flash_attn_available
 from shearing.models.shapes import LlamaShape, count_params, named_shape, resolve_target_shape
@@ -112,11 +113,6 @@ def flops_per_token(shape: LlamaShape, seq_len: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- training steps
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":

@@ -42,7 +42,8 @@ def make_prompt(
     return ids.to(device)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so wall-clock times cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -62,10 +63,10 @@ def time_generate(model: Any, prompt: torch.Tensor, new_tokens: int) -> float:
         pad_token_id=model.generation_config.pad_token_id or 0,
     )
     mask = torch.ones_like(prompt)
-    _sync(prompt.device)
+    sync(prompt.device)
     start = time.perf_counter()
     out = model.generate(input_ids=prompt, attention_mask=mask, generation_config=config)
-    _sync(prompt.device)
+    sync(prompt.device)
     seconds = time.perf_counter() - start
     assert out.shape == (prompt.shape[0], prompt.shape[1] + new_tokens), out.shape
     return seconds
