@@ -126,9 +126,12 @@ def build_optimizer(model: ComposerShearedLlama, cfg: OptimizerConfig) -> torch.
         groups.append({"params": masks, "lr": cfg.mask_lr})
     if lambdas:
         groups.append({"params": lambdas, "lr": cfg.lambda_lr})
-    return DecoupledAdamW(
+    optimizer = DecoupledAdamW(
         groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
     )
+    if model.l0 is not None:
+        model.l0.clamp_after_steps(optimizer)  # stored mask logits stay in [ln 0.01, ln 100] on every rank
+    return optimizer
 
 
 def build_loader(loader_cfg: dict[str, Any], tokenizer, batch_size: int):

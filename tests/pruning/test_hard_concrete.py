@@ -1,4 +1,4 @@
-"""Hard-concrete math: support, exact zeros and ones, and the keep-probability formula."""
+"""Hard-concrete math: support, exact zeros and ones, the keep-probability formula, the clamp and the init."""
 
 import math
 
@@ -36,7 +36,56 @@ def test_topk_mask_zeroes_exactly_k_smallest_per_row():
     assert torch.equal(out, torch.tensor([[0.9, 0.0, 0.5, 0.7], [0.0, 0.8, 0.0, 0.4]]))
 
 
-def test_clamp_keeps_log_alpha_in_range():
+def test_stored_clamp_keeps_log_alpha_in_range():
     log_alpha = torch.tensor([-10.0, 0.0, 10.0])
     hc.clamp_log_alpha_(log_alpha)
     assert torch.allclose(log_alpha, torch.tensor([math.log(0.01), 0.0, math.log(100.0)]))
+
+
+def test_functional_clamp_is_the_identity_with_gradient_one_in_range():
+    log_alpha = torch.tensor([hc.LOG_ALPHA_MIN, 0.0, hc.LOG_ALPHA_MAX], requires_grad=True)
+    out = hc.clamped(log_alpha)
+    out.sum().backward()
+    assert torch.equal(out.detach(), log_alpha.detach())
+    assert torch.equal(log_alpha.grad, torch.ones(3))  # bounds included: the reference's math in range
+
+
+def test_init_is_distinct_and_inside_the_clamp_range():
+    log_alpha = torch.empty(4, 512)
+    hc.init_log_alpha(log_alpha, generator=torch.Generator().manual_seed(0))
+    assert log_alpha.max() <= hc.LOG_ALPHA_MAX + 1e-6 and log_alpha.min() >= hc.LOG_ALPHA_MAX - 0.1
+    # Distinct up to float32 resolution: its spacing near ln 100 is 4.8e-7, so ~3% of 2048 draws of
+    # |N(0, 0.01)| collide with a neighbour (a tie between equal logits, not a systematic index order).
+    assert log_alpha.unique().numel() > 0.95 * log_alpha.numel()
+    before = log_alpha.clone()
+    hc.clamp_log_alpha_(log_alpha)  # a clamp keeps the noise (the reference's clamp erased it)
+    assert torch.equal(log_alpha, before)
+
+
+def test_topk_right_after_init_does_not_keep_the_last_indices():
+    # Zero half of each row: with ties broken by index the first half would always go.
+    log_alpha = torch.empty(64, 100)
+    hc.init_log_alpha(log_alpha, generator=torch.Generator().manual_seed(1))
+    kept = hc.topk_mask(hc.soft_value(hc.clamped(log_alpha)), 50) > 0
+    first_half_share = float(kept[:, :50].float().mean())
+    assert 0.4 < first_half_share < 0.6, first_half_share
+    assert torch.equal(kept.sum(-1), torch.full((64,), 50))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_topk_mask_refuses_non_finite_values(bad):
+    values = torch.tensor([[0.9, bad, 0.5, 0.7]])
+    with pytest.raises(ValueError, match="non-finite mask logits"):
+        hc.topk_mask(values, 1)
+
+
+def test_stored_clamp_after_every_optimizer_step():
+    log_alpha = torch.nn.Parameter(torch.full((8,), hc.LOG_ALPHA_MAX))
+    optimizer = torch.optim.Adam([log_alpha], lr=1.0)
+    hc.register_log_alpha_clamp(optimizer, [log_alpha])
+    for _ in range(5):
+        optimizer.zero_grad()
+        (-hc.clamped(log_alpha).sum()).backward()  # pushes upward, past ln 100
+        optimizer.step()
+        assert float(log_alpha.max()) <= hc.LOG_ALPHA_MAX + 1e-6  # float32(ln 100) is 6e-8 above ln 100
+        assert float(log_alpha.min()) > hc.LOG_ALPHA_MAX - 1e-6  # clamped, not left behind

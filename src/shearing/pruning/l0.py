@@ -185,14 +185,30 @@ class L0Module(nn.Module):
 
     # ----------------------------------------------------------------------------------- masks
     def forward(self) -> dict[str, torch.Tensor]:
-        for log_alpha in self.log_alphas.values():
-            hc.clamp_log_alpha_(log_alpha)
         if self.training:
             self.pending_lagrangian, expected = self.lagrangian(self.progress)
             self.last_stats = mask_stats(self, self.progress, expected)
             generator = self._noise_generator()
-            return {f"{name}_z": hc.sample_gates(la, generator) for name, la in self.log_alphas.items()}
+            return {
+                f"{name}_z": hc.sample_gates(la, generator) for name, la in self.clamped_log_alphas().items()
+            }
         return self.deterministic_masks(exact=self.use_final_masks)
+
+    def clamped_log_alphas(self) -> dict[str, torch.Tensor]:
+        """Every family's logits clamped to [ln 0.01, ln 100] out of place (see ``hard_concrete``): the
+        stored values are kept in range after every optimizer step, so this is the identity in training."""
+        return {name: hc.clamped(la) for name, la in self.log_alphas.items()}
+
+    def clamp_stored_(self) -> None:
+        """Clamp the stored logits (their local shards under FSDP) in place; call after an optimizer step."""
+        for log_alpha in self.log_alphas.values():
+            hc.clamp_log_alpha_(log_alpha)
+
+    def clamp_after_steps(self, optimizer: torch.optim.Optimizer):
+        """Clamp the stored logits after every ``optimizer.step()`` (a step post-hook; returns its handle).
+
+        The logits are looked up at each step, so this holds for the parameters FSDP installs later."""
+        return hc.register_log_alpha_clamp(optimizer, lambda: self.log_alphas.values())
 
     def _noise_generator(self) -> torch.Generator:
         from composer.utils import dist
@@ -210,30 +226,30 @@ class L0Module(nn.Module):
     def deterministic_masks(self, exact: bool) -> dict[str, torch.Tensor]:
         """Masks with exactly-zero pruned units and soft-valued kept units (see the module docstring)."""
         masks = {}
+        log_alphas = {name: la.detach() for name, la in self.clamped_log_alphas().items()}
         for name, spec in self.specs.items():
-            log_alpha = self.log_alphas[name].detach()
+            log_alpha = log_alphas[name]
             values = hc.soft_value(log_alpha)
             if exact and spec.group:
                 blocks = values.reshape(*values.shape[:-1], -1, spec.group)
-                masks[name] = hc.topk_mask(blocks, spec.group - spec.keep).reshape(values.shape)
+                ranking = log_alpha.reshape(blocks.shape)
+                masks[name] = hc.topk_mask(blocks, spec.group - spec.keep, ranking).reshape(values.shape)
             elif exact:
-                masks[name] = hc.topk_mask(values, spec.row_size - spec.keep)
+                masks[name] = hc.topk_mask(values, spec.row_size - spec.keep, log_alpha)
             else:
                 expected_zeros = torch.round(spec.row_size - hc.keep_probability(log_alpha).sum(-1)).long()
-                masks[name] = hc.topk_mask(values, expected_zeros)
+                masks[name] = hc.topk_mask(values, expected_zeros, log_alpha)
         if exact and "head_layer" in masks:
             # Drop the same layers from both sub-blocks so the result is a standard decoder.
-            score = hc.soft_value(self.log_alphas["head_layer"].detach()) * hc.soft_value(
-                self.log_alphas["mlp"].detach()
-            )
+            score = hc.soft_value(log_alphas["head_layer"]) * hc.soft_value(log_alphas["mlp"])
             keep = hc.topk_mask(score, self.source.num_hidden_layers - self.target.num_hidden_layers) > 0
             for name in ("head_layer", "mlp"):
-                masks[name] = hc.soft_value(self.log_alphas[name].detach()) * keep
+                masks[name] = hc.soft_value(log_alphas[name]) * keep
         return {f"{name}_z": mask for name, mask in masks.items()}
 
     # ----------------------------------------------------------------------- expected sparsity
     def keep_probabilities(self) -> dict[str, torch.Tensor]:
-        return {name: hc.keep_probability(la) for name, la in self.log_alphas.items()}
+        return {name: hc.keep_probability(la) for name, la in self.clamped_log_alphas().items()}
 
     def expected_sparsity(self) -> dict[str, torch.Tensor]:
         """Per family, 1 - sum(p) / row size for each row (a vector of L for per-layer families)."""
