@@ -3,7 +3,8 @@
 Builds a synthetic 7-domain MDS root (seq 4096, uint16, RedPajama-like sizes) in a temporary folder,
 then times, for 0, 2 and 4 DataLoader workers:
 
-- ``mixture``: ``build_domain_mixture_dataloader`` (7 domains, shuffled, device batch 32);
+- ``mixture``: ``build_domain_mixture_dataloader`` (7 domains, shuffled, device batch 32; its
+  ``num_workers`` are reader threads in the main process, see ``shearing.data.dataloader``);
 - ``plain``: ``streaming.StreamingDataset(local=<largest domain>, shuffle=True, batch_size=32)`` in a
   ``DataLoader(batch_size=32)``, the loader llm-foundry's ``text`` dataloader wraps; its batches are the
   raw uint16 tokens;
@@ -12,7 +13,12 @@ then times, for 0, 2 and 4 DataLoader workers:
 
 Each measurement runs in a fresh subprocess (streaming keeps per-process shared state), skips
 ``--warmup`` batches (worker start-up), then times ``--batches`` batches. The target is a ratio of at
-least 0.9 (mixture / plain). Usage::
+least 0.9 (mixture / plain).
+
+It also measures the mixture loader's update lag for each worker count: two loaders run side by side,
+one gets ``set_proportions`` after step ``LAG_STEP`` (as ``DynamicLoading`` does), and the lag is the
+number of batches after ``LAG_STEP`` that still match the loader without the update (0: the next batch
+uses the new proportions). Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/loader_throughput.py [--batches 300] [--workers 0 2 4]
 """
@@ -87,18 +93,49 @@ def plain_loader(root: Path, batch: int, workers: int, collate_fn=None):
     )
 
 
+LAG_STEP = 5
+
+
+def _mixture_loader(root: Path, workers: int):
+    from shearing.data.dataloader import build_domain_mixture_dataloader
+
+    return build_domain_mixture_dataloader(
+        None,
+        BATCH,
+        {"local": str(root / "train"), "seed": 17, "shuffle": True, "rank": 0, "world_size": 1},
+        num_workers=workers,
+        prefetch_factor=2,
+    ).dataloader
+
+
+def measure_lag(root: Path, workers: int, horizon: int = 40) -> int:
+    """Batches between an update published after step ``LAG_STEP`` and the first batch it changes."""
+    plain, updated = _mixture_loader(root, workers), _mixture_loader(root, workers)
+    k = len(DOMAINS)
+    new = [0.0] * k
+    new[k - 1] = 1.0  # everything from the smallest domain: any batch composed with it differs
+    a, b = iter(plain), iter(updated)
+    for step in range(LAG_STEP + horizon):
+        if step == LAG_STEP:
+            updated.dataset.set_proportions(new, after_step=step)
+        x, y = next(a), next(b)
+        if step >= LAG_STEP and not torch_equal(x["domain_idx"], y["domain_idx"]):
+            return step - LAG_STEP
+    raise AssertionError(f"the update had no effect within {horizon} batches")
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
+
+
 def time_loader(kind: str, root: Path, workers: int, batches: int, warmup: int) -> float:
     """Batches per second of one loader (run inside a subprocess)."""
+    if kind == "lag":
+        return float(measure_lag(root, workers))
     if kind == "mixture":
-        from shearing.data.dataloader import build_domain_mixture_dataloader
-
-        loader = build_domain_mixture_dataloader(
-            None,
-            BATCH,
-            {"local": str(root / "train"), "seed": 17, "shuffle": True, "rank": 0, "world_size": 1},
-            num_workers=workers,
-            prefetch_factor=2,
-        ).dataloader
+        loader = _mixture_loader(root, workers)
     else:
         loader = plain_loader(root, BATCH, workers, _to_long if kind == "plain_long" else None)
     it = iter(loader)
@@ -159,15 +196,23 @@ def main() -> None:
                     )
                     runs.append(float(out.stdout.strip().splitlines()[-1]))
                 cell[kind] = max(runs)
-            rows.append((workers, cell["plain"], cell["plain_long"], cell["mixture"]))
+            out = subprocess.run(
+                [sys.executable, __file__, "--_measure", "lag", str(root), str(workers)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            cell["lag"] = int(float(out.stdout.strip().splitlines()[-1]))
+            rows.append((workers, cell["plain"], cell["plain_long"], cell["mixture"], cell["lag"]))
         print(f"\nbatches/s, seq {SEQ_LEN}, batch {BATCH}, {len(DOMAINS)} domains, best of {args.repeats}")
         print(
-            f"{'workers':>7} | {'plain':>7} | {'plain_long':>10} | {'mixture':>7} | {'vs plain':>8} | {'vs plain_long':>13}"
+            f"{'workers':>7} | {'plain':>7} | {'plain_long':>10} | {'mixture':>7} | {'vs plain':>8} | "
+            f"{'vs plain_long':>13} | {'update lag':>10}"
         )
-        for workers, plain, plain_long, mixture in rows:
+        for workers, plain, plain_long, mixture, lag in rows:
             print(
                 f"{workers:>7} | {plain:>7.1f} | {plain_long:>10.1f} | {mixture:>7.1f} | "
-                f"{mixture / plain:>8.2f} | {mixture / plain_long:>13.2f}"
+                f"{mixture / plain:>8.2f} | {mixture / plain_long:>13.2f} | {lag:>10d}"
             )
 
 

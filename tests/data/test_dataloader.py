@@ -72,8 +72,9 @@ def test_mixture_batches_follow_the_allocation(root, world, workers):
     steps = 1000
     specs = mixture_loaders(root, world, workers)
     ds = specs[0].dataloader.dataset
-    lag = 2 * workers
+    lag = 0  # an update after step s is in effect for batch s, the next one, whatever num_workers says
     assert ds.update_lag == lag and ds.global_batch_size == 4 * world
+    assert ds.read_threads == workers and specs[0].dataloader.num_workers == 0
     batches = run(specs, steps, UPDATES)
 
     # Composition equals the pure allocation with each update in effect from step s + lag.
@@ -109,10 +110,66 @@ def test_mixture_batches_follow_the_allocation(root, world, workers):
         assert sorted(per_id.values()) == [full] * (size - rest) + [full + 1] * rest
 
 
+def test_update_applies_at_the_next_batch_with_the_shipped_worker_settings(root):
+    """The recipe's num_workers 8 / prefetch 2 (here 2 / 2): an update after step s changes batch s (0-based),
+    and every worker count gives the same batches, with and without updates."""
+    updates = {7: [0.0, 0.0, 1.0], 8: [1.0, 0.0, 0.0], 20: [0.2, 0.5, 0.3]}
+    outputs = {}
+    for workers in (0, 2, 8):
+        with_updates = run(mixture_loaders(root, 2, workers), 30, updates)
+        without = run(mixture_loaders(root, 2, workers), 30, {})
+        assert with_updates[:7] == without[:7]
+        assert {d for d, _ in with_updates[7]} == {2}  # wiki only (residuals from before are < 1 sample)
+        assert with_updates[7] != without[7] and with_updates[8] != without[8]
+        outputs[workers] = with_updates
+    assert outputs[0] == outputs[2] == outputs[8]
+
+
+def test_processes_need_the_lag_and_match_the_replay(root):
+    """A hand-built DataLoader with worker processes over the dataset: updates take effect update_lag late,
+    exactly as the replay says, and a lag below the prefetch window is refused (tested below)."""
+    from torch.utils.data import DataLoader
+
+    from shearing.data.dataloader import collate
+
+    lag, updates = 4, {3: [0.1, 0.1, 0.8], 9: [0.8, 0.1, 0.1]}
+    ds = DomainMixtureDataset(root / "train", 4, rank=0, world_size=1, seed=3, update_lag=lag)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, prefetch_factor=2, collate_fn=collate)
+    got, it = [], iter(loader)
+    for step in range(16):
+        if step in updates:
+            assert ds.set_proportions(updates[step], after_step=step) == step + lag
+        batch = next(it)
+        got.append(list(zip(batch["domain_idx"].tolist(), batch["sample_id"].tolist())))
+    replay = Mixture(NAMES, [n for n, _ in DOMAINS.values()], 4, 3, True, proportions=ds.initial_proportions)
+    for s, p in updates.items():
+        replay.schedule(s + lag, p)
+    expected = [list(zip(*(x.tolist() for x in replay.rank_slots(replay.next_batch(), 0, 1)))) for _ in got]
+    assert got == expected
+
+
+def test_reader_threads_read_the_same_rows_and_share_descriptors_safely(root, monkeypatch):
+    import shearing.data.shards as shards
+
+    monkeypatch.setattr(shards, "_FD_CACHE", 1)  # evict on nearly every read, while other threads read
+    inline = DomainMixtureDataset(root / "train", 16, rank=0, world_size=1, seed=3)
+    threaded = DomainMixtureDataset(root / "train", 16, rank=0, world_size=1, seed=3, read_threads=4)
+    a, b = iter(inline), iter(threaded)
+    for _ in range(16 * 40):
+        x, y = next(a), next(b)
+        assert torch.equal(x["input_ids"], y["input_ids"]) and int(x["sample_id"]) == int(y["sample_id"])
+    for shard in threaded.shards:
+        assert not shard._in_use and not shard._closing and len(shard._fds) <= 1
+    with pytest.raises(ValueError, match="read_threads"):
+        DomainMixtureDataset(root / "train", 2, rank=0, world_size=1, read_threads=-1)
+    with pytest.raises(ValueError, match="remove update_lag"):
+        build_domain_mixture_dataloader(None, 2, {"local": root / "train", "update_lag": 4})
+
+
 def test_labels_get_their_own_storage_before_use(root):
     (spec,) = mixture_loaders(root, 1, 2)
     raw = next(iter(spec.dataloader))
-    assert raw["labels"].data_ptr() == raw["input_ids"].data_ptr()  # sent once from the worker
+    assert raw["labels"].data_ptr() == raw["input_ids"].data_ptr()  # stacked once
     batch = spec.batch_transforms(raw)
     assert torch.equal(batch["labels"], batch["input_ids"])
     batch["labels"][0, 0] = -100
@@ -139,8 +196,8 @@ def test_state_dict_resume_continues_exactly(root, workers):
     assert states[0] == states[1]
     saved = json.loads(json.dumps(states[0]))
     assert saved["mixture"]["step"] == 30
-    if workers:  # the update published after step 28 takes effect at 28 + 4: pending at the checkpoint
-        assert saved["mixture"]["pending"] == [[32, [0.6, 0.3, 0.1]]]
+    # the update published after step 28 took effect at batch 28: in effect, nothing pending
+    assert saved["mixture"]["pending"] == [] and saved["mixture"]["proportions"] == [0.6, 0.3, 0.1]
 
     second = mixture_loaders(root, 2, workers)
     for spec in second:

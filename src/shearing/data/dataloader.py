@@ -13,22 +13,31 @@ global batch is decided by ``shearing.data.mixture`` (deterministic, rank-consis
 for the allocation rule and its bounds). The dataset yields samples, device batch after device batch,
 and the DataLoader stacks them with ``batch_size = device_batch_size`` (Composer reads that attribute
 to size microbatches). The stream is infinite: set ``max_duration`` in ``ba``, ``sp`` or ``tok``. In the
-raw loader output ``labels`` is the ``input_ids`` tensor itself (the token block crosses from a worker
-once, not twice); the ``DataSpec``'s batch transform gives it its own storage before the model sees it.
+raw loader output ``labels`` is the ``input_ids`` tensor itself (the token block is stacked once, and
+crosses from an eval worker once, not twice); the ``DataSpec``'s batch transform gives it its own storage
+before the model sees it.
 
-Workers. Worker w of a rank yields that rank's device batches ``start + w, start + w + W, ...`` (torch
-returns the batches of an iterable dataset round-robin over its W workers). Every worker composes every
-global batch itself (the allocation is cheap) and reads only its own.
+Where batches are built, and the update lag. The train loader built by
+``build_domain_mixture_dataloader`` composes and reads each batch in the main process at the moment the
+trainer asks for it (the DataLoader has no worker processes, so nothing is prefetched): a proportion
+update published after step s (``set_proportions(p, after_step=s)``, called by the ``DynamicLoading``
+callback once s batches were trained) is in effect for batch s (0-based), the very next batch. The lag is
+0 on every rank whatever ``num_workers`` says; the builder's ``num_workers`` is the number of reader
+threads that read one batch's samples in parallel (``os.pread`` releases the GIL; useful when the shards
+are not in the page cache), never a look-ahead. Why not worker processes: they build batches
+``num_workers * prefetch_factor`` ahead, so an update could only take effect that many batches late (16
+of every 50 pruning steps with 8 workers and prefetch 2), and for these pre-tokenized shards they are
+slower, not faster: a batch is a few ``pread`` calls and no tokenization, while a worker must pickle the
+batch through shared memory (``bench/loader_throughput.py``: 0 workers several times the batches/s of
+2 or 4 worker processes at seq 4096, batch 32).
 
-Proportion updates and the lag. ``set_proportions(p, after_step=s)`` is called in the main process (by
-the ``DynamicLoading`` callback) once s batches have been trained. The DataLoader has then asked its
-workers for batches up to ``s - 1 + W * prefetch_factor`` and any of them may already be built, so the
-update takes effect at batch ``s + W * prefetch_factor`` (0-based; ``s`` without workers), i.e. the
-``(s + 1 + W * prefetch_factor)``-th batch: the ``update_lag``, set by the builder. With 2 workers and
-prefetch 2 that is 4 batches, against evaluations every 50-400 steps. The request for that batch is sent only after the update is
-written, so every worker of every rank switches at the same batch, on every run: updates go through a
-shared-memory log (a torch tensor created before workers start), and a worker that finds an update
-for a batch it has already composed raises instead of diverging.
+The dataset itself still runs inside worker processes of a DataLoader built by hand, given
+``update_lag >= num_workers * prefetch_factor``: worker w of a rank yields that rank's device batches
+``start + w, start + w + W, ...`` (torch returns an iterable dataset's batches round-robin over its W
+workers), every worker composes every global batch (the allocation is cheap) and reads only its own, and
+updates reach the workers through a shared-memory log (a torch tensor created before workers start). In
+either mode an update for a batch that a loader process has already composed raises instead of
+diverging, so every rank and worker switches at the same batch on every run.
 
 Resumption. Composer calls ``state_dict(num_samples, from_beginning)`` when it checkpoints, with the
 number of samples trained (summed over ranks). The main process replays the cheap allocation up to
@@ -51,6 +60,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -122,7 +132,10 @@ class DomainMixtureDataset(IterableDataset):
         shuffle: shuffle (``False``: each domain in storage order, slots in domain order).
         rank, world_size: default to Composer's distributed setup; give them to simulate ranks.
         update_lag: batches between a ``set_proportions`` call and its effect (see the module
-            docstring); the builder sets ``num_workers * prefetch_factor``.
+            docstring): 0 (the builder's choice) in the main process; at least
+            ``num_workers * prefetch_factor`` inside the worker processes of a hand-built DataLoader.
+        read_threads: threads reading one batch's samples in parallel (0 or 1: read inline); they
+            never read ahead of the batch being composed.
         remote: unsupported; an error if given.
     """
 
@@ -137,10 +150,14 @@ class DomainMixtureDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         update_lag: int = 0,
+        read_threads: int = 0,
         remote: str | None = None,
     ):
         super().__init__()
         _check_remote(remote)
+        if int(read_threads) != read_threads or read_threads < 0:
+            raise ValueError(f"read_threads must be an integer >= 0, got {read_threads}")
+        self.read_threads = int(read_threads)
         if int(device_batch_size) != device_batch_size or device_batch_size <= 0:
             raise ValueError(f"device_batch_size must be a positive integer, got {device_batch_size}")
         root, split, manifest = _split_root(local, "train")
@@ -255,25 +272,48 @@ class DomainMixtureDataset(IterableDataset):
             )
         mixture = self._mixture(self._base)
         start, seen = mixture.state.step, 0
-        while True:
-            seen = self._poll(mixture, seen)
-            plan = mixture.next_batch()
-            if (plan.step - start) % num_workers != worker:
-                continue
-            if self.rank == 0:
-                for domain, epoch in plan.new_epochs:
-                    log.info(
-                        "domain %r ran out of samples at batch %d: starting its epoch %d",
-                        domain,
-                        plan.step,
-                        epoch,
-                    )
-            domain_idx, sample_ids = mixture.rank_slots(plan, self.rank, self.world_size)
-            tokens = np.empty((len(sample_ids), self.seq_len), dtype=np.int64)
-            for d in np.unique(domain_idx):
-                sel = domain_idx == d
-                tokens[sel] = self.shards[d].read(sample_ids[sel])
-            yield from _samples(tokens, domain_idx, sample_ids)
+        threads = self.read_threads if num_workers == 1 and self.read_threads > 1 else 0
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="mixture-read") if threads else None
+        try:
+            while True:
+                seen = self._poll(mixture, seen)  # every update published so far, before composing
+                plan = mixture.next_batch()
+                if (plan.step - start) % num_workers != worker:
+                    continue
+                if self.rank == 0:
+                    for domain, epoch in plan.new_epochs:
+                        log.info(
+                            "domain %r ran out of samples at batch %d: starting its epoch %d",
+                            domain,
+                            plan.step,
+                            epoch,
+                        )
+                domain_idx, sample_ids = mixture.rank_slots(plan, self.rank, self.world_size)
+                tokens = self._read(domain_idx, sample_ids, pool)
+                yield from _samples(tokens, domain_idx, sample_ids)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _read(self, domain_idx: np.ndarray, sample_ids: np.ndarray, pool) -> np.ndarray:
+        """Token rows of one device batch, read inline or split into contiguous chunks over ``pool``."""
+        tokens = np.empty((len(sample_ids), self.seq_len), dtype=np.int64)
+
+        def read_rows(rows: slice) -> None:
+            d_idx, ids = domain_idx[rows], sample_ids[rows]
+            out = tokens[rows]
+            for d in np.unique(d_idx):
+                sel = d_idx == d
+                out[sel] = self.shards[d].read(ids[sel])
+
+        if pool is None:
+            read_rows(slice(None))
+            return tokens
+        bounds = np.linspace(0, len(sample_ids), min(self.read_threads, len(sample_ids)) + 1).astype(int)
+        futures = [pool.submit(read_rows, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        for future in futures:
+            future.result()
+        return tokens
 
     # ------------------------------------------------------------------------------ resumption
     def _ledger_at(self, step: int) -> Mixture:
@@ -480,21 +520,32 @@ def build_domain_mixture_dataloader(
     """llm-foundry builder (``train_loader: {name: domain_mixture, dataset: {...}, ...}``) -> ``DataSpec``.
 
     ``dataset`` holds ``DomainMixtureDataset``'s arguments (``local``, ``domains``, ``proportions``,
-    ``seed``, ``shuffle``, ...). ``tokenizer`` is unused (the shards are tokenized) and ``drop_last`` has
-    no effect (the stream is infinite); both are accepted for the registry's calling convention.
+    ``seed``, ``shuffle``, ...). Batches are composed and read in the main process when the trainer asks
+    for them, so proportion updates take effect at the next batch (``update_lag`` 0; module docstring).
+    ``num_workers`` is the number of reader threads for one batch's samples, not worker processes;
+    ``prefetch_factor``, ``persistent_workers`` and ``timeout`` therefore have no effect. ``tokenizer``
+    is unused (the shards are tokenized) and ``drop_last`` has no effect (the stream is infinite); all are
+    accepted for the registry's calling convention.
     """
-    del tokenizer, drop_last
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if num_workers > 0 and (prefetch_factor is None or prefetch_factor < 1):
-        raise ValueError(f"prefetch_factor must be >= 1 with workers, got {prefetch_factor}")
-    lag = num_workers * prefetch_factor if num_workers > 0 else 0
-    ds = DomainMixtureDataset(device_batch_size=device_batch_size, update_lag=lag, **dict(dataset))
-    return _data_spec(
-        _loader(
-            ds, ds.device_batch_size, num_workers, prefetch_factor, pin_memory, persistent_workers, timeout
+    del tokenizer, drop_last, prefetch_factor, persistent_workers, timeout
+    if int(num_workers) != num_workers or num_workers < 0:
+        raise ValueError(f"train_loader.num_workers must be an integer >= 0, got {num_workers}")
+    dataset = dict(dataset)
+    if "update_lag" in dataset:
+        raise ValueError(
+            f"train_loader.dataset.update_lag={dataset['update_lag']!r}: this loader builds batches in the main "
+            "process, so updates always apply at the next batch; remove update_lag"
         )
+    ds = DomainMixtureDataset(
+        device_batch_size=device_batch_size, update_lag=0, read_threads=int(num_workers), **dataset
     )
+    if num_workers:
+        log.info(
+            "domain_mixture: batches are built in the main process on demand (proportion updates apply at "
+            "the next batch); num_workers=%d reads each batch with that many threads",
+            num_workers,
+        )
+    return _data_spec(_loader(ds, ds.device_batch_size, 0, None, pin_memory, False, 0))
 
 
 def build_domain_eval_dataloader(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,9 @@ class DomainShards:
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.num_samples = int(self._starts[-1])
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fd_lock = threading.Lock()  # the mixture loader's reader threads share the cache
+        self._in_use: dict[int, int] = {}  # descriptor -> reads in flight
+        self._closing: set[int] = set()  # evicted while in use: closed by the last reader
         self._pid = os.getpid()
 
     def _check_shard(self, reader) -> None:
@@ -129,33 +133,57 @@ class DomainShards:
         self._paths.append(str(path))
 
     # ------------------------------------------------------------------------------------ reads
-    def _fd(self, shard: int) -> int:
-        if os.getpid() != self._pid:  # forked into a worker: descriptors are per process
-            self._fds, self._pid = OrderedDict(), os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = os.open(self._paths[shard], os.O_RDONLY)
-            self._fds[shard] = fd
-            if len(self._fds) > _FD_CACHE:
-                os.close(self._fds.popitem(last=False)[1])
-        else:
-            self._fds.move_to_end(shard)
-        return fd
+    def _acquire_fd(self, shard: int) -> int:
+        """An open descriptor of ``shard``, counted as in use until ``_release_fd``.
+
+        The cache is shared by the mixture loader's reader threads: an evicted descriptor is closed only
+        once no thread is reading from it (closing it under a reader could hand its number to another file).
+        """
+        if os.getpid() != self._pid:  # forked into a worker: descriptors (and the lock) are per process
+            self._fds, self._fd_lock, self._pid = OrderedDict(), threading.Lock(), os.getpid()
+            self._in_use, self._closing = {}, set()
+        with self._fd_lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = os.open(self._paths[shard], os.O_RDONLY)
+                self._fds[shard] = fd
+                if len(self._fds) > _FD_CACHE:
+                    old = self._fds.popitem(last=False)[1]
+                    if self._in_use.get(old):
+                        self._closing.add(old)
+                    else:
+                        os.close(old)
+            else:
+                self._fds.move_to_end(shard)
+            self._in_use[fd] = self._in_use.get(fd, 0) + 1
+            return fd
+
+    def _release_fd(self, fd: int) -> None:
+        with self._fd_lock:
+            self._in_use[fd] -= 1
+            if not self._in_use[fd]:
+                del self._in_use[fd]
+                if fd in self._closing:
+                    self._closing.discard(fd)
+                    os.close(fd)
 
     def _read_one(self, shard: int, local: int) -> bytes:
-        fd = self._fd(shard)
-        stride = self._stride[shard]
-        value_bytes = self.seq_len * self.dtype.itemsize
-        if stride:
-            data = os.pread(fd, value_bytes, self._data_start[shard] + local * stride)
-            if len(data) != value_bytes:
-                raise ValueError(
-                    f"domain {self.domain!r}: shard {self._paths[shard]} ends early; it is corrupt"
-                )
-            return data
-        begin, end = np.frombuffer(os.pread(fd, 8, 4 + 4 * local), dtype=np.uint32).astype(np.int64)
-        sample = self._readers[shard].decode_sample(os.pread(fd, int(end - begin), int(begin)))
-        return np.ascontiguousarray(sample[TOKENS_COLUMN], dtype=self.dtype).tobytes()
+        fd = self._acquire_fd(shard)
+        try:
+            stride = self._stride[shard]
+            value_bytes = self.seq_len * self.dtype.itemsize
+            if stride:
+                data = os.pread(fd, value_bytes, self._data_start[shard] + local * stride)
+                if len(data) != value_bytes:
+                    raise ValueError(
+                        f"domain {self.domain!r}: shard {self._paths[shard]} ends early; it is corrupt"
+                    )
+                return data
+            begin, end = np.frombuffer(os.pread(fd, 8, 4 + 4 * local), dtype=np.uint32).astype(np.int64)
+            sample = self._readers[shard].decode_sample(os.pread(fd, int(end - begin), int(begin)))
+            return np.ascontiguousarray(sample[TOKENS_COLUMN], dtype=self.dtype).tobytes()
+        finally:
+            self._release_fd(fd)
 
     def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Token rows [len(ids), seq_len] (the manifest's dtype) of the samples ``ids`` (0-based, in order)."""
@@ -171,11 +199,13 @@ class DomainShards:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_fds"] = OrderedDict()
+        state["_fds"], state["_in_use"], state["_closing"] = OrderedDict(), {}, set()
+        del state["_fd_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._fd_lock = threading.Lock()
         self._pid = os.getpid()
 
 
