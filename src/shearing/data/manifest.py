@@ -7,7 +7,8 @@ A data root written by ``data_prep/tokenize_domains.py`` looks like::
     DATA_DIR/eval/<domain>/    every sample exactly ``seq_len`` tokens
 
 ``manifest.json`` records, per domain and split, how many sequences and tokens were written, plus the
-tokenizer, the sequence length, the token dtype and how the train/eval split was drawn. Loaders check
+tokenizer (name, path, vocabulary size, fingerprint, the bos/eos framing chosen), the largest token
+id written, the sequence length, the token dtype and how the train/eval split was drawn. Loaders check
 shards against it (sequence length, dtype, sample counts) before any training starts.
 """
 
@@ -61,6 +62,7 @@ class Manifest:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    max_token_id: int | None = None  # the largest id in any split (None: written before it was recorded)
 
     def __post_init__(self) -> None:
         if self.dtype not in TOKEN_DTYPES:
@@ -107,6 +109,7 @@ class Manifest:
             tokenizer=raw.get("tokenizer", {}),
             split=raw.get("split", {}),
             format_version=version,
+            max_token_id=None if raw.get("max_token_id") is None else int(raw["max_token_id"]),
         )
 
 
@@ -125,8 +128,22 @@ def load_manifest(data_root: str | os.PathLike) -> Manifest:
             f"no {MANIFEST_NAME} at {root} (or its parent): point variables.data_local at the output "
             "folder of data_prep/tokenize_domains.py"
         )
-    with open(path) as f:
-        return Manifest.from_dict(json.load(f))
+    fix = "re-run data_prep/tokenize_domains.py into a fresh folder (the shards and manifest go together)"
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}: {fix}")
+    try:
+        return Manifest.from_dict(raw)
+    except KeyError as e:
+        raise ValueError(f"{path} is missing the field {e.args[0]!r}: {fix}") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"{path} has a malformed field ({e}): {fix}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def save_manifest(manifest: Manifest, data_root: str | os.PathLike) -> Path:

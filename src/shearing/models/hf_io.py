@@ -4,16 +4,29 @@ Loads are strict: a key missing from the checkpoint or a key the model does not 
 listing them, never a silent partial load. The only keys tolerated are ones that carry no weights:
 rotary ``inv_freq`` buffers written by old transformers versions, and an ``lm_head.weight`` absent
 from a checkpoint with tied embeddings.
+
+Which files hold the weights is decided as ``transformers.PreTrainedModel.from_pretrained`` decides it
+for a local folder (4.51), in this order: ``model.safetensors``; else ``model.safetensors.index.json``
+and exactly the shard files its ``weight_map`` names; else ``pytorch_model.bin``; else
+``pytorch_model.bin.index.json`` and its shards. Any other file is ignored, so a Mistral-style folder
+with a ``consolidated.safetensors`` (the same weights under original names) next to the HF files loads
+what HF loads. Every safetensors file's header is checked (``check_safetensors_file``: it parses, and
+the file is as long as the header says) before any tensor is read, so a truncated download is an
+error naming the file, not a crash half-way through the load.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
@@ -54,22 +67,89 @@ def read_hf_config(path: str | os.PathLike) -> LlamaConfig:
     return config
 
 
-def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of an HF checkpoint directory (safetensors, sharded or not; else pytorch_model*.bin)."""
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+REFETCH = "download the checkpoint again (or re-save it with save_pretrained)"
+
+
+def hf_weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files ``from_pretrained`` would read from checkpoint folder ``path`` (see the module note)."""
     root = Path(path)
-    files = sorted(root.glob("*.safetensors"))
-    if files:
-        state: dict[str, torch.Tensor] = {}
-        for file in files:
-            state.update(load_file(file))
-        return state
-    bins = sorted(root.glob("pytorch_model*.bin"))
-    if bins:
-        state = {}
-        for file in bins:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
-        return state
-    raise ValueError(f"{path} holds no *.safetensors or pytorch_model*.bin weights")
+    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
+        if (root / single).is_file():
+            return [root / single]
+        if (root / index).is_file():
+            return _index_shards(root / index)
+    raise ValueError(
+        f"{root} holds none of {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS}, {BIN_INDEX}: the source model must "
+        "be a Hugging Face checkpoint folder (save_pretrained writes one)"
+    )
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{index} is not a valid shard index (a JSON object with a 'weight_map' of tensor -> file; "
+            f"{type(e).__name__}: {e}): {REFETCH}"
+        ) from None
+    shards = [index.parent / name for name in names]
+    missing = [str(shard) for shard in shards if not shard.is_file()]
+    if missing:
+        raise ValueError(f"{index} names shard file(s) that are not there: {missing}; {REFETCH}")
+    return shards
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Cheap integrity check of one safetensors file: its header parses and the file is as long as it says."""
+    path = Path(path)
+    size = path.stat().st_size
+    problem = None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            problem = f"it is {size} bytes long, too short for a safetensors header"
+        else:
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                problem = f"its header claims {header_len} bytes but the file has {size}"
+            else:
+                try:
+                    header = json.loads(f.read(header_len))
+                    end = max(
+                        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                        default=0,
+                    )
+                except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                    problem = "its header is not safetensors JSON"
+                else:
+                    if 8 + header_len + end > size:
+                        problem = f"it is truncated: the header needs {8 + header_len + end} bytes, the file has {size}"
+    if problem:
+        raise ValueError(f"{path} is not a readable safetensors file ({problem}): {REFETCH}")
+
+
+def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors ``from_pretrained`` would load from HF checkpoint folder ``path`` (see ``hf_weight_files``)."""
+    files = hf_weight_files(path)
+    for file in files:
+        if file.suffix == ".safetensors":
+            check_safetensors_file(file)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                state.update(load_file(file))
+            else:
+                state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{file} could not be read ({type(e).__name__}: {e}): {REFETCH}") from None
+    return state
 
 
 def load_state_dict_strict(model: MaskedLlamaForCausalLM, state: dict[str, torch.Tensor], where: str) -> None:

@@ -125,8 +125,10 @@ NAMED_SHAPES: dict[str, LlamaShape] = {
     "tiny_gqa_pruned": _llama(48, 3, 4, 2, 96, 512, 16),
 }
 
-# Extra HF config fields for named shapes that need them when built from scratch.
+# Extra HF config fields for named shapes that need them when built from scratch. The LLaMA-2 family
+# was trained on 4096-token contexts (LlamaConfig's default is 2048).
 NAMED_CONFIG_EXTRAS: dict[str, dict[str, Any]] = {
+    **{name: {"max_position_embeddings": 4096} for name in NAMED_SHAPES if name.startswith("llama2_")},
     "llama3_8b": {
         "rope_theta": 500000.0,
         "max_position_embeddings": 8192,
@@ -134,6 +136,22 @@ NAMED_CONFIG_EXTRAS: dict[str, dict[str, Any]] = {
         "eos_token_id": 128001,
     },
 }
+
+
+def source_max_positions(spec: Any) -> int:
+    """``max_position_embeddings`` of a source: its config.json, a shape mapping's field, a named shape's
+    extras, else ``LlamaConfig``'s default (what ``load_source_model`` builds)."""
+    if is_checkpoint_dir(spec):
+        raw = read_config_json(spec)
+    elif isinstance(spec, Mapping):
+        raw = dict(spec)
+    else:
+        raw = NAMED_CONFIG_EXTRAS.get(str(spec), {})
+    if "max_position_embeddings" in raw:
+        return int(raw["max_position_embeddings"])
+    from transformers import LlamaConfig
+
+    return int(LlamaConfig().max_position_embeddings)
 
 
 def named_shape(name: str) -> LlamaShape:
@@ -231,8 +249,16 @@ def read_config_json(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(
             f"{checkpoint_dir} has no config.json: the source model must be a Hugging Face checkpoint directory"
         )
-    with open(path) as f:
-        raw = json.load(f)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}): the source checkpoint is damaged; download it again "
+            "(or re-save it with save_pretrained)"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object of config fields, got {type(raw).__name__}")
     check_llama_family(raw, where=str(path))
     return raw
 

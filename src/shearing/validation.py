@@ -1,0 +1,419 @@
+"""Every check of a run config that can be made before the model loads: one place, one pass, cheap.
+
+``validate_config(cfg)`` runs in ``train.validate_run``, before any weights are read and before the
+source model's reference evaluation, so that a typo costs seconds, not the load of a 7B model. Each
+check is a small function raising ``ValueError`` whose message names the field, the bad value and the
+fix. The checks, in order:
+
+1. Time strings (``check_times``). Composer reads a bare integer as *epochs*, and the domain-mixture
+   stream is infinite, so ``eval_interval: 50`` would silently mean "never". A value without a unit,
+   a malformed one (``300steps``) or a unit the field cannot use is refused; ``ep`` is refused
+   everywhere when the train loader is the (endless) ``domain_mixture`` stream.
+2. Keys (``check_loader_keys``, ``check_registry_kwargs``): the keys of ``train_loader`` /
+   ``eval_loader``, of their ``dataset`` (for our ``domain_mixture`` / ``domain_eval`` datasets), and of
+   every ``callbacks.*`` / ``algorithms.*`` / ``loggers.*`` entry are compared with the constructor
+   signature of what llm-foundry's registry would build (``inspect.signature``); an unknown key gets a
+   "did you mean", an unknown name the list of registered names. A signature with ``**kwargs`` accepts
+   anything and is not checked.
+3. Enumerated values (``check_choices``): precision (Composer 0.32: fp32, amp_bf16, amp_fp16, amp_fp8;
+   plain ``bf16`` is not one), ``model.attn_impl``, ``export.dtype``, ``optimizer.name``,
+   ``scheduler.name`` (foundry's scheduler registry), ``pruning.eval_masks``,
+   ``callbacks.dynamic_loading.update``.
+4. Cross-field (``check_domains``, ``check_context_length``): with dynamic loading, the train and eval
+   loaders read the same domains in the same order (their ``domains:`` lists, else the manifests'), a
+   mapping of reference losses names exactly the train domains, and ``max_seq_len`` fits the source's
+   ``max_position_embeddings``.
+5. Files (``check_source_files``, and the manifests read by 4): a damaged ``manifest.json``,
+   ``config.json`` or safetensors file is an error naming the file; safetensors are checked by their
+   headers only (``hf_io.check_safetensors_file``), so this costs no weight reads.
+
+``local=False`` skips everything that reads files or asks about this machine (used for yamls that
+point at folders which exist only on the cluster, e.g. when testing the committed recipes).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shearing.config import RunConfig
+
+DOMAIN_LOADERS = ("domain_mixture", "domain_eval")
+INFINITE_TRAIN_LOADERS = ("domain_mixture",)
+EVAL_MASKS = ("expected", "final")
+OPTIMIZERS = ("decoupled_adamw",)
+UNIT_NAMES = {
+    "ba": "batches",
+    "sp": "samples",
+    "tok": "tokens",
+    "dur": "fraction of max_duration",
+    "ep": "epochs",
+}
+
+# field -> (units it may use, whether zero is allowed); ``ep`` is dropped for endless train loaders.
+TIME_FIELDS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "max_duration": (("ba", "sp", "tok", "ep"), False),
+    "eval_interval": (("ba", "sp", "tok", "dur", "ep"), False),
+    "save_interval": (("ba", "sp", "tok", "dur", "ep"), False),
+    "console_log_interval": (("ba", "ep"), False),
+    "scheduler.t_warmup": (("ba", "sp", "tok", "dur", "ep"), True),
+    "pruning.lagrangian_warmup": (("ba", "dur"), True),
+}
+
+
+def validate_config(cfg: RunConfig, local: bool = True) -> None:
+    """All checks of the module docstring; ``local=False`` skips the ones that read files or the machine."""
+    check_times(cfg)
+    check_choices(cfg, local=local)
+    check_loader_keys(cfg)
+    check_registry_kwargs(cfg)
+    check_dynamic_loading(cfg, local=local)
+    check_domains(cfg, local=local)
+    check_context_length(cfg, local=local)
+    if local:
+        check_source_files(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Time strings
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        if value is None:
+            return None
+        value = getattr(value, part)
+    return value
+
+
+def parse_time(field: str, value: Any, units: Sequence[str], allow_zero: bool = False, why: str = ""):
+    """``value`` as a Composer ``Time`` in one of ``units``; else a ValueError that names the fix."""
+    from composer.core import Time
+
+    text = str(value).strip()
+    example = next(iter(units))
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if number is not None and not isinstance(value, bool):
+        unit = "dur" if 0 < number < 1 and "dur" in units else ("ba" if "ba" in units else example)
+        raise ValueError(
+            f"{field}={value} has no unit: write '{text}{unit}' ({UNIT_NAMES[unit]}); "
+            f"a bare number would be read as epochs. Units {field} accepts: {_units(units)}"
+        )
+    try:
+        time = Time.from_timestring(text)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{field}={value!r} is not a time string ({e}): write a number and a unit, e.g. '300{example}'; "
+            f"units {field} accepts: {_units(units)}"
+        ) from None
+    unit = time.unit.value
+    if unit not in units:
+        raise ValueError(
+            f"{field}={value!r} is in {UNIT_NAMES.get(unit, unit)}, which {field} cannot use"
+            f"{why if unit == 'ep' else ''}: "
+            f"write it in {_units(units)} (e.g. '300{example}')"
+        )
+    if time.value < 0 or (time.value == 0 and not allow_zero) or (unit == "dur" and time.value > 1):
+        bound = "between 0 and 1" if unit == "dur" else ("0 or more" if allow_zero else "positive")
+        raise ValueError(f"{field}={value!r} must be {bound}")
+    return time
+
+
+def _units(units: Sequence[str]) -> str:
+    return ", ".join(f"{u} ({UNIT_NAMES[u]})" for u in units)
+
+
+def check_times(cfg: RunConfig) -> None:
+    """Every duration field has a unit it can use (the module docstring, point 1)."""
+    endless = (cfg.train_loader or {}).get("name") in INFINITE_TRAIN_LOADERS
+    why = " (the domain_mixture train stream is endless, so an epoch never ends)" if endless else ""
+    times = {}
+    for field, (units, allow_zero) in TIME_FIELDS.items():
+        value = _get(cfg, field)
+        if value is None:
+            continue
+        if endless:
+            units = tuple(u for u in units if u != "ep")
+        times[field] = parse_time(field, value, units, allow_zero, why)
+    warmup = times.get("pruning.lagrangian_warmup")
+    if warmup is not None and warmup.unit.value == "dur" and times["max_duration"].unit.value != "ba":
+        raise ValueError(
+            f"pruning.lagrangian_warmup={cfg.pruning.lagrangian_warmup!r} is a fraction of max_duration, which "
+            f"is {cfg.max_duration!r}: give max_duration in batches (e.g. '3200ba') or the warmup in batches"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Keys against constructor signatures
+
+
+def _params(target: Callable) -> tuple[list[str], list[str]] | None:
+    """(accepted keyword names, required ones) of ``target``; None when it takes ``**kwargs``."""
+    params = inspect.signature(target).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [p.name for p in params if p.name in names and p.default is inspect.Parameter.empty]
+    return names, required
+
+
+def check_kwargs(where: str, kwargs: Any, target: Callable, reserved: Sequence[str] = ()) -> None:
+    """``kwargs`` (a mapping from the yaml) fit ``target``'s signature; ``reserved`` are set by our code."""
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where} must be a mapping of arguments, got {kwargs!r}")
+    spec = _params(target)
+    if spec is None:
+        return
+    names, required = (
+        [n for n in spec[0] if n not in reserved],
+        [n for n in spec[1] if n not in reserved],
+    )
+    label = getattr(target, "__qualname__", str(target))
+    for key in kwargs:
+        if key in names:
+            continue
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{where}: unknown key {key!r}{hint}; {label} accepts {sorted(names)}")
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise ValueError(f"{where} is missing required key(s) {missing}; {label} needs them")
+
+
+def _registered(kind: str, name: str) -> tuple[Callable, tuple[str, ...]]:
+    """What llm-foundry's registry ``kind`` builds for ``name``, and the arguments our code passes itself."""
+    from llmfoundry import registry
+
+    import shearing.registry  # noqa: F401  (our names join foundry's registries)
+
+    if kind == "callbacks" and name in registry.callbacks_with_config:
+        return registry.callbacks_with_config.get(name), ("train_config",)
+    table = getattr(registry, kind)
+    if name not in table:
+        known = sorted(table.get_all())
+        if kind == "callbacks":
+            known = sorted({*known, *registry.callbacks_with_config.get_all()})
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{kind}.{name}: unknown name {name!r}{hint}; registered {kind}: {', '.join(known)}")
+    return table.get(name), ()
+
+
+def check_registry_kwargs(cfg: RunConfig) -> None:
+    """Every ``callbacks.*``, ``algorithms.*`` and ``loggers.*`` entry names a registered class and its keys."""
+    for kind in ("callbacks", "algorithms", "loggers"):
+        for name, kwargs in (getattr(cfg, kind) or {}).items():
+            target, reserved = _registered(kind, str(name))
+            check_kwargs(f"{kind}.{name}", kwargs, target, reserved)
+
+
+def _dataset_class(loader_name: str):
+    from shearing.data.dataloader import DomainEvalDataset, DomainMixtureDataset
+
+    if loader_name == "domain_mixture":
+        return DomainMixtureDataset, ("device_batch_size", "update_lag")
+    return DomainEvalDataset, ("device_batch_size",)
+
+
+def check_loader_keys(cfg: RunConfig) -> None:
+    """``train_loader`` / ``eval_loader`` keys against the registered builder, and our datasets' keys."""
+    for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
+        if loader is None:
+            continue
+        if not isinstance(loader, Mapping) or "name" not in loader:
+            raise ValueError(
+                f"{key} must be a mapping with a 'name' (e.g. name: domain_mixture), got {loader!r}"
+            )
+        name = str(loader["name"])
+        builder, _ = _registered("dataloaders", name)
+        rest = {k: v for k, v in loader.items() if k != "name"}
+        check_kwargs(key, rest, builder, reserved=("tokenizer", "device_batch_size"))
+        if name in DOMAIN_LOADERS:
+            dataset_cls, reserved = _dataset_class(name)
+            check_kwargs(f"{key}.dataset", loader.get("dataset"), dataset_cls, reserved)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Enumerated values
+
+
+def _choice(field: str, value: Any, choices: Sequence[str], extra: str = "") -> None:
+    if value in choices:
+        return
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"{field}={value!r} is not one of {list(choices)}{hint}{extra}")
+
+
+def check_choices(cfg: RunConfig, local: bool = True) -> None:
+    """Fields with a fixed set of values (the module docstring, point 3)."""
+    from composer.core import Precision
+    from llmfoundry import registry
+
+    from shearing.callbacks.dynamic_loading import UPDATES
+    from shearing.export import DTYPES
+    from shearing.models.llama import ATTN_IMPLS
+
+    precisions = [p.value for p in Precision]
+    _choice("precision", cfg.precision, precisions, " (Composer's names; bf16 autocast is amp_bf16)")
+    _choice("model.attn_impl", cfg.model.attn_impl, ATTN_IMPLS)
+    _choice("export.dtype", cfg.export.dtype, list(DTYPES))
+    _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    _choice("scheduler.name", cfg.scheduler.name, sorted(registry.schedulers.get_all()))
+    if cfg.pruning is not None:
+        _choice("pruning.eval_masks", cfg.pruning.eval_masks, EVAL_MASKS)
+    options = (cfg.callbacks or {}).get("dynamic_loading") or {}
+    if "update" in options:
+        _choice("callbacks.dynamic_loading.update", options["update"], UPDATES)
+    if local and cfg.precision != "fp32":
+        import torch
+
+        on_cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+        if on_cpu:
+            raise ValueError(
+                f"precision={cfg.precision!r} needs a GPU but this run is on the CPU "
+                f"(device={cfg.device!r}): set precision: fp32, or run on a GPU"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Cross-field: domains, reference losses, context length
+
+
+def _loader_domains(key: str, loader: Mapping[str, Any] | None, local: bool) -> list[str] | None:
+    """The domains a domain loader reads: its ``dataset.domains``, else its manifest's (``local`` only)."""
+    if not loader or loader.get("name") not in DOMAIN_LOADERS:
+        return None
+    dataset = loader.get("dataset") or {}
+    listed = dataset.get("domains")
+    path = dataset.get("local")
+    manifest = None
+    if local and path is not None and Path(path).exists():
+        from shearing.data.manifest import load_manifest
+
+        manifest = load_manifest(path)
+    if listed is not None:
+        if isinstance(listed, str) or not isinstance(listed, Sequence) or not listed:
+            raise ValueError(
+                f"{key}.dataset.domains must be a non-empty list of domain names, got {listed!r}"
+            )
+        listed = [str(d) for d in listed]
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"{key}.dataset.domains={listed} repeats a domain: list each domain once")
+        if manifest is not None:
+            unknown = [d for d in listed if d not in manifest.domains]
+            if unknown:
+                raise ValueError(
+                    f"{key}.dataset.domains names {unknown}, which the data at {path} does not hold "
+                    f"(its manifest has {manifest.domain_names}): fix the list or variables.data_local"
+                )
+        return listed
+    return manifest.domain_names if manifest is not None else None
+
+
+def check_domains(cfg: RunConfig, local: bool = True) -> None:
+    """With dynamic loading: train and eval domains agree, and a reference-loss mapping names exactly them."""
+    train = _loader_domains("train_loader", cfg.train_loader, local)
+    evaluation = _loader_domains("eval_loader", cfg.eval_loader, local)
+    options = (cfg.callbacks or {}).get("dynamic_loading")
+    if options is None:
+        return
+    if train is not None and evaluation is not None and train != evaluation:
+        if set(train) != set(evaluation):
+            only_train = [d for d in train if d not in evaluation]
+            only_eval = [d for d in evaluation if d not in train]
+            detail = f"only in train: {only_train}, only in eval: {only_eval}"
+        else:
+            detail = "the same domains in another order"
+        raise ValueError(
+            f"dynamic loading needs the eval loader to read the train loader's domains in the same order, but "
+            f"train_loader reads {train} and eval_loader reads {evaluation} ({detail}): set both "
+            "dataset.domains to the same list (domain_idx indexes it)"
+        )
+    refs = options.get("reference_losses")
+    if isinstance(refs, Mapping) and train is not None:
+        missing = [d for d in train if d not in refs]
+        extra = [str(d) for d in refs if d not in train]
+        if missing or extra:
+            raise ValueError(
+                f"callbacks.dynamic_loading.reference_losses names {list(map(str, refs))} but the train domains "
+                f"are {train} (missing: {missing}, not trained on: {extra}): give one loss per train domain"
+            )
+        for domain, value in refs.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(
+                    f"callbacks.dynamic_loading.reference_losses.{domain}={value!r} must be a finite number"
+                )
+
+
+def check_dynamic_loading(cfg: RunConfig, local: bool = True) -> None:
+    """What the dynamic-loading callback will need at its first event, checked now."""
+    options = (cfg.callbacks or {}).get("dynamic_loading")
+    if options is None:
+        return
+    name = (cfg.train_loader or {}).get("name")
+    if name != "domain_mixture":
+        raise ValueError(
+            f"callbacks.dynamic_loading re-weights a domain mixture, but train_loader.name={name!r}: "
+            "use train_loader.name: domain_mixture, or remove the callback"
+        )
+    refs = options.get("reference_losses")
+    if refs == "source":
+        dataset = (cfg.eval_loader or {}).get("dataset") or {}
+        if "local" not in dataset:
+            raise ValueError(
+                "callbacks.dynamic_loading.reference_losses='source' evaluates the source model on the eval "
+                "split: add an eval_loader (name: domain_eval) with dataset.local"
+            )
+    elif isinstance(refs, str) and local and not Path(refs).is_file():
+        raise ValueError(
+            f"callbacks.dynamic_loading.reference_losses={refs!r} is neither 'source' nor an existing file: "
+            "give a mapping {domain: loss}, 'source', or a ref.json written by python -m shearing.reference_losses"
+        )
+
+
+def check_context_length(cfg: RunConfig, local: bool = True) -> None:
+    """``max_seq_len`` must fit the source's ``max_position_embeddings`` (config.json or the named shape)."""
+    from shearing.models.shapes import is_checkpoint_dir, source_max_positions
+
+    source = cfg.model.source
+    if is_checkpoint_dir(source) and not local:
+        return
+    if isinstance(source, str) and not is_checkpoint_dir(source):
+        from shearing.models.shapes import NAMED_SHAPES
+
+        if source not in NAMED_SHAPES:
+            return  # a path that is not there: resolve_source_shape says so
+    limit = source_max_positions(source)
+    if cfg.max_seq_len > limit:
+        raise ValueError(
+            f"max_seq_len={cfg.max_seq_len} is longer than the source's max_position_embeddings={limit} "
+            f"({source}): lower max_seq_len to at most {limit} (and prepare the data at that length)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Files
+
+
+def check_source_files(cfg: RunConfig) -> None:
+    """A source checkpoint folder: config.json parses and every weight file HF would read is intact."""
+    from shearing.models.hf_io import check_safetensors_file, hf_weight_files
+    from shearing.models.shapes import is_checkpoint_dir, read_config_json
+
+    if not is_checkpoint_dir(cfg.model.source):
+        return
+    read_config_json(cfg.model.source)
+    for file in hf_weight_files(cfg.model.source):
+        if file.suffix == ".safetensors":
+            check_safetensors_file(file)
