@@ -104,7 +104,7 @@ class RunConfig:
     device_train_microbatch_size: Any = "auto"
     device_eval_batch_size: int = 8
     precision: str = "fp32"
-    eval_interval: Any = 1
+    eval_interval: Any = "1000ba"  # a bare number would be epochs of an endless stream: refused (validation.py)
     eval_first: bool = False
     eval_subset_num_batches: int = -1
     save_folder: str | None = None

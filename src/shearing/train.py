@@ -33,20 +33,17 @@ from shearing.models.composer_model import ComposerShearedLlama
 from shearing.models.hf_io import load_source_model
 from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape, resolve_target_shape
 from shearing.pruning.l0 import L0Module, plan_families
+from shearing.validation import validate_config
 
 log = logging.getLogger(__name__)
 
 
 def validate_run(cfg: RunConfig) -> None:
-    """Cheap checks that must fail before anything expensive starts."""
+    """Cheap checks that must fail before anything expensive starts (``shearing.validation`` holds most)."""
     source = resolve_source_shape(cfg.model.source, cfg.model.source_shape, need_checkpoint=True)
     if cfg.pruning is not None:
         target = resolve_target_shape(source, cfg.pruning.target)
         plan_families(source, target, cfg.pruning.families)
-        if cfg.pruning.eval_masks not in ("expected", "final"):
-            raise ValueError(
-                f"pruning.eval_masks must be 'expected' or 'final', got {cfg.pruning.eval_masks!r}"
-            )
     for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
         if not loader:
             continue
@@ -67,6 +64,7 @@ def validate_run(cfg: RunConfig) -> None:
         raise ValueError(
             f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {dist.get_world_size()} ranks"
         )
+    validate_config(cfg)
 
 
 def tokenizer_path(cfg: RunConfig) -> str | None:
