@@ -65,6 +65,11 @@ class ExportConfig:
     on_fit_end: bool = False
     folder: str | None = None  # default: <save_folder>/hf
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    # The convergence gate (shearing.pruning.gate) refuses to export unconverged masks unless forced.
+    force: bool = False  # export even when the gate fails (recorded as "forced" in shearing_export.json)
+    max_sparsity_gap: float = 0.02  # |expected - target| sparsity per mask family, absolute
+    max_loss_gap: float = 0.1  # eval loss under final masks minus under expected masks, nats
+    gate_eval_batches: int = 16  # eval batches per mask setting for the loss half of the gate (0: skip)
 
 
 @dataclass

@@ -1,27 +1,45 @@
 """Export a pruning (or continued pre-training) run as a standard Hugging Face checkpoint.
 
     python -m shearing.export --checkpoint RUN_DIR_OR_FILE --output OUT_DIR [--dtype bfloat16] [--overwrite]
+        [--force] [--data DATA_DIR/eval [--max-seqs N]]
 
 Given a run folder it takes the latest checkpoint (Composer's ``latest-rank0.pt`` link, else the
-file with the highest batch count); a checkpoint file works too. For a pruning run the final
+file with the highest batch count); when that file is truncated or corrupt it falls back to the newest
+readable one, with a warning naming both (``shearing.checkpoints.checkpoint_is_readable``, as training
+does on resume). A checkpoint file given explicitly must be readable. For a pruning run the final
 deterministic masks (exact target shape) are folded into the weights and cut out (see
 ``shearing.pruning.surgery``); a run without masks is exported as it is.
+
+Before anything is written, the gate of ``shearing.pruning.gate``: no NaN/inf in any weight or mask
+logit (never overridable), and for a pruning run the convergence gate (expected sparsity vs target per
+family; with ``--data``, the eval loss under final vs expected masks), which ``--force`` overrides.
+After the surgery the shape must equal the run's target exactly and the parameter count ``count_params``.
 
 The output loads with stock ``transformers.AutoModelForCausalLM.from_pretrained`` with no missing or
 unexpected keys: ``config.json`` (``head_dim`` explicit), safetensors weights, the source tokenizer,
 and ``shearing_export.json`` / ``shearing_export.md`` (source and target shapes, parameter counts,
-kept indices per layer). Writes are atomic: everything goes to a temporary sibling folder that is
-renamed into place only when complete, so a crash never leaves a directory that looks finished.
+kept indices per layer, the gate's numbers, the batch the checkpoint was trained to).
+
+Output safety. Writes are atomic: everything goes to a temporary sibling folder that is renamed into
+place only when complete, so a crash never leaves a directory that looks finished; leftovers of a killed
+export (``.OUT.tmp-*``, ``.OUT.old-*`` whose process is gone) are removed by the next export to OUT.
+Replacing OUT is only ever allowed for a previous *export* (it holds ``shearing_export.json``) and only
+with ``--overwrite``; an output that is, or contains, the run folder or the checkpoint, or that holds
+checkpoints/run files anywhere, or any other non-empty folder, is refused before any work
+(``check_export_target``) — an export must never delete a run. The written folder and files get the
+umask's permissions, like ``save_pretrained``'s, not ``tempfile``'s private ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,43 +47,106 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import LlamaConfig
 
-from shearing.checkpoints import checkpoint_batch
+from shearing.checkpoints import LATEST, checkpoint_batch, checkpoint_is_readable
+from shearing.io import apply_umask
 from shearing.models.hf_io import load_state_dict_strict
 from shearing.models.llama import MaskedLlamaForCausalLM
-from shearing.models.shapes import count_params, shape_from_hf_config
+from shearing.models.shapes import PRUNABLE_FIELDS, count_params, shape_from_hf_config
+from shearing.pruning.gate import (
+    ExportRefused,
+    GateThresholds,
+    check_finite,
+    check_gate,
+    combine_losses,
+    describe_gate,
+    evaluate_gate,
+    family_sparsity,
+)
 from shearing.pruning.l0 import L0Module
 from shearing.pruning.surgery import prune_model
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUMMARY_NAME = "shearing_export.json"
+# What marks a run folder or a checkpoint: an export target holding any of these is never replaced.
+RUN_FILES = (LATEST, "metrics.jsonl", "dynamic_loading.json")
+RUN_SUFFIXES = (".pt", ".pt.corrupt")
+
+__all__ = [
+    "ExportRefused",
+    "check_export_target",
+    "export_checkpoint",
+    "export_model_state",
+    "find_checkpoint",
+    "load_checkpoint",
+    "load_model_state",
+    "rebuild",
+]
 
 
+# --------------------------------------------------------------------------------- checkpoints
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint file to export: ``path`` itself, or the latest one in a run folder."""
+    """The checkpoint file to export: ``path`` itself, or the latest readable one in a run folder."""
     path = Path(path)
     if path.is_file():
+        if not checkpoint_is_readable(path):
+            raise ValueError(
+                f"--checkpoint {path} is corrupt or truncated (not a complete torch.save archive): "
+                "give an earlier checkpoint file, or the run folder to use its newest readable one"
+            )
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint {path} is neither a checkpoint file nor a run folder")
-    latest = path / "latest-rank0.pt"
+    candidates = [p for p in path.glob("*.pt") if p.is_file() and p.name != LATEST]
+    latest = path / LATEST
     if latest.exists():
-        return latest.resolve()
-    candidates = [p for p in path.glob("*.pt") if p.is_file()]
-    if not candidates:
+        newest = latest.resolve()
+    elif candidates:
+        newest = max(candidates, key=lambda p: (checkpoint_batch(p), p.stat().st_mtime))
+    else:
         sharded = [p for p in path.iterdir() if p.is_dir() and checkpoint_batch(p) >= 0]
         hint = " (sharded checkpoints: set fsdp_config.state_dict_type: full)" if sharded else ""
         raise FileNotFoundError(f"no Composer checkpoint (*.pt) in {path}{hint}")
-    return max(candidates, key=lambda p: (checkpoint_batch(p), p.stat().st_mtime))
+    if checkpoint_is_readable(newest):
+        return newest
+    older = sorted(
+        (p for p in candidates if p.resolve() != newest.resolve()),
+        key=lambda p: (checkpoint_batch(p), p.stat().st_mtime),
+        reverse=True,
+    )
+    fallback = next((p for p in older if checkpoint_is_readable(p)), None)
+    if fallback is None:
+        raise ValueError(
+            f"the latest checkpoint {newest} is corrupt or truncated and {path} holds no earlier readable "
+            "checkpoint: there is nothing to export"
+        )
+    message = f"checkpoint {newest} is corrupt or truncated; exporting the newest readable one, {fallback}"
+    warnings.warn(message, stacklevel=2)
+    log.warning(message)
+    return fallback
+
+
+def load_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], int | None, Path]:
+    """``(model state dict, batch it was trained to, file)`` of a Composer checkpoint or run folder."""
+    file = find_checkpoint(checkpoint)
+    try:
+        raw = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (a damaged archive can fail in many ways)
+        raise ValueError(f"checkpoint {file} cannot be loaded ({type(e).__name__}: {e})") from None
+    try:
+        model_state = raw["state"]["model"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{file} is not a Composer checkpoint (no state.model)") from None
+    step = (raw["state"].get("timestamp") or {}).get("batch")
+    if step is None and checkpoint_batch(file) >= 0:
+        step = checkpoint_batch(file)
+    return model_state, None if step is None else int(step), file
 
 
 def load_model_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The model state dict of a Composer checkpoint (keys as in ``ComposerShearedLlama``)."""
-    file = find_checkpoint(checkpoint)
-    raw = torch.load(file, map_location="cpu", weights_only=False)
-    try:
-        return raw["state"]["model"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{file} is not a Composer checkpoint (no state.model)") from None
+    return load_checkpoint(checkpoint)[0]
 
 
 def _metadata(model_state: dict[str, Any]) -> dict[str, Any]:
@@ -97,27 +178,188 @@ def rebuild(model_state: dict[str, Any]) -> tuple[MaskedLlamaForCausalLM, L0Modu
     return model, l0, meta
 
 
+# ------------------------------------------------------------------------------ output safety
+def _run_file_in(folder: Path) -> Path | None:
+    """The first checkpoint or run file anywhere under ``folder`` (exports hold none), else None."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            if name in RUN_FILES or name.endswith(RUN_SUFFIXES):
+                return Path(root) / name
+        for name in dirs:
+            if checkpoint_batch(Path(name)) >= 0 and name.startswith("ep"):
+                return Path(root) / name  # a sharded checkpoint folder
+    return None
+
+
+def check_export_target(
+    output: str | os.PathLike,
+    run_folder: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    overwrite: bool = True,
+) -> None:
+    """Refuse (``ValueError``) any export target whose replacement could destroy a run or foreign files.
+
+    Allowed: a new folder, an empty one, or a previous export (``shearing_export.json`` in it, no
+    checkpoint or run file anywhere below) when ``overwrite``. Refused: the run folder, the checkpoint's
+    folder, or any folder containing them; any other non-empty folder, naming what it holds. A previous
+    export without ``overwrite`` is a ``FileExistsError``. Cheap: the config validation calls it.
+    """
+    out = Path(output).expanduser().absolute().resolve()
+    protected = []
+    if run_folder is not None:
+        protected.append(("run folder", Path(run_folder).expanduser().absolute().resolve()))
+    if checkpoint is not None:
+        given = Path(checkpoint).expanduser().absolute()
+        for path in {given, given.resolve()}:
+            protected.append(("run folder" if path.is_dir() else "checkpoint", path))
+    for what, path in protected:
+        if out == path or out in path.parents:
+            relation = "is" if out == path else "contains"
+            raise ValueError(
+                f"export folder {output} {relation} the {what} {path}: replacing it would delete the run's "
+                f"checkpoints and records. Export to a new folder, e.g. {(path if path.is_dir() else path.parent) / 'hf'}"
+            )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"export folder {output} is an existing file, not a folder: choose another --output")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if SUMMARY_NAME not in entries:
+        shown = ", ".join(entries[:10]) + (f", ... ({len(entries)} entries)" if len(entries) > 10 else "")
+        raise ValueError(
+            f"export folder {output} is not empty and is not a previous shearing export (no {SUMMARY_NAME}); "
+            f"it holds: {shown}. Exporting there would delete those files, so it is refused even with "
+            "--overwrite: choose a new or empty folder"
+        )
+    found = _run_file_in(out)
+    if found is not None:
+        raise ValueError(
+            f"export folder {output} holds {found}, a checkpoint or run file: replacing the folder would delete "
+            "it. Move it out, or export to a new folder"
+        )
+    if not overwrite:
+        raise FileExistsError(f"{output} holds a previous export; pass --overwrite to replace it")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_leftovers(output: Path) -> list[Path]:
+    """Remove ``.OUT.tmp-PID-*`` / ``.OUT.old-PID`` siblings of killed exports (their process is gone)."""
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        prefix = f".{output.name}.{kind}-"
+        for path in output.parent.iterdir():
+            if not path.name.startswith(prefix):
+                continue
+            pid = path.name[len(prefix) :].split("-")[0]
+            if pid.isdigit() and _process_alive(int(pid)):
+                continue  # an export to the same folder is running right now (or it is this one)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.warning("removed leftovers of an interrupted export: %s", [str(p) for p in removed])
+    return removed
+
+
+# ------------------------------------------------------------------------------ measurement
+class _MaskedLM(torch.nn.Module):
+    """``MaskedLlamaForCausalLM`` under fixed masks, callable as ``model(input_ids=...)`` for the eval."""
+
+    def __init__(self, model: MaskedLlamaForCausalLM, masks: dict[str, torch.Tensor]):
+        super().__init__()
+        self.model, self.masks, self.config = model, masks, model.config
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, masks={k: v.to(input_ids.device) for k, v in self.masks.items()})
+
+
+def mask_eval_losses(
+    model: MaskedLlamaForCausalLM, l0: L0Module, data: str | os.PathLike, max_seqs: int | None = 64
+) -> dict[str, float]:
+    """Token-weighted eval loss on ``data`` (``DATA_DIR/eval``) under expected and under final masks."""
+    from shearing.reference_losses import domain_eval_totals
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = model.to(device)
+    losses = {}
+    for key, exact in (("expected_masks", False), ("final_masks", True)):
+        masks = l0.deterministic_masks(exact=exact)
+        totals = domain_eval_totals(
+            _MaskedLM(model, masks), data, batch_size=8, max_seqs=max_seqs, progress=False
+        )
+        losses[key] = combine_losses(totals)
+    model.to("cpu")
+    return losses
+
+
+# ----------------------------------------------------------------------------------- export
 def export_model_state(
-    model_state: dict[str, Any], output: str | os.PathLike, dtype: str = "float32", overwrite: bool = True
+    model_state: dict[str, Any],
+    output: str | os.PathLike,
+    dtype: str = "float32",
+    overwrite: bool = True,
+    *,
+    step: int | None = None,
+    force: bool = False,
+    thresholds: GateThresholds | None = None,
+    eval_loss: dict[str, float] | None = None,
+    eval_data: str | os.PathLike | None = None,
+    max_seqs: int | None = 64,
+    run_folder: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Export a saved model state as an HF directory at ``output`` (atomically); returns the summary."""
+    """Gate, cut and write a saved model state as an HF directory at ``output`` (atomically); the summary.
+
+    ``eval_loss`` (``{"expected_masks", "final_masks"}``, measured by the caller) or ``eval_data``
+    (measured here) feed the loss half of the gate; with neither it is recorded as not measured.
+    Raises ``ExportRefused`` when the gate fails and ``force`` is not set, and always for non-finite state.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    thresholds = thresholds or GateThresholds()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite to replace it")
+    check_export_target(output, run_folder=run_folder, checkpoint=checkpoint, overwrite=overwrite)
+    check_finite(model_state, step)
     model, l0, meta = rebuild(model_state)
     source_shape = shape_from_hf_config(model.config)
     kept: dict[str, Any] = {}
+    gate = None
     if l0 is not None:
+        if eval_loss is None and eval_data is not None:
+            eval_loss = mask_eval_losses(model, l0, eval_data, max_seqs)
+        gate = evaluate_gate(family_sparsity(l0), eval_loss, thresholds, force)
+        check_gate(gate, step)
+        if gate["forced"]:
+            log.warning("export forced past a failed convergence gate: %s", "; ".join(gate["failures"]))
         l0.eval()
         l0.use_final_masks = True
         result = prune_model(model, l0())
         model, kept = result.model, result.kept
     shape = shape_from_hf_config(model.config)
+    _check_target_shape(shape, meta, step)
     state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
+    num_params = sum(v.numel() for v in state.values())
+    if num_params != count_params(shape):
+        raise ExportRefused(
+            f"export refused: the cut model has {num_params:,} parameters but its shape has {count_params(shape):,}"
+        )
     config = model.config
     config.architectures = ["LlamaForCausalLM"]
     config.torch_dtype = dtype
@@ -127,22 +369,49 @@ def export_model_state(
         "dtype": dtype,
         "pruned": l0 is not None,
         "families": meta.get("families"),
+        "checkpoint_batch": step,
+        "gate": gate,
         "kept": kept,
     }
+    _write(output, config, state, meta.get("tokenizer"), summary)
+    return summary
 
+
+def _check_target_shape(shape: Any, meta: dict[str, Any], step: int | None) -> None:
+    """A pruning run's export has exactly the run's target shape (the NaN top-k bug kept everything)."""
+    target = meta.get("target")
+    if target is None:
+        return
+    wrong = {
+        f: (getattr(shape, f), int(target[f])) for f in PRUNABLE_FIELDS if getattr(shape, f) != int(target[f])
+    }
+    if wrong:
+        details = ", ".join(f"{f} {got} (target {want})" for f, (got, want) in wrong.items())
+        raise ExportRefused(
+            f"export refused: the final masks of the checkpoint (batch {step}) cut a model of the wrong shape: "
+            f"{details}. The mask logits are broken (e.g. a diverged run); export an earlier checkpoint."
+        )
+
+
+def _write(
+    output: Path, config: Any, state: dict[str, torch.Tensor], tokenizer: str | None, summary: dict
+) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    clean_leftovers(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
+        apply_umask(tmp, directory=True)  # mkdtemp makes 0700; an export is meant to be shared
         config.save_pretrained(tmp)
         save_torch_state_dict(state, tmp, max_shard_size="5GB", safe_serialization=True)
-        _copy_tokenizer(meta.get("tokenizer"), tmp)
+        _copy_tokenizer(tokenizer, tmp)
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
         (tmp / "shearing_export.md").write_text(_markdown(summary))
+        for path in tmp.rglob("*"):
+            apply_umask(path)
         _replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return summary
 
 
 def _copy_tokenizer(tokenizer: str | None, dest: Path) -> None:
@@ -158,6 +427,8 @@ def _replace_dir(tmp: Path, output: Path) -> None:
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(output, old)
     os.replace(tmp, output)
     if old is not None:
@@ -165,16 +436,16 @@ def _replace_dir(tmp: Path, output: Path) -> None:
 
 
 def _markdown(summary: dict[str, Any]) -> str:
-    fields = (
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "intermediate_size",
-    )
     lines = ["# shearing export", "", "| | source | target |", "|---|---|---|"]
-    for name in (*fields, "num_params"):
+    for name in (*PRUNABLE_FIELDS, "num_params"):
         lines.append(f"| {name} | {summary['source'][name]:,} | {summary['target'][name]:,} |")
+    if summary.get("checkpoint_batch") is not None:
+        lines += ["", f"Checkpoint trained to batch {summary['checkpoint_batch']}."]
+    gate = summary.get("gate")
+    if gate is not None:
+        verdict = "passed" if gate["passed"] else "FAILED (exported anyway with --force / export.force)"
+        lines += ["", f"## Convergence gate: {verdict}", ""]
+        lines += [f"- {line}" for line in describe_gate(gate)]
     if summary["kept"]:
         layers = [layer["source_layer"] for layer in summary["kept"]["layers"]]
         lines += [
@@ -186,22 +457,65 @@ def _markdown(summary: dict[str, Any]) -> str:
 
 
 def export_checkpoint(
-    checkpoint: str | os.PathLike, output: str | os.PathLike, dtype: str = "float32", overwrite: bool = False
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    **gate_options: Any,
 ) -> dict[str, Any]:
-    return export_model_state(load_model_state(checkpoint), output, dtype=dtype, overwrite=overwrite)
+    """Export a checkpoint file or a run folder's latest readable checkpoint (see ``export_model_state``)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    given = Path(checkpoint)
+    run_folder = given if given.is_dir() else given.parent
+    check_export_target(output, run_folder=run_folder, checkpoint=checkpoint, overwrite=overwrite)
+    model_state, step, file = load_checkpoint(checkpoint)
+    return export_model_state(
+        model_state,
+        output,
+        dtype=dtype,
+        overwrite=overwrite,
+        step=step,
+        run_folder=run_folder,
+        checkpoint=file,
+        **gate_options,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shearing.export", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--checkpoint", required=True, help="a run folder (latest checkpoint) or a checkpoint file"
+        "--checkpoint", required=True, help="a run folder (latest readable checkpoint) or a checkpoint file"
     )
     parser.add_argument("--output", required=True, help="the Hugging Face directory to write")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a previous export in --output (never anything else)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="export even if the convergence gate fails (recorded as forced)"
+    )
+    parser.add_argument(
+        "--data", default=None, help="DATA_DIR/eval: measure the eval loss under expected vs final masks"
+    )
+    parser.add_argument("--max-seqs", type=int, default=64, help="eval sequences per domain for --data")
+    parser.add_argument("--max-sparsity-gap", type=float, default=GateThresholds.max_sparsity_gap)
+    parser.add_argument("--max-loss-gap", type=float, default=GateThresholds.max_loss_gap)
     args = parser.parse_args(argv)
     try:
-        summary = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, overwrite=args.overwrite)
+        if args.data is not None and not Path(args.data).is_dir():
+            raise ValueError(f"--data {args.data} is not a folder: give DATA_DIR/eval of the prepared data")
+        thresholds = GateThresholds(args.max_sparsity_gap, args.max_loss_gap)
+        summary = export_checkpoint(
+            args.checkpoint,
+            args.output,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            force=args.force,
+            thresholds=thresholds,
+            eval_data=args.data,
+            max_seqs=args.max_seqs,
+        )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -211,6 +525,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(hidden {target['hidden_size']}, layers {target['num_hidden_layers']}, heads {target['num_attention_heads']}, "
         f"kv heads {target['num_key_value_heads']}, intermediate {target['intermediate_size']})"
     )
+    gate = summary["gate"]
+    if gate is not None:
+        status = "passed" if gate["passed"] else "FAILED, exported because of --force"
+        print(f"convergence gate {status}:")
+        for line in describe_gate(gate):
+            print(f"  {line}")
     return 0
 
 

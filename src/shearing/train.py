@@ -24,7 +24,7 @@ from llmfoundry.data.dataloader import build_dataloader
 from llmfoundry.utils.builders import build_algorithm, build_callback, build_logger, build_scheduler
 
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
-from shearing.callbacks.export import ExportOnFitEnd
+from shearing.callbacks.export import build_export_callback, check_export_config
 from shearing.callbacks.pruning import LagrangianPruning
 from shearing.checkpoints import check_save_folder, recover_latest_checkpoint
 from shearing.config import OptimizerConfig, RunConfig, load_config
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 def validate_run(cfg: RunConfig) -> None:
     """Cheap checks that must fail before anything expensive starts (``shearing.validation`` holds most)."""
     source = resolve_source_shape(cfg.model.source, cfg.model.source_shape, need_checkpoint=True)
+    check_export_config(cfg)  # export.folder must never be (or contain) the run folder
     if cfg.pruning is not None:
         target = resolve_target_shape(source, cfg.pruning.target)
         plan_families(source, target, cfg.pruning.families)
@@ -202,11 +203,9 @@ def resolve_initial_proportions(cfg: RunConfig) -> None:
 
 def build_callbacks(cfg: RunConfig) -> list:
     callbacks = [build_callback(name, kwargs or {}, cfg) for name, kwargs in cfg.callbacks.items()]
-    if cfg.export.on_fit_end:
-        folder = cfg.export.folder or (Path(cfg.save_folder) / "hf" if cfg.save_folder else None)
-        if folder is None:
-            raise ValueError("export.on_fit_end needs export.folder or save_folder")
-        callbacks.append(ExportOnFitEnd(folder, dtype=cfg.export.dtype))
+    export = build_export_callback(cfg)  # checks export.folder against the run folder again
+    if export is not None:
+        callbacks.append(export)
     return callbacks
 
 

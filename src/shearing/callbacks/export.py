@@ -1,32 +1,201 @@
 """Export the model as a Hugging Face directory when training ends (``export.on_fit_end: true``).
 
 For a pruning run this is the exact target shape (final masks folded in and cut out); for continued
-pre-training or pre-training, the model as it is. Same code path as ``python -m shearing.export``.
+pre-training or pre-training, the model as it is. Same code path as ``python -m shearing.export``,
+including its gate (``shearing.pruning.gate``): on a pruning run the callback first measures the eval
+loss under expected and under final masks on the run's own eval dataloader (``state.evaluators[0]``,
+at most ``eval_batches`` batches), then rank 0 gates and writes. A refusal raises ``ExportRefused`` on
+every rank: the run exits non-zero and its checkpoints stay where they are.
+
+Distributed runs: the measurement runs the (wrapped) model's forward on every rank — under FSDP/FSDP2
+the forward is a collective that gathers the sharded weights and mask logits — over each rank's own
+shard of the eval set, the same number of batches everywhere (the minimum over ranks), and all-reduces
+the summed loss and token count, so every rank holds the same two numbers. The full state dict is then
+gathered (also a collective) and only rank 0 exports; its outcome is broadcast so that a refusal on
+rank 0 stops every rank instead of leaving the others waiting.
+
+``fit_end`` needs only the trainer's ``state`` (model, evaluators, device, timestamp), so it can also be
+called after ``fit`` to finish the export of an already-finished run.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from shearing.pruning.gate import ExportRefused, GateThresholds
+from shearing.pruning.l0 import L0Module
+
 log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def _composer_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``ComposerShearedLlama`` inside a DDP wrapper (FSDP keeps the module itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def find_l0(model: torch.nn.Module) -> L0Module | None:
+    return next((m for m in model.modules() if isinstance(m, L0Module)), None)
+
+
+@torch.no_grad()
+def measure_mask_losses(state: State, l0: L0Module, max_batches: int) -> dict[str, float] | None:
+    """Eval loss under expected and under final masks on the run's eval loader; a collective (all ranks)."""
+    from composer.core.precision import get_precision_context
+
+    if not state.evaluators or max_batches <= 0:
+        return None
+    data_spec = state.evaluators[0].dataloader
+    loader = data_spec.dataloader
+    try:
+        n = min(len(loader), max_batches)
+    except TypeError:
+        n = max_batches
+    device = state.device._device if hasattr(state.device, "_device") else torch.device("cpu")
+    count = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(count, reduce_operation="MIN")  # every rank must run the same number of forwards
+    n = int(count.item())
+    model = _composer_model(state.model)
+    was_training, was_final = model.training, l0.use_final_masks
+    losses = {}
+    try:
+        model.eval()
+        for key, final in (("expected_masks", False), ("final_masks", True)):
+            l0.use_final_masks = final
+            totals = torch.zeros(2, dtype=torch.float64, device=device)
+            for index, batch in enumerate(loader):
+                if index >= n:
+                    break
+                batch = state.device.batch_to_device(data_spec.batch_transforms(batch))
+                with get_precision_context(state.precision):
+                    logits = state.model(batch)  # the wrapped forward: FSDP gathers what it needs
+                labels = batch.get("labels", batch["input_ids"])
+                targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+                totals[0] += F.cross_entropy(
+                    logits.flatten(0, 1).float(),
+                    targets.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                ).double()
+                totals[1] += (targets != IGNORE_INDEX).sum()
+            dist.all_reduce(totals)
+            losses[key] = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    finally:
+        l0.use_final_masks = was_final
+        model.train(was_training)
+    return losses
 
 
 class ExportOnFitEnd(Callback):
-    def __init__(self, folder: str | Path, dtype: str = "float32"):
+    def __init__(
+        self,
+        folder: str | Path,
+        dtype: str = "float32",
+        force: bool = False,
+        thresholds: GateThresholds | None = None,
+        eval_batches: int = 16,
+        run_folder: str | Path | None = None,
+    ):
         self.folder = Path(folder)
         self.dtype = dtype
+        self.force = force
+        self.thresholds = thresholds or GateThresholds()
+        self.eval_batches = eval_batches
+        self.run_folder = run_folder
 
     def fit_end(self, state: State, logger: Logger) -> None:
         from shearing.export import export_model_state
 
+        l0 = find_l0(_composer_model(state.model))
+        eval_loss = measure_mask_losses(state, l0, self.eval_batches) if l0 is not None else None
         model_state = state.get_model_state_dict()  # collective under FSDP: every rank calls it
+        outcome: list[Any] = [None]
+        summary = None
         if dist.get_global_rank() == 0:
-            summary = export_model_state(model_state, self.folder, dtype=self.dtype)
-            logger.log_metrics({"export/num_params": float(summary["target"]["num_params"])})
+            try:
+                summary = export_model_state(
+                    model_state,
+                    self.folder,
+                    dtype=self.dtype,
+                    step=int(state.timestamp.batch),
+                    force=self.force,
+                    thresholds=self.thresholds,
+                    eval_loss=eval_loss,
+                    run_folder=self.run_folder,
+                )
+            except Exception as e:
+                outcome = [(isinstance(e, ExportRefused), str(e))]
+                if dist.get_world_size() == 1:
+                    raise
+                dist.broadcast_object_list(outcome, src=0)
+                raise
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(outcome, src=0)
+            if outcome[0] is not None:
+                refused, message = outcome[0]
+                raise (
+                    ExportRefused(message)
+                    if refused
+                    else RuntimeError(f"the export on rank 0 failed: {message}")
+                )
+        if summary is not None:
+            metrics = {"export/num_params": float(summary["target"]["num_params"])}
+            gate = summary["gate"]
+            if gate is not None:
+                metrics["export/gate_passed"] = float(gate["passed"])
+                if gate["eval_loss"] is not None:
+                    metrics["export/eval_loss_expected_masks"] = gate["eval_loss"]["expected_masks"]
+                    metrics["export/eval_loss_final_masks"] = gate["eval_loss"]["final_masks"]
+            logger.log_metrics(metrics)
             log.info("exported the model to %s", self.folder)
-        dist.barrier()
+
+
+# ------------------------------------------------------------------------------ from the run config
+def export_folder(cfg: Any) -> Path | None:
+    """``export.folder``, else ``<save_folder>/hf``; None when the run does not export at fit end."""
+    if not cfg.export.on_fit_end:
+        return None
+    folder = cfg.export.folder or (Path(cfg.save_folder) / "hf" if cfg.save_folder else None)
+    if folder is None:
+        raise ValueError("export.on_fit_end needs export.folder or save_folder")
+    return Path(folder)
+
+
+def check_export_config(cfg: Any) -> Path | None:
+    """Cheap, before training: the export folder can never replace the run, the gate settings are valid."""
+    from shearing.export import check_export_target
+
+    folder = export_folder(cfg)
+    if folder is None:
+        return None
+    check_export_target(folder, run_folder=cfg.save_folder)
+    GateThresholds(cfg.export.max_sparsity_gap, cfg.export.max_loss_gap)
+    batches = cfg.export.gate_eval_batches
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+        raise ValueError(
+            f"export.gate_eval_batches must be an integer >= 0 (0 skips the loss half of the gate), got {batches!r}"
+        )
+    return folder
+
+
+def build_export_callback(cfg: Any) -> ExportOnFitEnd | None:
+    folder = check_export_config(cfg)
+    if folder is None:
+        return None
+    return ExportOnFitEnd(
+        folder,
+        dtype=cfg.export.dtype,
+        force=cfg.export.force,
+        thresholds=GateThresholds(cfg.export.max_sparsity_gap, cfg.export.max_loss_gap),
+        eval_batches=cfg.export.gate_eval_batches,
+        run_folder=cfg.save_folder,
+    )
