@@ -25,6 +25,7 @@ from llmfoundry.utils.builders import build_algorithm, build_callback, build_log
 
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
 from shearing.callbacks.export import build_export_callback, check_export_config
+from shearing.callbacks.guard import NonFiniteGuard
 from shearing.callbacks.pruning import LagrangianPruning
 from shearing.checkpoints import check_save_folder, recover_latest_checkpoint
 from shearing.config import OptimizerConfig, RunConfig, load_config
@@ -33,6 +34,7 @@ from shearing.models.composer_model import ComposerShearedLlama
 from shearing.models.hf_io import load_source_model
 from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape, resolve_target_shape
 from shearing.pruning.l0 import L0Module, plan_families
+from shearing.run_folder import check_run_record, finish_run, hold_save_folder, run_is_finished
 from shearing.validation import validate_config
 
 log = logging.getLogger(__name__)
@@ -202,7 +204,9 @@ def resolve_initial_proportions(cfg: RunConfig) -> None:
 
 
 def build_callbacks(cfg: RunConfig) -> list:
-    callbacks = [build_callback(name, kwargs or {}, cfg) for name, kwargs in cfg.callbacks.items()]
+    # The non-finite guard comes first: it must stop a diverged step before the export or a checkpoint.
+    guard = NonFiniteGuard(cfg.save_folder, cfg.save_interval)
+    callbacks = [guard, *(build_callback(name, kwargs or {}, cfg) for name, kwargs in cfg.callbacks.items())]
     export = build_export_callback(cfg)  # checks export.folder against the run folder again
     if export is not None:
         callbacks.append(export)
@@ -221,6 +225,7 @@ def prepare_save_folder(cfg: RunConfig, model: ComposerShearedLlama) -> None:
 
 def build_trainer(cfg: RunConfig) -> Trainer:
     validate_run(cfg)
+    check_run_record(cfg)  # a resume must continue the same run (source, target, families, data, ...)
     reproducibility.seed_all(cfg.seed)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg)
@@ -275,8 +280,12 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 def train_from_yaml(path: str | os.PathLike, overrides: list[str] | None = None) -> Trainer:
     """Load the yaml, build the trainer, train; returns the trainer (its state holds the result)."""
     cfg = load_config(path, overrides)
-    trainer = build_trainer(cfg)
-    if cfg.eval_first and int(trainer.state.timestamp.batch) == 0 and trainer.state.evaluators:
-        trainer.eval()
-    trainer.fit()
+    with hold_save_folder(cfg.save_folder):  # one run per save_folder (rank 0), released on any exit
+        trainer = build_trainer(cfg)
+        if run_is_finished(trainer):  # Composer's fit() would raise "No training would occur"
+            finish_run(trainer)
+            return trainer
+        if cfg.eval_first and int(trainer.state.timestamp.batch) == 0 and trainer.state.evaluators:
+            trainer.eval()
+        trainer.fit()
     return trainer
