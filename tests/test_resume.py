@@ -3,6 +3,7 @@ checkpoint and the loss trace, masks and domain proportions match an uninterrupt
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,3 +92,44 @@ def test_continued_pretraining_survives_sigkill(tmp_path, pruned_run, tiny_data)
         *COMMON,
     ]
     kill_and_resume(tmp_path, "yamls/testing/cpt_tiny.yaml", overrides)
+
+
+def test_rerunning_a_finished_run_finishes_its_export(tmp_path, tiny_gqa_dir, tiny_data, capsys):
+    """Export lost (a SIGKILL during it, or deleted): the same command writes it and returns; again: a no-op."""
+    from shearing.train import train_from_yaml
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"variables.source_model={tiny_gqa_dir}",
+        f"variables.data_local={tiny_data}",
+        f"variables.save_folder={run_dir}",
+        "variables.reference_losses={code: 3.0, docs: 3.0}",
+        "max_duration=4ba",
+        "save_interval=2ba",
+        "eval_interval=100ba",
+        "export.on_fit_end=true",
+        "export.force=true",  # 4 steps do not converge the masks; the gate would refuse
+    ]
+    train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
+    summary = run_dir / "hf" / "shearing_export.json"
+    assert json.loads(summary.read_text())["checkpoint_batch"] == 4
+    config = json.loads((run_dir / "hf" / "config.json").read_text())
+    shutil.rmtree(run_dir / "hf")
+    capsys.readouterr()
+
+    trainer = train_from_yaml(
+        "yamls/testing/prune_tiny.yaml", overrides
+    )  # old code: "No training would occur"
+    assert int(trainer.state.timestamp.batch) == 4
+    assert json.loads(summary.read_text())["checkpoint_batch"] == 4
+    assert json.loads((run_dir / "hf" / "config.json").read_text()) == config
+    assert f"exported it now to {run_dir / 'hf'}" in capsys.readouterr().out
+    written = summary.stat().st_mtime_ns
+
+    train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
+    out = capsys.readouterr().out
+    assert (
+        "the run is complete: trained to batch 4" in out
+        and f"the export at {run_dir / 'hf'} is from batch 4" in out
+    )
+    assert summary.stat().st_mtime_ns == written  # not exported again
