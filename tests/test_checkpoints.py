@@ -60,3 +60,28 @@ def test_unwritable_or_full_save_folder(tmp_path):
         check_save_folder(blocker / "run", checkpoint_bytes=1)
     with pytest.raises(ValueError, match="GiB free but one checkpoint needs"):
         check_save_folder(tmp_path / "run", checkpoint_bytes=2**62)
+
+
+@pytest.mark.parametrize("module", ["shearing.evaluate", "shearing.reference_losses"])
+def test_cli_refuses_an_unwritable_output_before_the_work(
+    tmp_path, module, tiny_gqa_dir, tiny_data, monkeypatch, capsys
+):
+    """--output under a regular file (chmod tests do not work as root): exit 2 naming it, nothing evaluated."""
+    import importlib
+
+    cli = importlib.import_module(module)
+    work = "evaluate" if module == "shearing.evaluate" else "_from_model"
+
+    def expensive(*args, **kwargs):
+        raise AssertionError("the evaluation ran before --output was checked")
+
+    monkeypatch.setattr(cli, work, expensive)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    output = blocker / "out" / "results.json"
+    argv = ["--model", str(tiny_gqa_dir), "--data", str(tiny_data / "eval"), "--output", str(output)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--output {output} cannot be written" in err and "writable folder" in err
+    assert cli.main([*argv[:-1], str(tmp_path)]) == 2  # a folder, not a file
+    assert f"--output {tmp_path} is a folder" in capsys.readouterr().err

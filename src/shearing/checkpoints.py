@@ -89,3 +89,20 @@ def check_save_folder(save_folder: str | os.PathLike, checkpoint_bytes: int) -> 
             f"save_folder {folder} has {free / 2**30:.1f} GiB free but one checkpoint needs about "
             f"{checkpoint_bytes / 2**30:.1f} GiB (weights + optimizer state): free space or choose another folder"
         )
+
+
+def check_writable_output(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """A CLI's output file can be written: its folder can be created and takes a file. Run before the work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give a file path, e.g. {path / 'results.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"{flag} {path} cannot be written ({e.strerror or e}): choose a path in a writable folder"
+        ) from None
+    return path

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shearing.checkpoints import check_writable_output
 from shearing.evaluation.harness import parse_tasks
 from shearing.evaluation.loading import check_hf_dir
 from shearing.io import write_json_atomic
@@ -187,6 +188,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:  # before the model loads: a bad --output must not cost the whole evaluation
+        check_writable_output(args.output, "--output")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     options = EvalOptions(
         model=args.model,
         data=args.data,

@@ -327,6 +327,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from shearing.checkpoints import check_writable_output
+
+    try:  # before the model loads: a bad --output must not cost the whole evaluation
+        check_writable_output(args.output, "--output")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         result = _from_model(args) if args.model else _from_scaling_law(args)
     except (ValueError, OSError) as err:  # bad input, unreadable points.json or model folder
