@@ -1,7 +1,12 @@
 """Tokenize raw per-domain text into MDS train/eval shards and a manifest (see shearing.data.prep).
 
     python data_prep/tokenize_domains.py --input RAW_DIR --tokenizer TOKENIZER_DIR --output DATA_DIR \
-        --seq-len 4096 --eval-seqs 500 [--train-tokens 0.4B] [--workers N] [--seed 17]
+        --seq-len 4096 --eval-seqs 500 [--train-tokens 0.4B] [--workers N] [--seed 17] \
+        [--bos-token TOKEN | --no-bos] [--eos-token TOKEN]
+
+Documents are framed with the tokenizer's own convention: EOS always (its eos_token), BOS only if the
+tokenizer adds it itself. A tokenizer with no eos_token, or with bos_token == eos_token, is refused until
+a flag says what to do. The choice is printed and recorded in manifest.json (shearing.data.tokenizer).
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--seed", type=int, default=17, help="seed of the document order (default 17)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bos = parser.add_mutually_exclusive_group()
+    bos.add_argument(
+        "--bos-token",
+        help="start every document with this token (default: only if the tokenizer adds its bos)",
+    )
+    bos.add_argument("--no-bos", action="store_true", help="no BOS token before documents")
+    parser.add_argument("--eos-token", help="end every document with this token (default: its eos_token)")
     return parser.parse_args(argv)
 
 
@@ -53,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             seed=args.seed,
             progress=not args.no_progress,
+            bos_token=args.bos_token,
+            eos_token=args.eos_token,
+            no_bos=args.no_bos,
         )
         manifest = prepare(config)
     except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_summary(manifest))
+    print(f"framing: {manifest.tokenizer.get('framing', '?')}")
     print(f"wrote {args.output}/manifest.json")
     return 0
 

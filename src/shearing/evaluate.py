@@ -73,6 +73,10 @@ def check_options(options: EvalOptions) -> dict[str, list[str]]:
         check_hf_dir(options.speed_baseline, "--speed-baseline")
     if options.data and not Path(options.data).is_dir():
         raise ValueError(f"--data {options.data} is not a folder: point it at DATA_DIR/eval")
+    if options.data:
+        from shearing.data.compat import check_model_dir_data
+
+        check_model_dir_data(options.data, options.model, options.tokenizer)  # data tokenizer == model's
     return parse_tasks(options.tasks) if options.tasks else {}
 
 

@@ -265,6 +265,9 @@ def _from_model(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from shearing.data.compat import check_model_dir_data
+
+    check_model_dir_data(args.data, args.model)  # the data's tokenizer must be the model's
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(device)

@@ -29,10 +29,12 @@ from shearing.callbacks.guard import NonFiniteGuard
 from shearing.callbacks.pruning import LagrangianPruning
 from shearing.checkpoints import check_save_folder, recover_latest_checkpoint
 from shearing.config import OptimizerConfig, RunConfig, load_config
+from shearing.data.compat import check_run_data
 from shearing.data.manifest import load_manifest
 from shearing.models.composer_model import ComposerShearedLlama
 from shearing.models.hf_io import load_source_model
 from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape, resolve_target_shape
+from shearing.parallelism import build_parallelism_config
 from shearing.pruning.l0 import L0Module, plan_families
 from shearing.run_folder import check_run_record, finish_run, hold_save_folder, run_is_finished
 from shearing.validation import validate_config
@@ -63,6 +65,7 @@ def validate_run(cfg: RunConfig) -> None:
                     f"max_seq_len={cfg.max_seq_len} but the data at {local} was packed into {seq_len}-token "
                     "sequences: set max_seq_len to match, or re-run data_prep/tokenize_domains.py --seq-len"
                 )
+    check_run_data(cfg, tokenizer_path(cfg), source.vocab_size)  # data tokenizer == model tokenizer
     if cfg.global_train_batch_size % dist.get_world_size():
         raise ValueError(
             f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {dist.get_world_size()} ranks"
@@ -225,6 +228,7 @@ def prepare_save_folder(cfg: RunConfig, model: ComposerShearedLlama) -> None:
 
 def build_trainer(cfg: RunConfig) -> Trainer:
     validate_run(cfg)
+    parallelism = build_parallelism_config(cfg.fsdp_config, pruning=cfg.pruning is not None)  # FSDP2 default
     check_run_record(cfg)  # a resume must continue the same run (source, target, families, data, ...)
     reproducibility.seed_all(cfg.seed)
     tokenizer = build_tokenizer(cfg)
@@ -262,7 +266,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         device=cfg.device,
         device_train_microbatch_size=cfg.device_train_microbatch_size,
         precision=cfg.precision,
-        parallelism_config={"fsdp": cfg.fsdp_config} if cfg.fsdp_config else None,
+        parallelism_config=parallelism,
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,

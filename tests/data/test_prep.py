@@ -316,9 +316,15 @@ def test_zst_reading_and_the_missing_package_message(tmp_path, monkeypatch) -> N
         list(read_documents(RawFile(path, path.name, 0)))
 
 
-def test_tokenizer_without_bos_is_refused(tokenizer_dir, tmp_path) -> None:
+def test_tokenizer_without_eos_is_refused_and_without_bos_frames_text_eos(tokenizer_dir, tmp_path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path / "noeos")
+    with pytest.raises(ValueError, match="has no eos_token.*--eos-token"):
+        prep.load_tokenizer_info(tmp_path / "noeos")
+    assert prep.load_tokenizer_info(tmp_path / "noeos", eos_token="</s>").eos_token_id == 2
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.bos_token = None
     tokenizer.save_pretrained(tmp_path / "nobos")
-    with pytest.raises(ValueError, match="has no bos_token"):
-        prep.load_tokenizer_info(tmp_path / "nobos")
+    info = prep.load_tokenizer_info(tmp_path / "nobos")
+    assert info.bos_token_id is None and "no BOS: the tokenizer has no bos_token" in info.framing

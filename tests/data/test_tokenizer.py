@@ -38,7 +38,8 @@ def test_tokenizer_info(tokenizer_dir: Path) -> None:
         AutoTokenizer.from_pretrained(tokenizer_dir)
     )
     assert (info.bos_token_id, info.eos_token_id) == (1, 2)
-    assert info.to_manifest()["fingerprint"] == info.fingerprint and len(info.fingerprint) == 16
+    assert info.to_manifest()["fingerprint"] == info.fingerprint and len(info.fingerprint) == 64
+    assert info.bos_token == "<s>" and "the tokenizer adds its bos_token" in info.framing
 
 
 def test_cli_and_bad_vocab_size(corpus: Corpus, tmp_path: Path, capsys) -> None:

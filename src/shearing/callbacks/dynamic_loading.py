@@ -12,7 +12,9 @@ Thin Composer glue over ``shearing.data.weights.update_domain_weights`` and the 
   ``trainer.eval()`` calls such as llm-foundry's ``eval_first``, are ignored): reads each domain's eval
   cross-entropy and token count (summed over ranks), computes the new proportions on rank 0,
   broadcasts them, and publishes them to the train dataset, which applies them from batch
-  ``step + update_lag`` on (the prefetch window; see ``shearing.data.dataloader``). A domain with no
+  ``step + update_lag`` on: the very next batch (``update_lag`` 0), since the loader builds each batch
+  in the main process when the trainer asks for it (``shearing.data.dataloader``). Each history entry
+  records both ``step`` and that ``effective_step``. A domain with no
   eval tokens is an error (``eval_subset_num_batches`` cutting the eval set short is the usual cause:
   use the eval loader's ``max_seqs_per_domain`` instead). ``update: constant`` logs but never changes.
 - Every update logs ``metrics/dynamic_loading/proportion/<domain>`` and

@@ -4,7 +4,9 @@
 
 1. **Tokenize** every raw file (``workers`` processes, one file a task) into a token cache
    ``DATA_DIR/.prep/tokens/<domain>/<k>.bin`` plus an index ``<k>.npz`` (per-document token offsets and
-   document ids). Each document becomes BOS + text + EOS. Special-token strings inside a text (a
+   document ids). Each document becomes BOS + text + EOS, or text + EOS, following the tokenizer's own
+   convention (``shearing.data.tokenizer``: ``--bos-token``, ``--eos-token``, ``--no-bos`` override it;
+   the choice is recorded in the manifest). Special-token strings inside a text (a
    literal ``</s>``) are encoded as plain text, never as control tokens. A cached file is reused.
 2. **Plan** the split. A domain's documents (files in sorted order, then line order) are put in a seeded
    random order, ``document_order``: numpy ``default_rng([seed, crc32(domain)])``, so a domain's split does
@@ -22,7 +24,9 @@
    completion record ``DATA_DIR/.prep/done/<domain>.json`` is written atomically. The record is the
    commit point: on rerun a domain with a record is skipped, one without is redone from scratch, and
    its token cache is deleted once it is recorded.
-4. **Manifest**: ``DATA_DIR/manifest.json`` from the records, once every domain is done.
+4. **Manifest**: ``DATA_DIR/manifest.json`` from the records, once every domain is done, with the
+   tokenizer's fingerprint and the largest token id written (``max_token_id``), which training and
+   evaluation check against the model (``shearing.data.compat``).
 
 What decides the bytes written (tokenizer fingerprint, dtype, seq_len, eval_seqs, seed, train_tokens,
 the raw files and their sizes) is kept in ``DATA_DIR/.prep/settings.json``; once a domain is written,
@@ -75,6 +79,9 @@ class PrepConfig:
     workers: int = 1
     seed: int = 17
     progress: bool = True
+    bos_token: str | None = None  # override the tokenizer's BOS convention (a token string)
+    eos_token: str | None = None  # override its EOS
+    no_bos: bool = False  # documents get no BOS
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -138,7 +145,7 @@ class FileTask:
 _WORKER_STATE: dict[str, Any] = {}
 
 
-def _worker_state(backend_json: str, bos: int, eos: int, dtype: str) -> dict[str, Any]:
+def _worker_state(backend_json: str, bos: int | None, eos: int, dtype: str) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(backend_json)
@@ -146,7 +153,7 @@ def _worker_state(backend_json: str, bos: int, eos: int, dtype: str) -> dict[str
     return {"tokenizer": tokenizer, "bos": bos, "eos": eos, "dtype": np.dtype(dtype)}
 
 
-def _init_pool_worker(backend_json: str, bos: int, eos: int, dtype: str) -> None:
+def _init_pool_worker(backend_json: str, bos: int | None, eos: int, dtype: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _WORKER_STATE.update(_worker_state(backend_json, bos, eos, dtype))
 
@@ -167,8 +174,10 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def tokenize_file(file: RawFile, cache: Path, tokenizer: Any, bos: int, eos: int, dtype: np.dtype) -> None:
-    """Write every document of ``file`` as BOS + ids + EOS to ``cache.bin``, and its index to ``cache.npz``."""
+def tokenize_file(
+    file: RawFile, cache: Path, tokenizer: Any, bos: int | None, eos: int, dtype: np.dtype
+) -> None:
+    """Write every document of ``file`` as [BOS +] ids + EOS to ``cache.bin``, its index to ``cache.npz``."""
     stats = ReadStats()
     offsets, doc_ids = [0], []
     tmp_bin = cache.with_name(cache.name + ".bin.tmp")
@@ -176,9 +185,12 @@ def tokenize_file(file: RawFile, cache: Path, tokenizer: Any, bos: int, eos: int
         for batch in _batched(read_documents(file, stats), _BATCH_DOCS):
             encodings = tokenizer.encode_batch_fast([text for _, text in batch], add_special_tokens=False)
             for (doc_id, _), encoding in zip(batch, encodings, strict=True):
-                tokens = np.empty(len(encoding.ids) + 2, dtype=dtype)
-                tokens[0], tokens[-1] = bos, eos
-                tokens[1:-1] = encoding.ids
+                head = 0 if bos is None else 1
+                tokens = np.empty(len(encoding.ids) + head + 1, dtype=dtype)
+                if bos is not None:
+                    tokens[0] = bos
+                tokens[-1] = eos
+                tokens[head:-1] = encoding.ids
                 tokens.tofile(out)
                 offsets.append(offsets[-1] + len(tokens))
                 doc_ids.append(doc_id)
@@ -389,20 +401,24 @@ class _DocReader:
 
 def write_split(
     out: Path, sequences: Iterable[np.ndarray], dtype: str, desc: str, total: int, progress: bool
-) -> int:
-    """Write ``sequences`` as MDS shards (column ``tokens``, ``ndarray:<dtype>``) into ``out``; return the count."""
+) -> tuple[int, int]:
+    """Write ``sequences`` as MDS shards (column ``tokens``, ``ndarray:<dtype>``) into ``out``.
+
+    Returns the count and the largest token id written (-1 for none).
+    """
     from streaming import MDSWriter
 
-    count = 0
+    count, max_id = 0, -1
     with (
         MDSWriter(out=str(out), columns={"tokens": f"ndarray:{dtype}"}, compression=None) as writer,
         tqdm(total=total, desc=desc, unit="seq", disable=not progress) as bar,
     ):
         for sequence in sequences:
             writer.write({"tokens": sequence})
+            max_id = max(max_id, int(sequence.max()))
             count += 1
             bar.update()
-    return count
+    return count, max_id
 
 
 def write_domain(
@@ -411,14 +427,17 @@ def write_domain(
     """Write a domain's eval and train shards and move them into place; return its completion record."""
     work = Path(config.output) / WORK_DIR / "tmp" / docs.name
     shutil.rmtree(work, ignore_errors=True)
-    stats = {}
+    stats, max_id = {}, -1
     for split, doc_indices, max_seqs in (
         ("eval", plan.order[: plan.num_eval_docs], config.eval_seqs),
         ("train", plan.order[plan.num_eval_docs :], train_seqs),
     ):
         reader = _DocReader(docs, dtype)
         sequences = pack_sequences(reader.chunks(doc_indices), config.seq_len, max_seqs)
-        count = write_split(work / split, sequences, dtype, f"{docs.name}/{split}", max_seqs, config.progress)
+        count, split_max = write_split(
+            work / split, sequences, dtype, f"{docs.name}/{split}", max_seqs, config.progress
+        )
+        max_id = max(max_id, split_max)
         assert count == max_seqs, (docs.name, split, count, max_seqs)
         stats[split] = SplitStats(sequences=count, tokens=count * config.seq_len, documents=reader.read)
     for split in ("eval", "train"):
@@ -437,6 +456,7 @@ def write_domain(
     return {
         "entry": asdict(entry),
         "train_tokens_available": plan.train_tokens_available,
+        "max_token_id": max_id,
         "eval_documents": [docs.identity(doc) for doc in plan.order[: plan.num_eval_docs]],
     }
 
@@ -449,7 +469,7 @@ def _settings(
     config: PrepConfig, info: TokenizerInfo, dtype: str, domains: dict[str, RawDomain]
 ) -> dict[str, Any]:
     return {
-        "tokenizer": info.fingerprint,
+        "tokenizer": info.settings_digest,
         "dtype": dtype,
         "seq_len": config.seq_len,
         "eval_seqs": config.eval_seqs,
@@ -500,7 +520,7 @@ def _done_path(output: Path, name: str) -> Path:
 def prepare(config: PrepConfig) -> Manifest:
     """Run the whole preparation (module docstring) and return the manifest written to ``config.output``."""
     output = Path(config.output)
-    info = load_tokenizer_info(config.tokenizer)
+    info = load_tokenizer_info(config.tokenizer, config.bos_token, config.eos_token, config.no_bos)
     dtype = choose_token_dtype(info.vocab_size)
     domains = discover_domains(config.input)
     _check_settings(output, json.loads(json.dumps(_settings(config, info, dtype, domains))))
@@ -562,8 +582,14 @@ def build_manifest(
         "train_allotment": "proportional to each domain's tokens left after the eval split, rounded down to whole sequences",
         "eval_documents": {name: record["eval_documents"] for name, record in records.items()},
     }
+    maxima = [record.get("max_token_id") for record in records.values()]
     return Manifest(
-        seq_len=config.seq_len, dtype=dtype, domains=domains, tokenizer=info.to_manifest(), split=split
+        seq_len=config.seq_len,
+        dtype=dtype,
+        domains=domains,
+        tokenizer=info.to_manifest(),
+        split=split,
+        max_token_id=None if not maxima or None in maxima else int(max(maxima)),
     )
 
 

@@ -1,7 +1,19 @@
 """Tokenizers for data preparation: loading and checking one, and training a small one from raw domains.
 
-Loading (``load_tokenizer_info``): data preparation frames every document as BOS + text + EOS, so a
-tokenizer without a bos or eos token is refused with a message saying how to fix it. Only the Rust
+Loading (``load_tokenizer_info``) decides how data preparation frames every document, following the
+tokenizer's own convention, so the data looks like what the model saw in pre-training:
+
+- EOS ends every document: the tokenizer's ``eos_token``, or ``--eos-token TOKEN``. No eos and no flag:
+  refused (documents would run into each other).
+- BOS starts every document only if the tokenizer adds it itself (``tokenizer(text)`` starts with
+  ``bos_token_id``, as LLaMA-2/3 and Mistral do). A ``bos_token`` the tokenizer does not add (SmolLM2's
+  ``<|im_start|>``, a chat-turn marker) is not written: the model never saw it at document starts.
+  ``--bos-token TOKEN`` forces one, ``--no-bos`` forbids it.
+- bos == eos (GPT-2 style ``<|endoftext|>`` for both) is ambiguous: refused unless ``--bos-token``,
+  ``--no-bos`` or ``--eos-token`` says what is meant.
+
+The choice (ids, strings, and why) goes into the manifest's ``tokenizer`` entry, with the tokenizer's
+fingerprint (``shearing.data.compat``), which training and evaluation check the model against. Only the Rust
 ("fast") backend is used: its serialised form travels to the worker processes, which then need
 ``tokenizers`` alone, not ``transformers``. The vocabulary size is ``len(tokenizer)``, added tokens
 included, because that is the largest id the shards can hold.
@@ -36,19 +48,24 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """What data preparation needs from a tokenizer; ``backend_json`` is the serialised Rust tokenizer."""
+    """What data preparation needs from a tokenizer; ``backend_json`` is the serialised Rust tokenizer.
+
+    ``bos_token_id`` is ``None`` when documents get no BOS; ``framing`` says why each token was chosen.
+    """
 
     path: str
     name: str
     vocab_size: int
-    bos_token: str
-    bos_token_id: int
+    bos_token: str | None
+    bos_token_id: int | None
     eos_token: str
     eos_token_id: int
     backend_json: str
+    fingerprint: str = ""  # shearing.data.compat.tokenizer_fingerprint of the loaded tokenizer
+    framing: str = ""
 
     @property
-    def fingerprint(self) -> str:
+    def settings_digest(self) -> str:
         """A hash of everything that decides the token ids written (vocabulary, merges, bos/eos)."""
         digest = hashlib.sha256(self.backend_json.encode("utf-8"))
         digest.update(f"{self.bos_token_id},{self.eos_token_id},{self.vocab_size}".encode())
@@ -56,6 +73,8 @@ class TokenizerInfo:
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's ``tokenizer`` entry."""
+        from shearing.data.compat import FINGERPRINT_METHOD
+
         return {
             "path": self.path,
             "name": self.name,
@@ -64,13 +83,82 @@ class TokenizerInfo:
             "bos_token_id": self.bos_token_id,
             "eos_token": self.eos_token,
             "eos_token_id": self.eos_token_id,
+            "framing": self.framing,
             "fingerprint": self.fingerprint,
+            "fingerprint_method": FINGERPRINT_METHOD,
         }
 
 
-def load_tokenizer_info(path: str | os.PathLike) -> TokenizerInfo:
-    """Load a Hugging Face tokenizer and check it can frame documents (fast backend, bos and eos)."""
+def _token_id(tokenizer: Any, token: str, flag: str, path: Any) -> int:
+    ids = tokenizer.convert_tokens_to_ids([token])
+    if not ids or ids[0] is None or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(
+            f"{flag} {token!r} is not a token of the tokenizer at {path}: give a token string from its "
+            f"vocabulary (its special tokens are {tokenizer.all_special_tokens})"
+        )
+    return int(ids[0])
+
+
+def choose_framing(
+    tokenizer: Any,
+    path: Any,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    no_bos: bool = False,
+) -> tuple[str | None, int | None, str, int, str]:
+    """(bos token, bos id, eos token, eos id, why) for framing documents; rules in the module docstring."""
+    if bos_token is not None and no_bos:
+        raise ValueError("--bos-token and --no-bos contradict each other: give one of them")
+    own_bos, own_eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos_token is not None:
+        eos_id, eos, eos_why = _token_id(tokenizer, eos_token, "--eos-token", path), eos_token, "--eos-token"
+    elif own_eos is None:
+        raise ValueError(
+            f"tokenizer at {path} has no eos_token, so documents could not be separated: pass "
+            "--eos-token TOKEN (e.g. '<|endoftext|>'), or set eos_token in its tokenizer_config.json"
+        )
+    else:
+        eos_id, eos, eos_why = int(own_eos), str(tokenizer.eos_token), "the tokenizer's eos_token"
+    explicit = bos_token is not None or no_bos or eos_token is not None
+    if own_bos is not None and own_bos == own_eos and not explicit:
+        raise ValueError(
+            f"tokenizer at {path} uses {tokenizer.eos_token!r} as both bos_token and eos_token, so it is "
+            "ambiguous whether documents start with it: pass --no-bos (documents separated by EOS only, the "
+            "GPT-2 convention) or --bos-token TOKEN"
+        )
+    adds_bos = False
+    if own_bos is not None:
+        with_special = tokenizer("a")["input_ids"]
+        without = tokenizer("a", add_special_tokens=False)["input_ids"]
+        adds_bos = with_special[:1] == [own_bos] and without[:1] != [own_bos]
+    if no_bos:
+        bos, bos_id, bos_why = None, None, "no BOS (--no-bos)"
+    elif bos_token is not None:
+        bos, bos_id = bos_token, _token_id(tokenizer, bos_token, "--bos-token", path)
+        bos_why = "BOS from --bos-token"
+    elif adds_bos:
+        bos, bos_id, bos_why = str(tokenizer.bos_token), int(own_bos), "BOS: the tokenizer adds its bos_token"
+    elif own_bos is not None:
+        bos, bos_id = None, None
+        bos_why = f"no BOS: the tokenizer does not add its bos_token {tokenizer.bos_token!r} itself"
+    else:
+        bos, bos_id, bos_why = None, None, "no BOS: the tokenizer has no bos_token"
+    if bos_id is not None and bos_id == eos_id:
+        bos_why += f" (the same token as EOS, {eos!r})"
+    framing = f"{'BOS + ' if bos_id is not None else ''}text + EOS; {bos_why}; EOS: {eos_why}"
+    return bos, bos_id, eos, eos_id, framing
+
+
+def load_tokenizer_info(
+    path: str | os.PathLike,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    no_bos: bool = False,
+) -> TokenizerInfo:
+    """Load a Hugging Face tokenizer and decide the document framing (module docstring); fast backend only."""
     from transformers import AutoTokenizer
+
+    from shearing.data.compat import tokenizer_fingerprint
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -85,21 +173,18 @@ def load_tokenizer_info(path: str | os.PathLike) -> TokenizerInfo:
             f"tokenizer at {path} has no fast (Rust) backend: save it once with "
             "AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(...) so tokenizer.json exists"
         )
-    for role in ("bos", "eos"):
-        if getattr(tokenizer, f"{role}_token_id") is None:
-            raise ValueError(
-                f"tokenizer at {path} has no {role}_token: every document is written as BOS + text + EOS; "
-                f'set "{role}_token" in its tokenizer_config.json (LLaMA uses "<s>" and "</s>")'
-            )
+    bos, bos_id, eos, eos_id, framing = choose_framing(tokenizer, path, bos_token, eos_token, no_bos)
     return TokenizerInfo(
         path=str(Path(path).resolve()) if Path(path).is_dir() else str(path),
         name=str(tokenizer.name_or_path),
         vocab_size=len(tokenizer),
-        bos_token=str(tokenizer.bos_token),
-        bos_token_id=int(tokenizer.bos_token_id),
-        eos_token=str(tokenizer.eos_token),
-        eos_token_id=int(tokenizer.eos_token_id),
+        bos_token=bos,
+        bos_token_id=bos_id,
+        eos_token=eos,
+        eos_token_id=eos_id,
         backend_json=tokenizer.backend_tokenizer.to_str(),
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        framing=framing,
     )
 
 

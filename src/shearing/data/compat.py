@@ -1,0 +1,199 @@
+"""Does a prepared data root belong to a model? The tokenizer fingerprint and the token-id range.
+
+Token ids mean nothing without the tokenizer that wrote them: data from another tokenizer whose ids
+happen to fit the model's vocabulary trains silently on garbage, and ids beyond it crash with an
+``IndexError`` in the embedding at step 1. So data preparation records in ``manifest.json`` the
+tokenizer's fingerprint and the largest token id written, and training (``shearing.train.validate_run``),
+evaluation (``shearing.evaluate --data``) and reference losses (``shearing.reference_losses``) check
+them against the model before any expensive work.
+
+Fingerprint (``FINGERPRINT_METHOD``): sha256 over a canonical JSON of the vocabulary as sorted
+``[id, token]`` pairs (added tokens included), the special tokens with their ids, and the bos/eos ids.
+That is what decides which embedding row a stored id selects; it does not depend on where the tokenizer
+lives or how its files are laid out, so it is stable across ``save_pretrained`` / ``from_pretrained``
+(the serialised ``tokenizer.json`` is not: saving rewrites padding/truncation fields). Merges are not
+hashed: two tokenizers with one vocabulary index the same embedding rows.
+
+Checks, in order (each ``ValueError`` names both tokenizers and the fix):
+
+1. the manifest's ``max_token_id`` must be below the model's ``vocab_size`` (an error even without a
+   fingerprint: these ids cannot be embedded);
+2. the manifest's fingerprint must equal the model tokenizer's. A manifest written before fingerprints
+   (or with an older fingerprint method) is a warning, not an error; so is a model without a tokenizer
+   (a random-init source), where only the id range can be checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_METHOD = "sha256(vocab id->token, special tokens, bos/eos ids) v1"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The fingerprint (hex sha256) of a Hugging Face tokenizer; see the module docstring."""
+    vocab = sorted((int(i), str(t)) for t, i in tokenizer.get_vocab().items())
+    special = sorted((str(t), int(tokenizer.convert_tokens_to_ids(t))) for t in tokenizer.all_special_tokens)
+    payload = {
+        "vocab": vocab,
+        "special": special,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    name = entry.get("name") or "?"
+    path = entry.get("path") or "?"
+    vocab = entry.get("vocab_size", "?")
+    return f"{name!r} (path {path}, vocab size {vocab})"
+
+
+def check_data_tokenizer(
+    data: str | os.PathLike,
+    *,
+    tokenizer: Any | None,
+    tokenizer_path: str | os.PathLike | None,
+    vocab_size: int | None,
+    where: str,
+) -> None:
+    """Refuse data written by another tokenizer than the model's, or holding ids beyond its vocabulary.
+
+    Args:
+        data: ``DATA_DIR`` (or its ``train``/``eval``); its ``manifest.json`` is read.
+        tokenizer: the model's tokenizer (``None``: none known; only the id range is checked).
+        tokenizer_path: where it came from, for the messages.
+        vocab_size: the model's embedding rows (``config.vocab_size``); ``None`` skips the range check.
+        where: the setting that points at the data (e.g. ``train_loader.dataset.local``), for messages.
+    """
+    from shearing.data.manifest import load_manifest
+
+    manifest = load_manifest(data)
+    entry = dict(manifest.tokenizer or {})
+    data_desc = _describe(entry)
+    model_desc = f"{tokenizer_path or getattr(tokenizer, 'name_or_path', '?')}"
+    if tokenizer is not None:
+        model_desc += f" (vocab size {len(tokenizer)})"
+    fix = (
+        "re-run data_prep/tokenize_domains.py with --tokenizer set to the model's tokenizer, or set "
+        "model.tokenizer to the tokenizer the data was prepared with"
+    )
+    max_id = manifest.max_token_id
+    if vocab_size is not None and max_id is not None and max_id >= vocab_size:
+        raise ValueError(
+            f"{where}={data}: the data holds token id {max_id} but the model's vocab_size is {vocab_size} "
+            f"(ids must be below it); the data was tokenized with {data_desc}, the model's tokenizer is "
+            f"{model_desc}: {fix}"
+        )
+    if vocab_size is not None and max_id is None and int(entry.get("vocab_size", 0) or 0) > vocab_size:
+        log.warning(
+            "%s=%s: manifest.json records no max_token_id and its tokenizer has %s tokens, more than the "
+            "model's vocab_size %d: ids beyond it would crash training; re-run data_prep/tokenize_domains.py",
+            where,
+            data,
+            entry.get("vocab_size"),
+            vocab_size,
+        )
+    stored = entry.get("fingerprint")
+    if not stored or entry.get("fingerprint_method") != FINGERPRINT_METHOD:
+        log.warning(
+            "%s=%s: manifest.json has no tokenizer fingerprint (written by an older data_prep); cannot check "
+            "that the data was tokenized with the model's tokenizer %s. Re-run data_prep/tokenize_domains.py "
+            "to record one",
+            where,
+            data,
+            model_desc,
+        )
+        return
+    if tokenizer is None:
+        log.warning(
+            "%s=%s: the model has no tokenizer (set model.tokenizer); cannot check the data's tokenizer %s",
+            where,
+            data,
+            data_desc,
+        )
+        return
+    mine = tokenizer_fingerprint(tokenizer)
+    if mine != stored:
+        raise ValueError(
+            f"{where}={data} was tokenized with {data_desc}, fingerprint {stored[:16]}, but the model's "
+            f"tokenizer is {model_desc}, fingerprint {mine[:16]}: token ids would mean different tokens. "
+            f"{fix}"
+        )
+
+
+def load_tokenizer_or_none(path: str | os.PathLike | None) -> Any | None:
+    """``AutoTokenizer.from_pretrained(path)``, or ``None`` for no path or a folder without a tokenizer."""
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(path)))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def check_run_data(cfg: Any, tokenizer_path: str | None, vocab_size: int | None) -> None:
+    """``check_data_tokenizer`` for every ``domain_mixture`` / ``domain_eval`` loader of a run config.
+
+    ``tokenizer_path`` is the model's tokenizer (``shearing.train.tokenizer_path``), loaded once.
+    """
+    loaders = [("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)]
+    locals_ = [
+        (key, (loader.get("dataset") or {}).get("local"))
+        for key, loader in loaders
+        if loader and loader.get("name") in ("domain_mixture", "domain_eval")
+    ]
+    locals_ = [(key, local) for key, local in locals_ if local is not None]
+    if not locals_:
+        return
+    tokenizer = load_tokenizer_or_none(tokenizer_path)
+    for key, local in locals_:
+        check_data_tokenizer(
+            local,
+            tokenizer=tokenizer,
+            tokenizer_path=tokenizer_path,
+            vocab_size=vocab_size,
+            where=f"{key}.dataset.local",
+        )
+
+
+def check_model_dir_data(
+    data: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    where: str = "--data",
+) -> None:
+    """``check_data_tokenizer`` for an HF model folder (its ``config.json`` and tokenizer), before loading it.
+
+    ``tokenizer_dir`` defaults to ``model_dir``. A data folder without a manifest is not checked.
+    """
+    from shearing.data.manifest import load_manifest
+
+    try:
+        load_manifest(data)
+    except FileNotFoundError:
+        return
+    vocab_size = None
+    config = Path(model_dir) / "config.json"
+    if config.is_file():
+        with open(config) as f:
+            vocab_size = json.load(f).get("vocab_size")
+    path = tokenizer_dir or model_dir
+    check_data_tokenizer(
+        data,
+        tokenizer=load_tokenizer_or_none(path),
+        tokenizer_path=str(path),
+        vocab_size=None if vocab_size is None else int(vocab_size),
+        where=where,
+    )
