@@ -95,3 +95,29 @@ def test_non_finite_weights_are_caught_before_the_checkpoint(tmp_path, tiny_gqa_
         train_from_yaml(YAML, args)
     assert checkpoints(run_dir) == ["ep0-ba2-rank0.pt"]
     assert_finite_checkpoint(run_dir / "latest-rank0.pt")
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_stop_together(tmp_path, tiny_gqa_dir, tiny_data):
+    """`composer -n 2`: both ranks stop at step 2 with the same message (no rank left waiting), exit non-zero."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        str(Path(sys.executable).parent / "composer"),
+        "-n",
+        "2",
+        "--stdout",
+        str(tmp_path / "rank{rank}.out"),
+        "--stderr",
+        str(tmp_path / "rank{rank}.err"),
+        str(REPO / "train.py"),
+        str(REPO / YAML),
+        *overrides(tiny_gqa_dir, tiny_data, run_dir, "optimizer.lr=1e20"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    for rank in (0, 1):  # the launcher prints local rank 0 itself and writes the others to the files
+        err = done.stderr if rank == 0 else (tmp_path / f"rank{rank}.err").read_text()
+        assert "TrainingDiverged: training stopped at step 2: non-finite loss" in err, (rank, err[-2000:])
+    assert checkpoints(run_dir) == ["ep0-ba1-rank0.pt"]
+    assert_finite_checkpoint(run_dir / "latest-rank0.pt")
