@@ -251,6 +251,9 @@ class Bench:
                 *self.shared_overrides(),
                 f"callbacks.{TRACE_CALLBACK}.path={run_dir / 'eval_trace.jsonl'}",
                 *overrides,
+                # A scaled-down run (--scale < 1) prunes too few steps for the masks to converge: export it
+                # anyway; shearing_export.json records the failed gate as forced.
+                *(["export.force=true"] if yaml == "prune.yaml" and self.scale < 1 else []),
             ],
         )
         record = {

@@ -15,19 +15,25 @@ COMPOSER = Path(sys.executable).parent / "composer"
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp2", "hybrid"])
 def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, parallelism):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = [f"variables.save_folder={tmp_path / 'run'}"]  # checkpoints and dynamic_loading.json stay in tmp
+    env.pop("FSDP_VERSION", None)  # the recipes' default path: shearing.parallelism builds the FSDP2 config
     if parallelism == "fsdp2":
-        # FSDP2 (the CPU-capable one) with activation checkpointing and a full-state-dict export at the end.
-        env["FSDP_VERSION"] = "2"
+        # The recipes' fsdp_config (FSDP2 by default) with a full-state-dict export at the end.
         # 12 steps cannot converge: the gate measures both eval losses on both ranks, then is forced.
         extra += [
-            "fsdp_config={state_dict_type: full, activation_checkpointing: true}",
+            "fsdp_config={sharding_strategy: FULL_SHARD, mixed_precision: DEFAULT, activation_checkpointing: true,"
+            " state_dict_type: full, use_orig_params: true, limit_all_gathers: true}",
             "export.on_fit_end=true",
             "export.force=true",
         ]
+    elif parallelism == "hybrid":
+        # HYBRID_SHARD as a 2-D mesh: replicate 2 x shard 1 (one rank per "node" here).
+        extra.append(
+            "fsdp_config={sharding_strategy: HYBRID_SHARD, data_parallel_shard_degree: 1, state_dict_type: full}"
+        )
     cmd = [
         str(COMPOSER),
         "-n",
@@ -55,6 +61,10 @@ def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, p
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
         moved |= key.startswith("lambdas.") and float(rank0[key].abs()) > 0
     assert moved, "the multipliers never moved: the run did not prune"
+    for key in (k for k in rank0 if k.startswith("log_alphas.")):
+        # Stored logits stay clamped on every shard (before the fix, FSDP ranks reached ~17 after 20 steps).
+        assert float(rank0[key].max()) <= math.log(100.0) + 1e-6, key
+        assert float(rank0[key].min()) >= math.log(0.01) - 1e-6, key
     if parallelism == "fsdp2":
         from transformers import AutoModelForCausalLM
 

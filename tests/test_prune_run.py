@@ -91,9 +91,10 @@ def test_failed_export_leaves_nothing_that_looks_complete(pruned_run, tmp_path, 
     with pytest.raises(OSError, match="disk full"):
         export_mod.export_model_state(state, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-    # An existing export survives a failed overwrite untouched.
+    # An existing export survives a failed overwrite untouched (only a previous export may be replaced).
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "marker").write_text("old")
+    (tmp_path / "out" / export_mod.SUMMARY_NAME).write_text("{}")
     with pytest.raises(OSError):
         export_mod.export_model_state(state, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "marker").read_text() == "old"
