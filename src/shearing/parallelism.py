@@ -1,0 +1,179 @@
+"""The yaml's ``fsdp_config`` -> Composer's parallelism config: FSDP2 by default, HYBRID_SHARD as a 2-D mesh.
+
+Composer 0.32.1 has two FSDP paths. A plain dict under ``parallelism_config.fsdp`` becomes FSDP1
+(``FSDPConfig``, CUDA only) unless the environment says ``FSDP_VERSION=2``, in which case
+``FSDP2Config.from_compatible_attrs`` keeps the keys FSDP2 knows and drops the rest with a warning,
+``sharding_strategy`` included, so HYBRID_SHARD silently became FULL_SHARD. FSDP2 (``fully_shard``,
+DTensor parameters) is the path the project's multi-process tests run on CPU, so it is the default
+here and needs no environment variable: ``build_parallelism_config`` builds the config object itself
+(the environment variable is then ignored; a conflicting one is reported).
+
+``fsdp_config`` keys (FSDP1 spellings accepted, translated):
+
+- ``version``: 2 (default) or 1 (Composer's FSDP1, CUDA only; keys passed through unchanged).
+- ``sharding_strategy``: FULL_SHARD (``reshard_after_forward: true``), SHARD_GRAD_OP
+  (``reshard_after_forward: false``), HYBRID_SHARD / _HYBRID_SHARD_ZERO2 (a 2-D device mesh:
+  replicate across nodes, shard within a node, i.e. shard degree = local world size; reshard
+  true / false). NO_SHARD is refused: drop ``fsdp_config`` for plain DDP.
+- ``data_parallel_shard_degree`` / ``data_parallel_replicate_degree``: the mesh explicitly (-1 fills
+  the rest); they override what HYBRID_SHARD derives.
+- ``use_orig_params``: FSDP2 always keeps the original parameters; ``false`` is refused.
+- FSDP1 tuning knobs without an FSDP2 meaning (``limit_all_gathers``, ``forward_prefetch``,
+  ``backward_prefetch``, ``sync_module_states``, ``activation_checkpointing_reentrant``) are dropped
+  with a log line; any other key that FSDP2 lacks is an error.
+- FSDP2's own keys pass through: ``activation_checkpointing``, ``activation_cpu_offload``,
+  ``state_dict_type``, ``load_monolith_rank0_only``, ``mixed_precision``, ``reshard_after_forward``,
+  ``verbose``.
+
+Composer's ``FSDP2Config`` reports a fixed 1-D mesh (shard degree -1, no replicate degree) to the
+``State`` that builds the device mesh, and ``State`` overwrites any mesh set on the config; the
+subclass ``MeshFSDP2Config`` carries the two degrees so ``State`` builds the 2-D (HSDP) mesh itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FSDP2_KEYS = (
+    "activation_checkpointing",
+    "activation_cpu_offload",
+    "state_dict_type",
+    "load_monolith_rank0_only",
+    "mixed_precision",
+    "reshard_after_forward",
+    "verbose",
+)
+FSDP1_ONLY_KEYS = (
+    "limit_all_gathers",
+    "forward_prefetch",
+    "backward_prefetch",
+    "sync_module_states",
+    "activation_checkpointing_reentrant",
+)
+STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+
+
+def _mesh_config_class():
+    from composer.utils.parallelism import FSDP2Config
+
+    @dataclass
+    class MeshFSDP2Config(FSDP2Config):
+        """``FSDP2Config`` whose mesh degrees Composer's ``State`` reads to build a 1-D or 2-D mesh."""
+
+        shard_degree: int = -1
+        replicate_degree: int | None = None
+
+        @property
+        def data_parallel_shard_degree(self) -> int:
+            return self.shard_degree
+
+        @property
+        def data_parallel_replicate_degree(self) -> int | None:
+            return self.replicate_degree
+
+    return MeshFSDP2Config
+
+
+def fsdp2_options(
+    fsdp_config: Mapping[str, Any], world_size: int, local_world_size: int
+) -> tuple[dict[str, Any], int, int | None]:
+    """The FSDP2 keyword arguments and the (shard, replicate) mesh degrees for a yaml ``fsdp_config``."""
+    options = {k: v for k, v in fsdp_config.items() if k != "version"}
+    strategy = str(options.pop("sharding_strategy", "FULL_SHARD")).upper()
+    if strategy == "NO_SHARD":
+        raise ValueError(
+            "fsdp_config.sharding_strategy=NO_SHARD: FSDP2 has no unsharded mode; remove fsdp_config to train "
+            "with plain DDP"
+        )
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"fsdp_config.sharding_strategy={strategy!r} is unknown; choose from {list(STRATEGIES)}"
+        )
+    if options.pop("use_orig_params", True) is False:
+        raise ValueError(
+            "fsdp_config.use_orig_params=false: FSDP2 always keeps the original parameters (the mask logits "
+            "and multipliers need their own learning rates); remove the key or set it to true"
+        )
+    dropped = [key for key in FSDP1_ONLY_KEYS if key in options]
+    for key in dropped:
+        options.pop(key)
+    if dropped:
+        log.info("fsdp_config: %s are FSDP1-only settings, not used under FSDP2", dropped)
+    shard = options.pop("data_parallel_shard_degree", None)
+    replicate = options.pop("data_parallel_replicate_degree", None)
+    unknown = sorted(set(options) - set(FSDP2_KEYS))
+    if unknown:
+        raise ValueError(
+            f"fsdp_config has key(s) {unknown} that FSDP2 does not know; valid keys: version, sharding_strategy, "
+            f"data_parallel_shard_degree, data_parallel_replicate_degree, use_orig_params, {list(FSDP2_KEYS)} "
+            "(or set fsdp_config.version: 1 for Composer's FSDP1, CUDA only)"
+        )
+    hybrid = "HYBRID" in strategy
+    options.setdefault("reshard_after_forward", strategy in ("FULL_SHARD", "HYBRID_SHARD"))
+    if hybrid and shard is None:
+        shard = local_world_size
+        if world_size % shard:
+            raise ValueError(
+                f"fsdp_config.sharding_strategy={strategy} shards within a node of {local_world_size} ranks, but the "
+                f"world size {world_size} is not a multiple of it: set data_parallel_shard_degree explicitly"
+            )
+    shard = -1 if shard is None else int(shard)
+    replicate = None if replicate is None else int(replicate)
+    if shard > 0 and replicate is None and shard != world_size:
+        replicate = world_size // shard if world_size % shard == 0 else 0  # the rest replicates
+    fixed = [d for d in (shard, replicate) if d is not None and d > 0]
+    product = fixed[0] * fixed[1] if len(fixed) == 2 else (fixed[0] if fixed else 1)
+    if (product != world_size) if len(fixed) == 2 else (world_size % product):
+        raise ValueError(
+            f"fsdp_config: data_parallel_shard_degree={shard} x data_parallel_replicate_degree={replicate} does "
+            f"not fit the world size {world_size}: their product must equal it (-1 for one of them fills the rest)"
+        )
+    return options, shard, replicate
+
+
+def build_parallelism_config(
+    fsdp_config: Mapping[str, Any] | None,
+    pruning: bool = False,
+    world_size: int | None = None,
+    local_world_size: int | None = None,
+) -> dict[str, Any] | None:
+    """Composer's ``parallelism_config`` for a yaml ``fsdp_config`` (None: no FSDP)."""
+    if not fsdp_config:
+        return None
+    from composer.utils import dist
+
+    world_size = dist.get_world_size() if world_size is None else world_size
+    local_world_size = dist.get_local_world_size() if local_world_size is None else local_world_size
+    version = int(fsdp_config.get("version", 2))
+    if version not in (1, 2):
+        raise ValueError(
+            f"fsdp_config.version={version}: use 2 (FSDP2, the default) or 1 (Composer's FSDP1, CUDA)"
+        )
+    env = os.environ.get("FSDP_VERSION")
+    if env is not None and env != str(version):
+        log.warning("FSDP_VERSION=%s in the environment is ignored: fsdp_config.version is %d", env, version)
+    if version == 1:
+        from composer.utils.parallelism import FSDPConfig
+
+        options = {k: v for k, v in fsdp_config.items() if k != "version"}
+        if pruning and options.get("use_orig_params") is False:
+            raise ValueError(
+                "fsdp_config.use_orig_params=false with a pruning run: one flat parameter would hold both the mask "
+                "logits (lr optimizer.mask_lr) and the multipliers (negative lr); set use_orig_params: true"
+            )
+        return {"fsdp": FSDPConfig(**options)}
+    options, shard, replicate = fsdp2_options(fsdp_config, world_size, local_world_size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="FSDP2 Config/APIs are experimental")
+        config = _mesh_config_class()(**options, shard_degree=shard, replicate_degree=replicate)
+    return {"fsdp": config}
+
+
+__all__ = ["build_parallelism_config", "fsdp2_options"]
