@@ -1,4 +1,4 @@
-"""Tokenize raw per-domain text into MDS train/eval shards and a manifest (see shearing.data.prep).
+r"""Tokenize raw per-domain text into MDS train/eval shards and a manifest (see shearing.data.prep).
 
     python data_prep/tokenize_domains.py --input RAW_DIR --tokenizer TOKENIZER_DIR --output DATA_DIR \
         --seq-len 4096 --eval-seqs 500 [--train-tokens 0.4B] [--workers N] [--seed 17] \

@@ -111,7 +111,8 @@ NAMED_SHAPES: dict[str, LlamaShape] = {
     "llama2_1.3b": _llama(2048, 24, 16, 16, 5504, 32000, 128),
     "llama2_370m": _llama(1024, 24, 8, 8, 2816, 32000, 128),
     "llama3_8b": _llama(4096, 32, 32, 8, 14336, 128256, 128),
-    # Llama-3.2-3B widths (24 query heads over 8 KV groups), untied like its 8B source.
+    # Llama-3.2-3B widths (24 query heads over 8 KV groups), untied like its 8B source: 3,606,752,256
+    # parameters (3.6B; Llama-3.2-3B itself ties embeddings and LM head, 3.2B).
     "llama3_3b": _llama(3072, 28, 24, 8, 8192, 128256, 128),
     # A GQA target that also prunes KV groups: 4 of 8 groups kept, 4 query heads each.
     "llama3_1.5b": _llama(2048, 24, 16, 4, 5632, 128256, 128),
