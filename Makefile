@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml
 
 # GPU machines: adds flash-attn (compiles against the installed torch; needs CUDA and a compiler).
 install-gpu: install
-	@echo "make install-gpu: adding flash-attn to $(VENV)"
+	@echo "make install-gpu: adding flash-attn to $(VENV) (built against the installed torch, as in the Dockerfile)"
+	$(UV) pip install -p $(PY) "setuptools<81" wheel packaging ninja
 	$(UV) pip install -p $(PY) --no-build-isolation -e '.[dev,gpu]'
 
 test: install
