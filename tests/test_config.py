@@ -88,3 +88,62 @@ def test_sequence_length_must_match_the_data(tiny_data):
     )
     with pytest.raises(ValueError, match="packed into 64-token sequences"):
         validate_run(cfg)
+
+
+def _foundry_yaml(tmp_path, model_block: str, tokenizer_block: str = "") -> Path:
+    """prune_tiny with its ``model:`` section written the llm-foundry way."""
+    text = (REPO / "yamls/testing/prune_tiny.yaml").read_text()
+    start = text.index("model:\n")
+    end = text.index("\npruning:")
+    path = tmp_path / "foundry.yaml"
+    path.write_text(text[:start] + model_block + tokenizer_block + text[end:])
+    return path
+
+
+def test_llm_foundry_model_and_tokenizer_spellings_are_accepted(tmp_path, tiny_gqa_dir, tiny_data):
+    path = _foundry_yaml(
+        tmp_path,
+        "model:\n  name: hf_causal_lm\n  pretrained: true\n"
+        "  pretrained_model_name_or_path: ${variables.source_model}\n",
+        "\ntokenizer:\n  name: ${variables.source_model}\n  kwargs:\n    model_max_length: ${max_seq_len}\n",
+    )
+    cfg = load_config(path, [f"variables.source_model={tiny_gqa_dir}", f"variables.data_local={tiny_data}"])
+    assert cfg.model.source == str(tiny_gqa_dir) and cfg.model.tokenizer == str(tiny_gqa_dir)
+    validate_run(cfg)  # the translated config is a complete, valid run
+
+
+@pytest.mark.parametrize(
+    "model_block, tokenizer_block, message",
+    [
+        (
+            "model:\n  source: tiny_gqa\n  pretrained_model_name_or_path: other\n",
+            "",
+            r"model.pretrained_model_name_or_path='other' and model.source='tiny_gqa' disagree.*keep model.source",
+        ),
+        (
+            "model:\n  name: mpt_causal_lm\n  source: tiny_gqa\n",
+            "",
+            r"model.name='mpt_causal_lm'.*drop model.name",
+        ),
+        ("model:\n  pretrained: false\n  source: tiny_gqa\n", "", r"model.pretrained=False.*named shape"),
+        (
+            "model:\n  source: tiny_gqa\n",
+            "\ntokenizer:\n  name: tok\n  kwargs: {padding_side: left}\n",
+            r"tokenizer.kwargs \['padding_side'\] are not supported.*model.tokenizer",
+        ),
+        (
+            "model:\n  source: tiny_gqa\n",
+            "\ntokenizer:\n  name: tok\n  kwargs: {model_max_length: 4096}\n",
+            r"model_max_length=4096 but max_seq_len=64",
+        ),
+        (
+            "model:\n  source: tiny_gqa\n  tokenizer: a\n",
+            "\ntokenizer:\n  name: b\n",
+            r"tokenizer.name='b' and model.tokenizer='a' disagree",
+        ),
+        ("model:\n  source: tiny_gqa\n", "\ntokenizer: tok\n", r"spelling is model.tokenizer: PATH"),
+    ],
+)
+def test_llm_foundry_spellings_that_do_not_map_are_refused(tmp_path, model_block, tokenizer_block, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(_foundry_yaml(tmp_path, model_block, tokenizer_block))

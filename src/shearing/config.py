@@ -109,7 +109,9 @@ class RunConfig:
     device_train_microbatch_size: Any = "auto"
     device_eval_batch_size: int = 8
     precision: str = "fp32"
-    eval_interval: Any = "1000ba"  # a bare number would be epochs of an endless stream: refused (validation.py)
+    eval_interval: Any = (
+        "1000ba"  # a bare number would be epochs of an endless stream: refused (validation.py)
+    )
     eval_first: bool = False
     eval_subset_num_batches: int = -1
     save_folder: str | None = None
@@ -152,6 +154,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ValueError(f"{path}: {e}") from None
     if not isinstance(container, dict):
         raise ValueError(f"{path}: a run config must be a mapping")
+    translate_foundry_spellings(container, str(path))
     variables = container.get("variables")
     if not isinstance(variables, dict):
         raise ValueError(f"{path}: missing the 'variables:' block")
@@ -161,6 +164,76 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: variables is missing {missing}; every run yaml sets {list(REQUIRED_VARIABLES)}"
         )
     return from_dict(RunConfig, container, where=str(path))
+
+
+# llm-foundry spelling -> shearing spelling (README "Configuration reference").
+FOUNDRY_SPELLINGS = {
+    "model.pretrained_model_name_or_path": "model.source",
+    "model.name: hf_causal_lm": "(dropped: the model is always the mask-aware LLaMA)",
+    "model.pretrained: true": "(dropped: a checkpoint directory is loaded; a named shape is random init)",
+    "tokenizer.name (top level)": "model.tokenizer",
+    "tokenizer.kwargs.model_max_length": "max_seq_len (must agree; the data is packed to it)",
+}
+
+
+def translate_foundry_spellings(container: dict[str, Any], where: str) -> None:
+    """Rewrite llm-foundry's ``model`` / ``tokenizer`` spellings into ours, in place; refuse what has no match.
+
+    llm-foundry yamls say ``model: {name: hf_causal_lm, pretrained_model_name_or_path: P, pretrained: true}``
+    and a top-level ``tokenizer: {name: P, kwargs: {model_max_length: N}}``. They map one-to-one onto
+    ``model.source`` and ``model.tokenizer`` (``FOUNDRY_SPELLINGS``); anything else in those blocks is an
+    error that shows the shearing spelling, never silently ignored.
+    """
+    model = container.get("model")
+    if isinstance(model, dict):
+        if "pretrained_model_name_or_path" in model:
+            value = model.pop("pretrained_model_name_or_path")
+            if model.get("source") not in (None, value):
+                raise ValueError(
+                    f"{where}: model.pretrained_model_name_or_path={value!r} and model.source={model['source']!r} "
+                    "disagree: they are the same key (llm-foundry / shearing spelling); keep model.source"
+                )
+            model["source"] = value
+        name = model.pop("name", "hf_causal_lm")
+        if name != "hf_causal_lm":
+            raise ValueError(
+                f"{where}: model.name={name!r} is not supported: shearing always builds its mask-aware LLaMA "
+                "from model.source (an HF LLaMA checkpoint directory or a named shape); drop model.name"
+            )
+        pretrained = model.pop("pretrained", True)
+        if pretrained is not True:
+            raise ValueError(
+                f"{where}: model.pretrained={pretrained!r}: for a random init set model.source to a named shape "
+                "(e.g. llama2_1.3b) or a shape mapping instead; a checkpoint directory is always loaded"
+            )
+    tokenizer = container.pop("tokenizer", None)
+    if tokenizer is None:
+        return
+    if not isinstance(tokenizer, dict) or set(tokenizer) - {"name", "kwargs"} or "name" not in tokenizer:
+        raise ValueError(
+            f"{where}: top-level tokenizer={tokenizer!r}: the llm-foundry form is tokenizer: {{name: PATH, "
+            "kwargs: {model_max_length: N}}; the shearing spelling is model.tokenizer: PATH"
+        )
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}: a top-level tokenizer block needs a model: section (model.source)")
+    if model.get("tokenizer") not in (None, tokenizer["name"]):
+        raise ValueError(
+            f"{where}: tokenizer.name={tokenizer['name']!r} and model.tokenizer={model['tokenizer']!r} disagree: "
+            "they are the same key (llm-foundry / shearing spelling); keep model.tokenizer"
+        )
+    kwargs = dict(tokenizer.get("kwargs") or {})
+    max_len = kwargs.pop("model_max_length", None)
+    if kwargs:
+        raise ValueError(
+            f"{where}: tokenizer.kwargs {sorted(kwargs)} are not supported: the data is tokenized beforehand by "
+            "data_prep/tokenize_domains.py (its flags set BOS/EOS); keep only tokenizer.name (= model.tokenizer)"
+        )
+    if max_len is not None and max_len != container.get("max_seq_len"):
+        raise ValueError(
+            f"{where}: tokenizer.kwargs.model_max_length={max_len!r} but max_seq_len={container.get('max_seq_len')!r}: "
+            "the data is packed to max_seq_len; set them equal or drop model_max_length"
+        )
+    model["tokenizer"] = tokenizer["name"]
 
 
 def from_dict(cls: type, raw: dict[str, Any], where: str) -> Any:
