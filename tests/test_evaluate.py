@@ -16,7 +16,7 @@ from tiny import SEQ_LEN, make_hf_llama
 from shearing.evaluate import EvalOptions, evaluate, main
 from shearing.evaluation.harness import flatten_metrics, parse_tasks, run_lm_eval
 from shearing.evaluation.loading import load_model
-from shearing.evaluation.speed import compare_speed, make_prompt, time_generate
+from shearing.evaluation.speed import compare_speed, make_prompt, run_trials, spread_stats, time_generate
 
 CPU = torch.device("cpu")
 DOMAIN_KEYS = {"loss", "perplexity", "tokens"}
@@ -133,26 +133,169 @@ def test_lm_eval_errors_and_metric_names(tmp_path: Path) -> None:
 # Speed
 
 
-def test_speed_comparison_of_two_tiny_models(tmp_path: Path, tokenizer_dir: Path, tiny_gqa_dir: Path) -> None:
+def test_speed_comparison_of_two_tiny_models(
+    tmp_path: Path, tokenizer_dir: Path, tiny_gqa_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
     small = _small_model(tmp_path / "small", tokenizer_dir)
     out = tmp_path / "speed.json"
     argv = ["--model", str(small), "--speed-baseline", str(tiny_gqa_dir), "--output", str(out)]
-    assert (
-        main([*argv, "--prompt-len", "32", "--new-tokens", "12", "--repeats", "2", "--batch-size", "2"]) == 0
-    )
+    argv += ["--prompt-len", "32", "--new-tokens", "12", "--repeats", "3", "--batch-size", "2"]
+    assert main([*argv, "--speed-max-seconds", "60", "--speed-tolerance", "0.5"]) == 0
+    captured = capsys.readouterr()
     result = json.loads(out.read_text())
     assert set(result) == {"model", "speed"}
     speed = result["speed"]
     assert (speed["prompt_len"], speed["new_tokens"], speed["batch_size"]) == (32, 12, 2)
     assert speed["baseline_model"] == str(tiny_gqa_dir) and speed["device"] == "cpu"
+    assert 3 <= speed["trials"] <= 50 and speed["stopped"] in {"converged", "time cap", "max trials"}
+    assert speed["spread_ok"] == (speed["max_spread"] <= 0.5) == (speed["warning"] is None)
     for who in ("model", "baseline"):
-        assert speed[who]["prefill_tokens_per_s"] > 0 and speed[who]["decode_tokens_per_s"] > 0
-        assert speed[who]["prefill_tokens_per_s"] == pytest.approx(2 * 32 / speed[who]["prefill_s"])
-        assert speed[who]["decode_tokens_per_s"] == pytest.approx(2 * 11 / speed[who]["decode_s"])
+        row = speed[who]
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["prefill_tokens_per_s"] == pytest.approx(2 * 32 / row["prefill_s"])
+        assert row["decode_tokens_per_s"] == pytest.approx(2 * 11 / row["decode_s"])
+        for phase in ("prefill", "decode"):
+            stats = row[phase]
+            assert stats["median"] == row[f"{phase}_tokens_per_s"]
+            assert stats["min"] <= stats["q1"] <= stats["median"] <= stats["q3"] <= stats["max"]
+            assert stats["trials"] + (row["decode_invalid"] if phase == "decode" else 0) == speed["trials"]
+        # One progress line per trial and model, in A B A B order.
+        assert captured.err.count(f": {who} prefill ") == speed["trials"]
+    lines = [line for line in captured.err.splitlines() if line.startswith("speed trial ")]
+    assert lines[0].startswith("speed trial 1: model prefill ") and " tok/s decode " in lines[0]
+    assert lines[1].startswith("speed trial 1: baseline prefill ")
     assert speed["model"]["parameters"] < speed["baseline"]["parameters"]
     for phase in ("prefill", "decode"):
-        ratio = speed["model"][f"{phase}_tokens_per_s"] / speed["baseline"][f"{phase}_tokens_per_s"]
-        assert speed[f"{phase}_speedup"] == pytest.approx(ratio) and speed[f"{phase}_speedup"] > 0
+        stats = speed[f"{phase}_speedup_stats"]
+        assert speed[f"{phase}_speedup"] == stats["median"] > 0
+        assert stats["min"] <= stats["median"] <= stats["max"]
+    assert "speedup [min-max]" in captured.out and "interleaved trials per model" in captured.out
+
+
+def test_summary_table_columns_never_run_together() -> None:
+    from shearing.evaluate import format_summary
+
+    domains = {
+        "cc": {"loss": 2.1, "perplexity": 123456.78, "tokens": 1234567890},
+        "stackexchange_long": {"loss": 12.1234, "perplexity": 1.5e9, "tokens": 5},
+    }
+    text = format_summary({"model": "m", "domains": domains, "average_loss": 7.1})
+    rows = {line.split()[0]: line.split() for line in text.splitlines()}
+    assert rows["cc"] == ["cc", "2.1000", "123,456.78", "1,234,567,890"]
+    assert rows["stackexchange_long"] == ["stackexchange_long", "12.1234", "1,500,000,000.00", "5"]
+    lines = text.splitlines()
+    assert len({len(line) for line in lines[:3]}) == 1  # right-aligned to one width per column
+
+
+# Statistics of the trials, with a scripted timing function and clock: what is tested is the stopping
+# rule and the aggregation, which need exactly known times.
+class Script:
+    """``measure(name)`` returns scripted (t1, tN) per call; the clock advances by the time 'spent'."""
+
+    def __init__(self, times: dict[str, list[tuple[float, float]]]):
+        self.times = {name: iter(seq) for name, seq in times.items()}
+        self.calls: list[str] = []
+        self.now = 0.0
+
+    def measure(self, name: str) -> tuple[float, float]:
+        self.calls.append(name)
+        t1, tn = next(self.times[name])
+        self.now += t1 + tn
+        return t1, tn
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_steady_timings_stop_at_the_minimum_trials_with_exact_statistics() -> None:
+    script = Script({"model": [(0.5, 2.5)] * 50, "baseline": [(1.0, 5.0)] * 50})
+    lines: list[str] = []
+    result = run_trials(
+        script.measure, 2, 100, 11, min_trials=4, clock=script.clock, progress=lines.append, max_seconds=1e9
+    )
+    assert result["trials"] == 4 and result["stopped"] == "converged" and result["spread_ok"]
+    assert script.calls == ["model", "baseline"] * 4  # interleaved A B A B
+    assert result["model"]["prefill_tokens_per_s"] == 2 * 100 / 0.5
+    assert result["model"]["decode_tokens_per_s"] == 2 * 10 / 2.0
+    assert result["baseline"]["decode"] == {
+        "median": 5.0,
+        "min": 5.0,
+        "max": 5.0,
+        "q1": 5.0,
+        "q3": 5.0,
+        "spread": 0.0,
+        "trials": 4,
+    }
+    assert result["prefill_speedup"] == 2.0 and result["decode_speedup"] == 2.0
+    assert result["warning"] is None
+    assert lines[0] == "speed trial 1: model prefill 400.0 tok/s decode 10.0 tok/s"
+    assert lines[1] == "speed trial 1: baseline prefill 200.0 tok/s decode 5.0 tok/s" and len(lines) == 8
+
+
+def test_one_outlier_does_not_block_convergence_but_steady_noise_hits_the_time_cap() -> None:
+    # A single slow trial (a GC pause) among steady ones: the IQR ignores it.
+    model = [(0.5, 2.5), (5.0, 25.0), *[(0.5, 2.5)] * 48]
+    script = Script({"model": model, "baseline": [(1.0, 5.0)] * 50})
+    result = run_trials(script.measure, 1, 10, 5, min_trials=5, clock=script.clock, max_seconds=1e9)
+    assert result["trials"] == 5 and result["stopped"] == "converged"
+    assert result["model"]["prefill"]["min"] == 10 / 5.0 and result["model"]["prefill"]["median"] == 10 / 0.5
+    # Timings that keep alternating by 2x never settle: the time cap stops them, with a warning.
+    noisy = [(0.5, 2.5), (1.0, 5.0)] * 25
+    script = Script({"model": noisy, "baseline": [(1.0, 5.0)] * 50})
+    result = run_trials(script.measure, 1, 10, 5, min_trials=3, clock=script.clock, max_seconds=40.0)
+    assert result["stopped"] == "time cap" and result["trials"] == 4  # rounds of 9 s and 12 s: 42 s after 4
+    assert not result["spread_ok"] and result["max_spread"] > 0.1
+    assert (
+        "speed numbers are noisy: the model" in result["warning"]
+        and "after 4 trials (time cap" in result["warning"]
+    )
+    # Without a cap it stops at max_trials, still warning.
+    script = Script({"model": noisy, "baseline": [(1.0, 5.0)] * 50})
+    result = run_trials(
+        script.measure, 1, 10, 5, min_trials=3, max_trials=8, clock=script.clock, max_seconds=1e9
+    )
+    assert (result["stopped"], result["trials"], result["spread_ok"]) == ("max trials", 8, False)
+
+
+def test_speedup_pairs_trials_in_time_so_a_drift_of_the_machine_cancels() -> None:
+    # The machine slows down 1.5x every round; the model is always exactly 2x faster than the baseline.
+    slow = [1.5**k for k in range(6)]
+    script = Script(
+        {"model": [(0.5 * f, 2.5 * f) for f in slow], "baseline": [(1.0 * f, 5.0 * f) for f in slow]}
+    )
+    result = run_trials(
+        script.measure, 1, 10, 5, min_trials=6, max_trials=6, clock=script.clock, max_seconds=1e9
+    )
+    assert result["model"]["prefill"]["spread"] > 0.5  # each model's own rate drifts a lot ...
+    assert result["prefill_speedup_stats"]["spread"] == pytest.approx(0.0)  # ... their paired ratio does not
+    assert result["prefill_speedup"] == pytest.approx(2.0) and result["decode_speedup"] == pytest.approx(2.0)
+
+
+def test_spread_statistics_and_bad_trial_settings() -> None:
+    stats = spread_stats([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert stats == {
+        "median": 3.0,
+        "min": 1.0,
+        "max": 100.0,
+        "q1": 2.0,
+        "q3": 4.0,
+        "spread": 2 / 3,
+        "trials": 5,
+    }
+    assert spread_stats([7.0])["spread"] == 0.0
+    # A trial whose N-token generate was not slower than the 1-token one has no decode rate.
+    script = Script({"model": [(1.0, 0.9), *[(1.0, 3.0)] * 9], "baseline": [(1.0, 3.0)] * 10})
+    result = run_trials(script.measure, 1, 10, 5, min_trials=3, clock=script.clock)
+    assert (
+        result["model"]["decode_invalid"] == 1 and result["model"]["decode"]["trials"] == result["trials"] - 1
+    )
+    never = Script({"model": [(1.0, 1.0)] * 60, "baseline": [(1.0, 3.0)] * 60})
+    with pytest.raises(ValueError, match="no measurable time .* of the model: raise --new-tokens"):
+        run_trials(never.measure, 1, 10, 5, min_trials=3, clock=never.clock)
+    with pytest.raises(ValueError, match="--speed-tolerance must be > 0"):
+        run_trials(never.measure, 1, 10, 5, tolerance=0.0)
+    with pytest.raises(ValueError, match="--speed-max-seconds must be > 0"):
+        run_trials(never.measure, 1, 10, 5, max_seconds=-1)
 
 
 def test_generate_is_timed_for_every_new_token_even_past_eos(tiny_gqa_dir: Path) -> None:

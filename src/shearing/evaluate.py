@@ -4,7 +4,8 @@
     python -m shearing.evaluate --model HF_DIR --tasks lm_eval:hellaswag,arc_easy [--num-fewshot K] \
         [--limit N] [--include-path TASK_YAMLS] --output results.json
     python -m shearing.evaluate --model PRUNED_DIR --speed-baseline SOURCE_DIR --output speed.json \
-        [--prompt-len 512 --new-tokens 128 --batch-size 1]
+        [--prompt-len 512 --new-tokens 128 --batch-size 1 --repeats 5 --speed-tolerance 0.1 \
+         --speed-max-seconds 300]
 
 Any combination of ``--data``, ``--tasks`` and ``--speed-baseline`` runs in one call on one loaded model.
 ``results.json`` (written atomically: a temporary file renamed into place):
@@ -14,6 +15,14 @@ Any combination of ``--data``, ``--tasks`` and ``--speed-baseline`` runs in one 
      "average_loss": float,                                                    # with --data
      "tasks": {task: {metric: value}},                                         # with --tasks
      "speed": {...}}                                                           # with --speed-baseline
+
+``speed`` (``shearing.evaluation.speed.compare_speed``): model and baseline are timed in interleaved
+trials until every rate's IQR / median is within ``--speed-tolerance`` (after at least ``--repeats``
+trials) or ``--speed-max-seconds`` pass; it holds ``model``/``baseline`` (median tokens/s and, under
+``prefill``/``decode``, median, min, max, quartiles, spread and trials), ``prefill_speedup`` /
+``decode_speedup`` (median per-trial ratio) with ``*_speedup_stats``, ``trials``, ``stopped``,
+``spread_ok`` and ``warning`` (a sentence when the numbers stayed noisy, else null). Progress lines
+(``speed trial k: model prefill x tok/s decode y tok/s``) go to stderr.
 
 ``average_loss`` is the unweighted mean over domains; ``tokens`` counts predicted positions. The pieces
 are plain functions in ``shearing.evaluation`` (``domains``, ``harness``, ``speed``); this module is the
@@ -54,7 +63,9 @@ class EvalOptions:
     local_tasks_only: bool = False
     prompt_len: int = 512
     new_tokens: int = 128
-    repeats: int = 3
+    repeats: int = 5
+    speed_tolerance: float = 0.1
+    speed_max_seconds: float = 300.0
     dtype: str = "auto"
     device: str | None = None
     progress: bool = True
@@ -77,6 +88,17 @@ def check_options(options: EvalOptions) -> dict[str, list[str]]:
         from shearing.data.compat import check_model_dir_data
 
         check_model_dir_data(options.data, options.model, options.tokenizer)  # data tokenizer == model's
+    if options.speed_baseline:
+        if options.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1 (minimum speed trials), got {options.repeats}")
+        if not options.speed_tolerance > 0:
+            raise ValueError(
+                f"--speed-tolerance must be > 0 (e.g. 0.1 = 10% spread), got {options.speed_tolerance}"
+            )
+        if not options.speed_max_seconds > 0:
+            raise ValueError(f"--speed-max-seconds must be > 0, got {options.speed_max_seconds}")
+        if options.new_tokens < 2:
+            raise ValueError(f"--new-tokens must be at least 2 to time decoding, got {options.new_tokens}")
     return parse_tasks(options.tasks) if options.tasks else {}
 
 
@@ -122,33 +144,70 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             new_tokens=options.new_tokens,
             batch_size=options.batch_size or DEFAULT_SPEED_BATCH,
             repeats=options.repeats,
+            tolerance=options.speed_tolerance,
+            max_seconds=options.speed_max_seconds,
+            progress=(lambda line: print(line, file=sys.stderr, flush=True)) if options.progress else None,
         )
+        if speed["warning"]:
+            print(f"warning: {speed['warning']}", file=sys.stderr)
         result["speed"] = {"baseline_model": str(options.speed_baseline), **speed}
         del baseline
     return result
 
 
+def _columns(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines: the first column left-aligned, the others right-aligned, every column as
+    wide as its widest cell plus two spaces (so large numbers never run into each other)."""
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(max(map(len, rows)))]
+    lines = []
+    for row in rows:
+        cells = [c.ljust(widths[0]) if i == 0 else c.rjust(widths[i] + 2) for i, c in enumerate(row)]
+        lines.append("".join(cells).rstrip())
+    return lines
+
+
+def _rate(stats: dict[str, Any] | None, median: float) -> str:
+    if not stats or stats.get("trials", 1) < 2:
+        return f"{median:,.1f}"
+    return f"{median:,.1f} ±{stats['spread']:.0%}"
+
+
 def format_summary(result: dict[str, Any]) -> str:
-    """A short human-readable table of ``result``."""
+    """A short human-readable table of ``result`` (column widths follow the values)."""
     lines = []
     if "domains" in result:
-        lines.append(f"{'domain':<16}{'loss':>8}{'ppl':>10}{'tokens':>12}")
+        rows = [["domain", "loss", "ppl", "tokens"]]
         for name, row in result["domains"].items():
-            lines.append(f"{name:<16}{row['loss']:>8.4f}{row['perplexity']:>10.2f}{row['tokens']:>12,}")
-        lines.append(f"{'average':<16}{result['average_loss']:>8.4f}")
+            rows.append([name, f"{row['loss']:.4f}", f"{row['perplexity']:,.2f}", f"{row['tokens']:,}"])
+        rows.append(["average", f"{result['average_loss']:.4f}"])
+        lines += _columns(rows)
     for task, metrics in result.get("tasks", {}).items():
         lines.append(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     if "speed" in result:
         speed = result["speed"]
+        rows = [["speed (median ±IQR/median)", "prefill tok/s", "decode tok/s"]]
         for who in ("model", "baseline"):
             row = speed[who]
-            lines.append(
-                f"{who:<9} prefill {row['prefill_tokens_per_s']:>12,.1f} tok/s   "
-                f"decode {row['decode_tokens_per_s']:>10,.1f} tok/s"
+            rows.append(
+                [
+                    who,
+                    _rate(row.get("prefill"), row["prefill_tokens_per_s"]),
+                    _rate(row.get("decode"), row["decode_tokens_per_s"]),
+                ]
             )
-        lines.append(
-            f"speedup   prefill {speed['prefill_speedup']:.2f}x   decode {speed['decode_speedup']:.2f}x"
-        )
+        ratio = []
+        for phase in ("prefill", "decode"):
+            stats = speed.get(f"{phase}_speedup_stats")
+            text = f"{speed[f'{phase}_speedup']:.2f}x"
+            if stats and stats.get("trials", 1) > 1:
+                text += f" [{stats['min']:.2f}-{stats['max']:.2f}]"
+            ratio.append(text)
+        rows.append(["speedup [min-max]", *ratio])
+        lines += _columns(rows)
+        if "trials" in speed:
+            lines.append(f"{speed['trials']} interleaved trials per model, stopped: {speed['stopped']}")
+        if speed.get("warning"):
+            lines.append(f"warning: {speed['warning']}")
     return "\n".join(lines)
 
 
@@ -183,7 +242,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per phase (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="speed: at least this many interleaved trials per model"
+    )
+    parser.add_argument(
+        "--speed-tolerance",
+        type=float,
+        default=0.1,
+        help="speed: stop once every rate's IQR / median is at most this (default 0.1)",
+    )
+    parser.add_argument(
+        "--speed-max-seconds",
+        type=float,
+        default=300.0,
+        help="speed: stop the trials after this many seconds even if still noisy (default 300)",
+    )
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else float32), float32, ...")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true")
@@ -212,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
+        speed_tolerance=args.speed_tolerance,
+        speed_max_seconds=args.speed_max_seconds,
         dtype=args.dtype,
         device=args.device,
         progress=not args.no_progress,

@@ -6,11 +6,21 @@ forward over the prompt), one call with N new tokens adds exactly N - 1 cached d
 
     prefill tokens/s = B * P / t(1)        decode tokens/s = B * (N - 1) / (t(N) - t(1))
 
-with B the batch, P the prompt length and t the median wall time over ``repeats`` runs, after a warm-up
-generate per model (kernel selection, allocator, CPU caches). On CUDA the clock is read after
-``torch.cuda.synchronize()``. The prompt is a seeded random token block shared by both models: speed
-does not depend on the content, and a fixed token count keeps the comparison exact. Ratios are
-model / baseline, so > 1 means the model is faster.
+with B the batch, P the prompt length and t a wall time, after a warm-up generate per model (kernel
+selection, allocator, CPU caches). On CUDA the clock is read after ``torch.cuda.synchronize()``. The
+prompt is a seeded random token block shared by both models: speed does not depend on the content, and
+a fixed token count keeps the comparison exact. Ratios are model / baseline, so > 1 means the model is
+faster.
+
+Why trials, interleaved (``compare_speed`` / ``run_trials``): timing each model's repeats in one block
+let a drift of the machine between the blocks (another process, clock boost, a cold cache) land on one
+model only; two identical runs gave decode 0.51x and 16.84x where a standalone timing said about 2.1x.
+Now each trial times the model then the baseline (A B A B ...), each trial yields its own prefill and
+decode rate, and trials repeat (at least ``repeats``) until the relative spread IQR / median of every
+rate is within a tolerance, or a time cap passes. Results carry median, min, max, quartiles, spread and
+trial count per model and phase, the speedup as the median of per-trial ratios (paired in time), and a
+warning when the spread stayed large. ``measure_generation`` (one model, medians of blocks) remains for
+``bench/throughput.py``'s single-model rows.
 
 ``random_llama`` builds the models of a shape-only comparison (``bench/throughput.py``): stock
 ``LlamaForCausalLM`` with random weights, optionally with per-layer widths planned by
@@ -20,9 +30,10 @@ model / baseline, so > 1 means the model is faster.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -102,16 +113,26 @@ def compare_speed(
     prompt_len: int = 512,
     new_tokens: int = 128,
     batch_size: int = 1,
-    repeats: int = 3,
+    repeats: int = 5,
     seed: int = 0,
+    tolerance: float = 0.1,
+    max_seconds: float = 300.0,
+    max_trials: int = 50,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Prefill/decode tokens/s of ``model`` and ``baseline`` on one shared prompt, and their ratios."""
+    """Prefill/decode tokens/s of ``model`` and ``baseline`` on one shared prompt, timed in interleaved
+    trials (``run_trials``: at least ``repeats``, until the spread is within ``tolerance`` or
+    ``max_seconds`` pass), and their ratios."""
     if prompt_len < 1 or batch_size < 1 or repeats < 1:
         raise ValueError(
-            f"--prompt-len, --batch-size and repeats must be at least 1, got {prompt_len}, {batch_size}, {repeats}"
+            f"--prompt-len, --batch-size and --repeats must be at least 1, got {prompt_len}, {batch_size}, {repeats}"
         )
     if new_tokens < 2:
         raise ValueError(f"--new-tokens must be at least 2 to time decoding, got {new_tokens}")
+    if not tolerance > 0 or not max_seconds > 0:
+        raise ValueError(
+            f"--speed-tolerance and --speed-max-seconds must be > 0, got {tolerance} and {max_seconds}"
+        )
     device = next(model.parameters()).device
     if next(baseline.parameters()).device != device:
         raise ValueError("the model and the speed baseline must be on the same device")
@@ -124,8 +145,26 @@ def compare_speed(
             )
     vocab = min(model.config.vocab_size, baseline.config.vocab_size)
     prompt = make_prompt(vocab, batch_size, prompt_len, device, seed)
-    ours = measure_generation(model, prompt, new_tokens, repeats)
-    theirs = measure_generation(baseline, prompt, new_tokens, repeats)
+    models = {"model": model, "baseline": baseline}
+    for m in models.values():  # warm-up: kernel selection, allocator, caches
+        time_generate(m, prompt, new_tokens)
+
+    def measure(name: str) -> tuple[float, float]:
+        return time_generate(models[name], prompt, 1), time_generate(models[name], prompt, new_tokens)
+
+    trials = run_trials(
+        measure,
+        batch_size,
+        prompt_len,
+        new_tokens,
+        min_trials=repeats,
+        max_trials=max(max_trials, repeats),
+        tolerance=tolerance,
+        max_seconds=max_seconds,
+        progress=progress,
+    )
+    for name, m in models.items():
+        trials[name] = {"parameters": count_parameters(m), **trials[name]}
     return {
         "device": device.type,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -133,11 +172,146 @@ def compare_speed(
         "new_tokens": new_tokens,
         "batch_size": batch_size,
         "repeats": repeats,
-        "model": ours,
-        "baseline": theirs,
-        "prefill_speedup": ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"],
-        "decode_speedup": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
+        **trials,
     }
+
+
+def spread_stats(values: Sequence[float]) -> dict[str, float | int]:
+    """Median, min, max, quartiles and the relative spread ``IQR / median`` of ``values`` (at least one).
+
+    The interquartile range (``statistics.quantiles``, inclusive method) ignores a lone outlier (a GC
+    pause, a clock ramp) that ``max - min`` would keep forever, so it settles as trials accumulate."""
+    if not values:
+        raise ValueError("no trials to aggregate")
+    values = sorted(float(v) for v in values)
+    median = statistics.median(values)
+    q1, q3 = (median, median)
+    if len(values) > 1:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {
+        "median": median,
+        "min": values[0],
+        "max": values[-1],
+        "q1": q1,
+        "q3": q3,
+        "spread": (q3 - q1) / median if median > 0 else math.inf,
+        "trials": len(values),
+    }
+
+
+def run_trials(
+    measure: Callable[[str], tuple[float, float]],
+    batch_size: int,
+    prompt_len: int,
+    new_tokens: int,
+    names: Sequence[str] = ("model", "baseline"),
+    min_trials: int = 5,
+    max_trials: int = 50,
+    tolerance: float = 0.1,
+    max_seconds: float = 300.0,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Interleaved timing trials until every rate is stable; the statistics of each model and the ratios.
+
+    One *round* times ``measure(name)`` for each of ``names`` in turn (A B, A B, ...), so a slow drift of
+    the machine (clocks, thermals, a neighbour's job) hits both models alike. ``measure`` returns
+    ``(t1, tN)``: the seconds of a 1-token and of an N-token generate. Per trial, prefill tokens/s is
+    ``B P / t1`` and decode tokens/s ``B (N - 1) / (tN - t1)`` (a trial whose difference is not positive
+    has no decode rate; it is counted in ``decode_invalid``). Rounds stop when, after at least
+    ``min_trials``, the relative spread (IQR / median) of every model's prefill and decode rate is at
+    most ``tolerance`` (``stopped: "converged"``), or at ``max_trials`` rounds, or once ``max_seconds``
+    have passed on ``clock`` (checked after each round; at least one round always runs). ``spread_ok``
+    is false and ``warning`` says so when the spread is still above the tolerance at the end.
+
+    The per-model rate is the median over trials; ``prefill_s``/``decode_s`` are the times that median
+    rate means. The speedup is the median of the per-round ratios model / baseline (paired in time),
+    with its own spread statistics.
+    """
+    if min_trials < 1 or max_trials < min_trials:
+        raise ValueError(
+            f"--repeats (minimum trials) must be at least 1 and at most the maximum {max_trials}, got {min_trials}"
+        )
+    if not tolerance > 0:
+        raise ValueError(f"--speed-tolerance must be > 0 (a relative spread, e.g. 0.1), got {tolerance}")
+    if not max_seconds > 0:
+        raise ValueError(f"--speed-max-seconds must be > 0, got {max_seconds}")
+    rates: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in names}
+    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+    invalid = dict.fromkeys(names, 0)
+    start = clock()
+    stopped, trial = "max trials", 0
+    while trial < max_trials:
+        trial += 1
+        this_round: dict[str, dict[str, float | None]] = {}
+        for name in names:
+            t1, tn = measure(name)
+            prefill = batch_size * prompt_len / t1
+            decode = batch_size * (new_tokens - 1) / (tn - t1) if tn > t1 else None
+            rates[name]["prefill"].append(prefill)
+            if decode is None:
+                invalid[name] += 1
+            else:
+                rates[name]["decode"].append(decode)
+            this_round[name] = {"prefill": prefill, "decode": decode}
+            if progress is not None:
+                shown = "n/a" if decode is None else f"{decode:,.1f}"
+                progress(f"speed trial {trial}: {name} prefill {prefill:,.1f} tok/s decode {shown} tok/s")
+        if len(names) == 2:
+            a, b = (this_round[n] for n in names)
+            for phase in ("prefill", "decode"):
+                if a[phase] is not None and b[phase] is not None:
+                    ratios[phase].append(a[phase] / b[phase])
+        spreads = [spread_stats(v)["spread"] if v else math.inf for r in rates.values() for v in r.values()]
+        if trial >= min_trials and max(spreads) <= tolerance:
+            stopped = "converged"
+            break
+        if clock() - start >= max_seconds:
+            stopped = "time cap"
+            break
+    elapsed = clock() - start
+    result: dict[str, Any] = {
+        "trials": trial,
+        "min_trials": min_trials,
+        "tolerance": tolerance,
+        "max_seconds": max_seconds,
+        "elapsed_s": elapsed,
+        "stopped": stopped,
+    }
+    worst = []
+    for name in names:
+        if not rates[name]["decode"]:
+            raise ValueError(
+                f"decoding {new_tokens - 1} tokens took no measurable time in any of {trial} trials of the "
+                f"{name}: raise --new-tokens"
+            )
+        prefill, decode = spread_stats(rates[name]["prefill"]), spread_stats(rates[name]["decode"])
+        result[name] = {
+            "prefill_tokens_per_s": prefill["median"],
+            "decode_tokens_per_s": decode["median"],
+            "prefill_s": batch_size * prompt_len / prefill["median"],
+            "decode_s": batch_size * (new_tokens - 1) / decode["median"],
+            "prefill": prefill,
+            "decode": decode,
+            "decode_invalid": invalid[name],
+        }
+        worst += [(prefill["spread"], f"{name} prefill"), (decode["spread"], f"{name} decode")]
+    for phase in ("prefill", "decode"):
+        if ratios[phase]:
+            stats = spread_stats(ratios[phase])
+            result[f"{phase}_speedup"] = stats["median"]
+            result[f"{phase}_speedup_stats"] = stats
+    spread, which = max(worst)
+    result["max_spread"] = spread
+    result["spread_ok"] = spread <= tolerance
+    result["warning"] = None
+    if not result["spread_ok"]:
+        result["warning"] = (
+            f"speed numbers are noisy: the {which} rate still spreads {spread:.0%} (IQR / median) after "
+            f"{trial} trials ({stopped}, tolerance {tolerance:.0%}); treat the ratios as rough, run on an idle "
+            "machine, raise --new-tokens or --speed-max-seconds"
+        )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
