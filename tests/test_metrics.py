@@ -67,3 +67,50 @@ def test_states_reduce_by_sum_across_ranks():
     a.merge_state(b)  # what a two-rank sync computes
     expected, _ = hand_ce(x, y, d, 0)
     assert math.isclose(float(a.compute()), expected, rel_tol=1e-6)
+
+
+def train_records(run_dir):
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_a_domain_absent_from_a_batch_logs_no_train_loss(tmp_path, tiny_gqa_dir, tiny_data):
+    """A real tiny pruning run with batches of one sequence: each batch holds exactly one domain.
+
+    Composer logs every train metric every batch; the absent domain must log no key (not 0.0), the
+    present one its loss, and the evaluation every domain.
+    """
+    from shearing.train import train_from_yaml
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"variables.source_model={tiny_gqa_dir}",
+        f"variables.data_local={tiny_data}",
+        f"variables.save_folder={run_dir}",
+        "variables.max_duration=8ba",
+        "variables.eval_interval=4ba",
+        "variables.save_interval=8ba",
+        "variables.reference_losses={code: 3.0, docs: 3.0}",
+        "train_loader.dataset.proportions=[0.5, 0.5]",
+        "global_train_batch_size=1",
+        "device_train_microbatch_size=1",
+    ]
+    trainer = train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
+    trainer.close()
+    domains = ["code", "docs"]
+    train_keys = {f"metrics/train/{d}_LanguageCrossEntropy": d for d in domains}
+    eval_keys = [f"metrics/eval/{d}_LanguageCrossEntropy" for d in domains]
+    records = train_records(run_dir)
+    per_step = {}
+    for record in records:
+        for key in train_keys.keys() & record.keys():
+            per_step.setdefault(record["step"], []).append((train_keys[key], record[key]))
+    assert sorted(per_step) == list(range(8))  # Composer logs batch b's train metrics at step b - 1
+    assert all(len(logged) == 1 for logged in per_step.values()), per_step  # one domain per batch
+    assert {d for logged in per_step.values() for d, _ in logged} == set(domains)  # both were drawn
+    assert all(value > 1.0 for logged in per_step.values() for _, value in logged)  # real losses, no 0.0
+    assert all("metrics/train/LanguageCrossEntropy" in r for r in records if train_keys.keys() & r.keys())
+    evals = [r for r in records if any(k in r for k in eval_keys)]
+    assert len(evals) == 2 and all(r[k] > 1.0 for r in evals for k in eval_keys)  # steps 4 and 8

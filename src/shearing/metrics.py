@@ -8,9 +8,16 @@ token count, both reduced by summation across ranks, so the value is the mean ov
 domain seen by any rank (not a mean of per-rank or per-batch means).
 
 A domain absent from everything seen (count 0) computes to 0.0, never NaN: the reference code's
-0/0 gave NaN training curves whenever a batch lacked a domain. 0.0 therefore means "no tokens" in
-logs; ``total`` tells the two apart, and the ``DynamicLoading`` callback refuses to update from an
-evaluation in which a domain had no tokens.
+0/0 gave NaN training curves whenever a batch lacked a domain. ``total`` tells "no tokens" from a
+real loss, and the ``DynamicLoading`` callback refuses to update from an evaluation in which a domain
+had no tokens.
+
+Training logs no value at all for a domain without tokens: Composer computes and logs every train
+metric after every batch, so a batch without domain i would log ``<domain>_LanguageCrossEntropy = 0.0``,
+which reads as a perfect loss on a dashboard. ``absent_domains`` finds the per-domain metrics whose
+token count, summed over all ranks, is 0 (one small all-reduce, the same answer on every rank), and
+``shearing.trainer.ShearingTrainer`` leaves them out of that batch's train metrics (no key at all in
+any logger). Evaluation keeps every key: each domain's eval split is always read.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from composer.utils import dist
 from torchmetrics import Metric
 
 
@@ -64,3 +72,19 @@ class DomainLanguageCrossEntropy(Metric):
         """Mean cross-entropy per token of this domain; 0.0 if none was seen."""
         mean = self.sum_loss / self.total.clamp(min=1)
         return torch.where(self.total > 0, mean, torch.zeros_like(mean)).float()
+
+
+def absent_domains(metrics: Mapping[str, Metric]) -> set[str]:
+    """Names of the per-domain metrics that saw no token on any rank since their last reset.
+
+    A collective when the run is distributed: every rank must call it, with the same metric names.
+    """
+    names = [name for name, metric in metrics.items() if getattr(metric, "per_domain", False)]
+    if not names:
+        return set()
+    counts = torch.stack(
+        [metrics[name].total.detach().to(torch.int64) for name in names]
+    )  # on the metrics' device
+    if dist.get_world_size() > 1:
+        dist.all_reduce(counts, reduce_operation="SUM")
+    return {name for name, count in zip(names, counts.tolist()) if count == 0}

@@ -35,8 +35,10 @@ from shearing.models.composer_model import ComposerShearedLlama
 from shearing.models.hf_io import load_source_model
 from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape, resolve_target_shape
 from shearing.parallelism import build_parallelism_config
+from shearing.progress import announce_outputs, setup_console_logging
 from shearing.pruning.l0 import L0Module, plan_families
 from shearing.run_folder import check_run_record, finish_run, hold_save_folder, run_is_finished
+from shearing.trainer import ShearingTrainer
 from shearing.validation import validate_config
 
 log = logging.getLogger(__name__)
@@ -228,6 +230,7 @@ def prepare_save_folder(cfg: RunConfig, model: ComposerShearedLlama) -> None:
 
 def build_trainer(cfg: RunConfig) -> Trainer:
     validate_run(cfg)
+    announce_outputs(cfg)  # rank 0: where checkpoints and the export go, before anything loads
     parallelism = build_parallelism_config(cfg.fsdp_config, pruning=cfg.pruning is not None)  # FSDP2 default
     check_run_record(cfg)  # a resume must continue the same run (source, target, families, data, ...)
     reproducibility.seed_all(cfg.seed)
@@ -250,7 +253,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     scheduler = build_scheduler(
         cfg.scheduler.name, {"t_warmup": cfg.scheduler.t_warmup, "alpha_f": cfg.scheduler.alpha_f}
     )
-    return Trainer(
+    return ShearingTrainer(  # Composer's Trainer; absent domains log no train loss
         run_name=cfg.run_name,
         model=model,
         train_dataloader=train_loader,
@@ -283,6 +286,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
 def train_from_yaml(path: str | os.PathLike, overrides: list[str] | None = None) -> Trainer:
     """Load the yaml, build the trainer, train; returns the trainer (its state holds the result)."""
+    setup_console_logging()  # rank 0 shows shearing's INFO lines (reference losses, export location)
     cfg = load_config(path, overrides)
     with hold_save_folder(cfg.save_folder):  # one run per save_folder (rank 0), released on any exit
         trainer = build_trainer(cfg)
