@@ -186,7 +186,11 @@ def domain_eval_totals(
     for name, folder in _domain_folders(Path(data_dir)).items():
         total, count = 0.0, 0
         batches = _batches(iter_mds_tokens(folder), batch_size, max_seqs)
-        for batch in tqdm(batches, desc=f"eval {name}", unit="batch", disable=not progress):
+        with open(folder / "index.json") as f:  # the bar's total: sequences in the split, capped
+            seqs = sum(shard["samples"] for shard in json.load(f)["shards"])
+        seqs = seqs if max_seqs is None else min(seqs, max_seqs)
+        n_batches = -(-seqs // batch_size)
+        for batch in tqdm(batches, total=n_batches, desc=f"eval {name}", unit="batch", disable=not progress):
             if int(batch.max()) >= vocab_size:
                 raise ValueError(
                     f"domain {name!r} holds token id {int(batch.max())} but the model's vocabulary has {vocab_size}: "
