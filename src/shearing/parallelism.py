@@ -28,6 +28,19 @@ here and needs no environment variable: ``build_parallelism_config`` builds the 
 Composer's ``FSDP2Config`` reports a fixed 1-D mesh (shard degree -1, no replicate degree) to the
 ``State`` that builds the device mesh, and ``State`` overwrites any mesh set on the config; the
 subclass ``MeshFSDP2Config`` carries the two degrees so ``State`` builds the 2-D (HSDP) mesh itself.
+
+The L0 module computes in fp32 under mixed precision (``keep_fp32``). Composer's FSDP2 policy makes every
+direct child of the ``ComposerModel`` one ``fully_shard`` unit with the model-wide ``MixedPrecisionPolicy``;
+with ``precision: amp_bf16`` and ``mixed_precision: DEFAULT`` that gathers the mask logits and Lagrange
+multipliers in bf16 for forward. bf16's spacing near ln 100 = 4.6 is 0.03: the 0.01 init noise and small
+updates vanish and the expected sparsity / Lagrangian are quantised (the reference keeps them in fp32).
+Composer offers no per-unit policy for a direct child (its ``fsdp_wrap_fn`` dicts are checked against
+``FSDP2Config`` fields, which lack ``mp_policy``, and are not consulted for the child itself), and leaving
+the module unsharded would make its parameters plain tensors among DTensors (no gradient reduction, and
+``clip_grad_norm_`` cannot mix the two). So the L0 unit stays sharded like the rest (DTensor parameters,
+gradients averaged by FSDP, checkpoints unchanged) and ``keep_fp32`` swaps its unit's policy for fp32
+gather and fp32 reduction before FSDP2's lazy initialisation (the unit's first forward) reads it;
+``ComposerShearedLlama.forward`` calls it before the L0 forward. The decoder layers keep bf16.
 """
 
 from __future__ import annotations
@@ -58,6 +71,45 @@ FSDP1_ONLY_KEYS = (
     "activation_checkpointing_reentrant",
 )
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
+
+
+FP32_POLICY_ATTR = "_shearing_fp32_policy"
+
+
+def keep_fp32(module: Any) -> bool:
+    """Make ``module``'s FSDP2 unit gather its parameters and reduce its gradients in fp32.
+
+    Returns whether ``module`` is an FSDP2 unit (False, a no-op: not wrapped, or wrapped by FSDP1). Must run
+    before the unit's first forward; afterwards it raises ``RuntimeError`` unless the unit already gathers
+    in fp32 (FSDP2 sizes its all-gather buffers once, at the first forward).
+    """
+    import torch
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if not isinstance(module, FSDPModule):
+        return False
+    if getattr(module, FP32_POLICY_ATTR, False):
+        return True
+    state = fully_shard.state(module)
+    group = state._fsdp_param_group
+    if group is None:  # no parameters of its own
+        setattr(module, FP32_POLICY_ATTR, True)
+        return True
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    if state._is_root is not None:  # lazily initialised: its forward already ran under the old policy
+        dtypes = {p.param_dtype or p.orig_dtype for p in group.fsdp_params}
+        if dtypes != {torch.float32}:
+            raise RuntimeError(
+                f"{type(module).__name__} already ran a forward under FSDP2 with parameters gathered in "
+                f"{sorted(map(str, dtypes))}; call shearing.parallelism.keep_fp32 on it before its first forward"
+            )
+    state._mp_policy = policy
+    group.mp_policy = policy
+    for fsdp_param in group.fsdp_params:
+        fsdp_param.mp_policy = policy
+    group._init_mp_dtypes()  # what lazy init does; run now so the policy is in force whatever runs first
+    setattr(module, FP32_POLICY_ATTR, True)
+    return True
 
 
 def _mesh_config_class():
@@ -176,4 +228,4 @@ def build_parallelism_config(
     return {"fsdp": config}
 
 
-__all__ = ["build_parallelism_config", "fsdp2_options"]
+__all__ = ["build_parallelism_config", "fsdp2_options", "keep_fp32"]

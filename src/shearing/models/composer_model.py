@@ -2,7 +2,9 @@
 
 ``ComposerShearedLlama`` wraps ``MaskedLlamaForCausalLM`` (as ``.model``, so Composer's FSDP and
 activation-checkpointing hooks find its per-layer functions) and, during pruning, an ``L0Module``
-(as ``.l0``). Without ``l0`` it is a plain LLaMA for continued pre-training.
+(as ``.l0``). Without ``l0`` it is a plain LLaMA for continued pre-training. Under FSDP2 mixed precision
+the L0 unit gathers and reduces in fp32 while the LLaMA computes in bf16 (``shearing.parallelism.keep_fp32``,
+applied at the first forward, before FSDP2's lazy initialisation of the unit).
 
 Batches carry ``input_ids`` and ``labels`` (HF convention: labels are the inputs, the model shifts;
 -100 is ignored), and optionally ``domain_idx`` for per-domain metrics. The loss is the token-level
@@ -24,6 +26,7 @@ from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from shearing.models.llama import MaskedLlamaForCausalLM
+from shearing.parallelism import keep_fp32
 from shearing.pruning.l0 import L0Module
 
 IGNORE_INDEX = -100
@@ -53,6 +56,8 @@ class ComposerShearedLlama(ComposerModel):
 
     # ------------------------------------------------------------------------- Composer API
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.l0 is not None:
+            keep_fp32(self.l0)  # under FSDP2 mixed precision the masks stay fp32 (see shearing.parallelism)
         masks = self.l0() if self.l0 is not None else None
         return self.model(batch["input_ids"], masks=masks)
 

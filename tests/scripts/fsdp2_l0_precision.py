@@ -1,0 +1,118 @@
+"""What the L0 module computes with under Composer's FSDP2 wrapping and bf16 mixed precision (CPU/gloo, 2 ranks).
+
+    python tests/scripts/fsdp2_l0_precision.py OUT_DIR [STEPS]
+
+Composer's Trainer refuses ``amp_bf16`` on CPU, so this runs the two Composer pieces its
+``parallelize_composer_model`` is made of: ``generate_composer_model_policy`` (every direct child of the
+``ComposerModel`` is one FSDP2 unit: ``.model`` with a unit per decoder layer, and ``.l0``) and
+``prepare_fully_shard`` with ``Precision.AMP_BF16`` and the recipes' ``mixed_precision: DEFAULT`` (parameters
+gathered in bf16, gradients reduced in fp32), on the mesh Composer's ``State`` would build (what
+``shearing.parallelism`` makes of the recipes' FULL_SHARD). Then it trains ``STEPS`` steps under ``torch.autocast(bf16)``
+like Composer's precision context: forward (``ComposerShearedLlama.forward``), LM loss + Lagrangian,
+backward, ``build_optimizer``'s AdamW step.
+
+A forward pre-hook on the L0 module (after FSDP2's own, which gathers the parameters) records the dtype
+of each mask logit and multiplier as the L0 forward sees it and the largest difference from the stored
+fp32 values (gathered before the step); a forward hook records the dtype of the masks and of the
+Lagrangian; a pre-hook on the first decoder layer records its weight dtype (the bf16 policy must still
+hold for the LLaMA). Each rank writes OUT_DIR/fsdp2_mp_rank{r}.pt (or .err with the traceback).
+"""
+
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def run(rank: int, out: Path, steps: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), NODE_RANK="0")
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from composer.core.precision import Precision
+        from composer.distributed.fsdp2 import prepare_fully_shard
+        from composer.distributed.fsdp2_utils import generate_composer_model_policy
+        from composer.utils.parallelism import FSDP2Config
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from shearing.config import OptimizerConfig
+        from shearing.models.composer_model import ComposerShearedLlama
+        from shearing.models.hf_io import load_source_model
+        from shearing.models.shapes import named_shape, resolve_target_shape
+        from shearing.pruning.l0 import L0Module
+        from shearing.train import build_optimizer
+
+        source = named_shape("tiny_gqa")
+        llama, _ = load_source_model("tiny_gqa", seed=17)
+        target = resolve_target_shape(source, "tiny_gqa_pruned")
+        torch.manual_seed(17)  # the same L0 init on both ranks
+        model = ComposerShearedLlama(llama, l0=L0Module(source, target, seed=17))
+        config = FSDP2Config(mixed_precision="DEFAULT", reshard_after_forward=True, state_dict_type="full")
+        config.device_mesh = init_device_mesh("cpu", (WORLD,))  # what Composer's State does
+        prepare_fully_shard(model, config, Precision.AMP_BF16, generate_composer_model_policy(model))
+        optimizer = build_optimizer(model, OptimizerConfig())
+        l0 = model.l0
+
+        seen: list[dict] = []
+
+        def params_seen_in_forward(module, args):
+            record = {"log_alpha_dtype": {}, "lambda_dtype": {}, "log_alpha_diff": {}}
+            for name, p in module.log_alphas.items():
+                record["log_alpha_dtype"][name] = str(p.dtype)
+                record["log_alpha_diff"][name] = float((p.detach().float() - stored[name]).abs().max())
+            for name, p in module.lambdas.items():
+                record["lambda_dtype"][name] = str(p.dtype)
+            seen.append(record)
+
+        def outputs_of_forward(module, args, masks):
+            seen[-1]["mask_dtype"] = {name: str(z.dtype) for name, z in masks.items()}
+            seen[-1]["lagrangian_dtype"] = str(module.pending_lagrangian.dtype)
+
+        def layer_weight_dtype(module, args, kwargs):
+            seen[-1]["decoder_weight_dtype"] = str(next(module.parameters()).dtype)
+
+        l0.register_forward_pre_hook(params_seen_in_forward)
+        l0.register_forward_hook(outputs_of_forward)
+        model.model.model.layers[0].register_forward_pre_hook(layer_weight_dtype, with_kwargs=True)
+        model.train()
+        gen = torch.Generator().manual_seed(rank)
+        for step in range(steps):
+            stored = {name: p.detach().full_tensor().float() for name, p in l0.log_alphas.items()}
+            l0.step, l0.micro_batch, l0.progress = step, 0, min(1.0, (step + 1) / 2)
+            ids = torch.randint(0, source.vocab_size, (2, 32), generator=gen)
+            batch = {"input_ids": ids, "labels": ids}
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs = model(batch)
+            loss = model.loss(outputs, batch) + l0.pending_lagrangian
+            l0.pending_lagrangian = None
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        final = {k: v.full_tensor().detach().clone() for k, v in l0.state_dict().items()}
+        torch.save({"seen": seen, "final": final}, out / f"fsdp2_mp_rank{rank}.pt")
+    except Exception:
+        (out / f"fsdp2_mp_rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    mp.spawn(run, args=(out, steps, free_port()), nprocs=WORLD, join=True)
