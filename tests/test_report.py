@@ -293,3 +293,60 @@ def test_real_run_resumed_in_a_moved_folder_logs_every_step_once(real_run, tiny_
     assert len(pairs) == len(set(pairs))
     assert {s for s, name in pairs if name == "metrics/eval/LanguageCrossEntropy"} == {20, 40, 60}
     assert {s for s, name in pairs if name == "loss/train/lm_loss"} == set(range(60))
+
+
+# ------------------------------------------------------------------------ README-style pipeline paths
+def test_report_joins_an_outside_export_and_results_files_to_the_run(
+    pruned_run, tiny_data, tmp_path, monkeypatch, capsys
+):
+    """The README's paths: a pruned run folder, ``shearing.export`` to ``out/x``, ``shearing.evaluate``
+    writing ``results.json`` (the export, --data) and ``tasks.json`` (the run's hf/, --tasks) in the
+    working folder, none of them inside the run folder. The report shows the export's shapes and the
+    task rows, each attached to the entry holding the evaluated model."""
+    from test_evaluate import write_local_mc_task
+
+    from shearing import evaluate, export
+
+    _, run = pruned_run
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert export.main(["--checkpoint", str(run), "--output", "out/x"]) == 0
+    evals = ["--model", "out/x", "--data", str(tiny_data / "eval"), "--max-seqs", "2", "--no-progress"]
+    assert evaluate.main([*evals, "--output", "results.json"]) == 0
+    tasks = write_local_mc_task(tmp_path / "task_yamls")
+    argv = ["--model", str(run / "hf"), "--tasks", "lm_eval:tiny_mc", "--include-path", str(tasks)]
+    argv += ["--local-tasks-only", "--limit", "3", "--num-fewshot", "0", "--batch-size", "2"]
+    assert evaluate.main([*argv, "--output", "tasks.json"]) == 0
+    exported = json.loads(Path("out/x/shearing_export.json").read_text())
+    capsys.readouterr()
+
+    for inputs in (
+        [str(run), "out/x", "tasks.json", "results.json"],  # positional, recognised by content
+        [str(run), "--export", "out/x", "--results", "tasks.json", "--results", "results.json"],
+    ):
+        assert report.main([*inputs, "--output", "report"]) == 0, capsys.readouterr().err
+        html = Path("report/report.html").read_text()
+        runs = section_html(html, "Runs")
+        assert "x (export)" in runs and "tasks.json" in runs and "results.json" in runs
+        params = section_html(html, "Parameter counts")
+        assert "x (export)" in params and f"{exported['target']['num_params']:,}" in params
+        assert "x (export)" in section_html(html, "Kept structure heat map")
+        evaluation = section_html(html, "Evaluation tables")
+        assert "tiny_mc / acc" in evaluation  # the task rows, from tasks.json
+        assert "code" in evaluation and "docs" in evaluation  # the domain rows, from results.json
+        # tasks.json evaluated run/hf -> the run's column; results.json evaluated out/x -> the export's.
+        assert f"{run.name}: hf" in evaluation and "x (export): x" in evaluation
+        assert "(results)" not in html  # every file found its entry
+
+    # A results file whose model is none of the inputs is an entry of its own; bad inputs are refused.
+    Path("other.json").write_text(json.dumps({"model": "/elsewhere/m", "tasks": {"t": {"acc": 0.5}}}))
+    assert report.main([str(run), "other.json", "--output", "report"]) == 0
+    assert "other.json (results)" in section_html(Path("report/report.html").read_text(), "Evaluation tables")
+    Path("notes.json").write_text(json.dumps({"hello": 1}))
+    assert report.main([str(run), "--results", "notes.json", "--output", "report"]) == 2
+    assert "not a shearing.evaluate results file: it has ['hello']" in capsys.readouterr().err
+    assert report.main([str(run), "--export", str(run), "--output", "report"]) == 2
+    assert "has no shearing_export.json: give the --output folder of python -m shearing.export" in (
+        capsys.readouterr().err
+    )

@@ -1,5 +1,14 @@
 """Turn run folders into one report: ``python -m shearing.report RUN_DIR [RUN_DIR ...] --output report/``.
 
+    python -m shearing.report runs/prune_2.7b runs/cpt_2.7b out/sheared-2.7b-pruned tasks.json -o report/
+    python -m shearing.report runs/prune_2.7b --export out/sheared-2.7b-pruned --results tasks.json
+
+Positional inputs may be run folders, export folders (holding ``shearing_export.json``, from
+``shearing.export``) or results files (``.json`` from ``shearing.evaluate``); ``--export`` and
+``--results`` name them explicitly (and refuse anything else). An export is its own entry,
+``NAME (export)``; a results file goes to the entry whose folder holds the model it evaluated
+(``"model": "runs/cpt_2.7b/hf"`` -> run ``cpt_2.7b``), else it is its own entry ``FILE (results)``.
+
 Reads from each run folder whatever is there: ``metrics.jsonl`` (the ``metrics_file`` logger,
 ``shearing.loggers``), ``dynamic_loading.json``, the export summary ``hf/shearing_export.json`` (or any
 ``*/shearing_export.json``) and evaluation results (``results.json`` / ``*results*.json``, from
@@ -19,13 +28,36 @@ from shearing.reporting import build_report
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shearing.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (a training save_folder)")
+    parser.add_argument(
+        "runs",
+        nargs="*",
+        metavar="PATH",
+        help="run folders (a training save_folder), export folders or results .json files",
+    )
+    parser.add_argument(
+        "--export",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an export folder (holds shearing_export.json); repeatable",
+    )
+    parser.add_argument(
+        "--results",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a results .json written by shearing.evaluate; repeatable",
+    )
     parser.add_argument(
         "--output", "-o", default="report", help="folder to write the report into (default: ./report)"
     )
     args = parser.parse_args(argv)
+    if not (args.runs or args.export or args.results):
+        parser.error(
+            "give at least one run folder, export folder (--export DIR) or results file (--results FILE)"
+        )
     try:
-        paths = build_report(args.runs, args.output)
+        paths = build_report(args.runs, args.output, exports=args.export, results=args.results)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

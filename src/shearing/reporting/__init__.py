@@ -1,6 +1,6 @@
-"""One report (Markdown + self-contained HTML, PNG figures) from one or more run folders.
+"""One report (Markdown + self-contained HTML, PNG figures) from run folders, exports and results files.
 
-``build_report(run_dirs, output)`` reads each folder (``runs``), builds the sections in order
+``build_report(run_dirs, output, exports, results)`` reads each input (``runs.load_inputs``), builds the sections in order
 (``training``, ``pruning``, ``evaluation``) and writes ``report.md``, ``report.html`` and
 ``figures/*.png`` into ``output``. A section without data says so in one line; it never fails the
 report. ``python -m shearing.report`` is the command line.
@@ -15,7 +15,7 @@ from shearing.reporting.document import Document, Section, Table, Text, fmt, to_
 from shearing.reporting.evaluation import evaluation_tables
 from shearing.reporting.figures import FigureWriter
 from shearing.reporting.pruning import kept_structure, parameter_counts, pruning_curves
-from shearing.reporting.runs import Run, load_runs
+from shearing.reporting.runs import Run, load_inputs, load_runs
 from shearing.reporting.training import loss_curves, per_domain, proportions
 
 SECTIONS = (
@@ -37,27 +37,31 @@ SECTION_TITLES = (
     "Evaluation tables",
 )
 
-__all__ = ["SECTION_TITLES", "build_report", "load_runs"]
+__all__ = ["SECTION_TITLES", "build_report", "load_inputs", "load_runs"]
 
 
 def runs_section(runs: list[Run]) -> Section:
     rows = []
     for run in runs:
-        metrics_file = run.path / "metrics.jsonl"
+        metrics_file = run.path / "metrics.jsonl" if run.kind == "run" else None
         rows.append(
             [
                 run.name,
+                run.kind,
                 str(run.path),
                 fmt(run.last_step()),
-                fmt(len(run.metrics)) if metrics_file.exists() else "–",
+                fmt(len(run.metrics)) if metrics_file and metrics_file.exists() else "–",
                 "yes" if run.dynamic_loading else "–",
-                str(run.export_path.relative_to(run.path)) if run.export_path else "–",
-                fmt(len(run.results)),
+                _shown(run.export_path, run.path) if run.export_path else "–",
+                ", ".join(_shown(path, run.path) for path, _ in run.results) or "–",
             ]
         )
     section = Section("Runs")
     section.blocks.append(
-        Table(["run", "folder", "last step", "metrics", "dynamic loading", "export", "results files"], rows)
+        Table(
+            ["entry", "kind", "folder", "last step", "metrics", "dynamic loading", "export", "results files"],
+            rows,
+        )
     )
     for run in runs:
         for note in run.notes:
@@ -65,11 +69,25 @@ def runs_section(runs: list[Run]) -> Section:
     return section
 
 
-def build_report(run_dirs: list[str | Path], output: str | Path = "report") -> dict[str, Path]:
-    """Write the report for ``run_dirs`` into ``output``; returns the paths of report.md/html."""
-    if not run_dirs:
-        raise ValueError("give at least one run folder")
-    runs = load_runs(list(run_dirs))
+def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it, else as given."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def build_report(
+    run_dirs: list[str | Path],
+    output: str | Path = "report",
+    exports: list[str | Path] = (),
+    results: list[str | Path] = (),
+) -> dict[str, Path]:
+    """Write the report into ``output``; returns the paths of report.md/html. ``run_dirs`` may also hold
+    export folders and results files (``runs.load_inputs``); ``exports``/``results`` name them explicitly."""
+    if not (run_dirs or exports or results):
+        raise ValueError("give at least one run folder, export folder (--export) or results file (--results)")
+    runs = load_inputs(list(run_dirs), list(exports), list(results))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     figures = FigureWriter(output)
@@ -78,7 +96,7 @@ def build_report(run_dirs: list[str | Path], output: str | Path = "report") -> d
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     doc = Document(title="Sheared LLaMA run report")
     summary = runs_section(runs)
-    summary.blocks.insert(0, Text(f"Generated {stamp} from {len(runs)} run folder(s)."))
+    summary.blocks.insert(0, Text(f"Generated {stamp} from {len(runs)} input(s)."))
     doc.sections.append(summary)
     doc.sections += [build(runs, figures) for build in SECTIONS]
     md, html = output / "report.md", output / "report.html"

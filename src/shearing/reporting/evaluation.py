@@ -18,7 +18,13 @@ from shearing.reporting.runs import Run
 def _label(run: Run, path: Path, result: dict[str, Any], clash: bool) -> str:
     model = result.get("model")
     label = f"{run.name}: {Path(str(model)).name}" if model else run.name
-    return f"{label} ({path.relative_to(run.path).as_posix()})" if clash else label
+    if not clash:
+        return label
+    try:
+        shown = path.relative_to(run.path).as_posix()
+    except ValueError:  # a results file attached from outside the run folder
+        shown = path.name
+    return f"{label} ({shown})"
 
 
 def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
