@@ -7,6 +7,7 @@ use Composer's own autoresume from the checkpoints the run saved.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -175,3 +176,89 @@ def test_values_become_plain_json():
     assert to_json_value(torch.tensor([1.0, 2.0])) == [1.0, 2.0]
     assert to_json_value(np.float32(0.25)) == 0.25 and type(to_json_value(np.int64(4))) is float
     assert to_json_value(7) == 7.0 and to_json_value(True) is True and to_json_value("x") == "x"
+
+
+# ------------------------------------------------------------------ W&B / MLflow with autoresume
+
+
+def prune_tiny(run_dir: Path, steps: int, tiny_gqa_dir: Path, tiny_data: Path, loggers: str):
+    """``prune_tiny`` for ``steps`` batches (checkpoints every 10) with the given ``loggers`` override."""
+    from shearing.train import train_from_yaml
+
+    overrides = [
+        f"variables.source_model={tiny_gqa_dir}",
+        f"variables.data_local={tiny_data}",
+        f"variables.save_folder={run_dir}",
+        f"variables.max_duration={steps}ba",
+        "variables.save_interval=10ba",
+        "variables.eval_interval=10ba",
+        "variables.reference_losses={code: 3.0, docs: 3.0}",
+        loggers,
+    ]
+    trainer = train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
+    trainer.close()
+    return trainer
+
+
+def test_wandb_offline_with_autoresume_starts_and_resumes(tmp_path, monkeypatch, tiny_gqa_dir, tiny_data):
+    """Composer's autoresume asked the W&B logger for a checkpoint on the first start; offline that died."""
+    pytest.importorskip("wandb", reason="W&B is not installed: pip install -e '.[dev]'")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
+    run = tmp_path / "run"
+    loggers = "loggers={metrics_file: {}, wandb: {project: shearing-test}}"
+    first = prune_tiny(run, 20, tiny_gqa_dir, tiny_data, loggers)
+    assert int(first.state.timestamp.batch) == 20
+    second = prune_tiny(run, 30, tiny_gqa_dir, tiny_data, loggers)  # resumes from ep0-ba20
+    assert int(second.state.timestamp.batch) == 30
+    steps = [r["step"] for r in read(run / "metrics.jsonl") if "loss/train/total" in r]
+    assert steps == list(range(30))  # 20 from the first process, 10 from the resumed one
+    offline_runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline_runs) == 2 and all(p.stat().st_size > 0 for p in offline_runs)
+
+
+def test_mlflow_with_autoresume_continues_its_run_without_duplicate_steps(tmp_path, tiny_gqa_dir, tiny_data):
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[dev]'")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"file://{tmp_path / 'mlruns'}"
+    loggers = (
+        "loggers={metrics_file: {}, mlflow: {tracking_uri: '" + uri + "', experiment_name: shearing-test, "
+        "log_system_metrics: false}}"
+    )
+    run = tmp_path / "run"
+    prune_tiny(run, 20, tiny_gqa_dir, tiny_data, loggers)
+    second = prune_tiny(run, 30, tiny_gqa_dir, tiny_data, loggers)
+    assert int(second.state.timestamp.batch) == 30
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("shearing-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # the resumed process logged into the same run
+    run_id = runs[0].info.run_id
+    losses = client.get_metric_history(run_id, "loss/train/total")
+    assert sorted(m.step for m in losses) == list(range(30))  # every step once: 0-19, then 20-29
+    for key in ("metrics/eval/code_LanguageCrossEntropy", "metrics/eval/docs_LanguageCrossEntropy"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [10, 20, 30]
+    assert all(math.isfinite(m.value) for m in losses)
+
+
+def test_mlflow_resumes_only_when_a_checkpoint_will_be_loaded(tmp_path):
+    """A fresh start (no latest checkpoint) opens a new MLflow run even if an old one has the run name."""
+    pytest.importorskip("mlflow", reason="MLflow is not installed: pip install -e '.[dev]'")
+    pytest.importorskip("wandb", reason="W&B is not installed: pip install -e '.[dev]'")
+    cfg = {"mlflow": {"tracking_uri": f"file://{tmp_path / 'mlruns'}"}, "wandb": {"project": "p"}}
+    folder = str(tmp_path / "{run_name}")
+    kwargs = dict(save_folder=folder, run_name="r", autoresume=True)
+    mlflow_logger, wandb_logger = loggers_mod.build_loggers(cfg, **kwargs)
+    assert mlflow_logger.resume is False
+    (tmp_path / "r").mkdir()
+    os.symlink("ep0-ba10-rank0.pt", tmp_path / "r" / "latest-rank0.pt")
+    assert loggers_mod.build_loggers(cfg, **kwargs)[0].resume is False  # dangling: Composer would not load it
+    (tmp_path / "r" / "ep0-ba10-rank0.pt").write_bytes(b"")
+    assert loggers_mod.build_loggers(cfg, **kwargs)[0].resume is True
+    assert (
+        loggers_mod.build_loggers({"mlflow": {**cfg["mlflow"], "resume": False}}, **kwargs)[0].resume is False
+    )
+    with pytest.raises(FileNotFoundError, match="does not upload checkpoints"):
+        wandb_logger.download_file("latest-rank0.pt", str(tmp_path / "x.pt"))

@@ -23,6 +23,19 @@ earlier lines with ``step <= T`` (T the batch ``fit`` starts from), none when T 
 of batch T itself (``time/*``, and the train loss if the killed process got that far) may appear twice
 (readers keep the last value, as ``shearing.reporting`` does). The cut is atomic (temporary file +
 ``os.replace``); lines this process wrote before ``fit`` (an evaluation before training) are kept.
+
+W&B and MLflow with autoresume (``build_loggers``, what ``shearing.train`` uses for ``loggers:``).
+Composer's autoresume, when ``save_folder`` has no ``latest-rank0.pt`` yet (every first start), asks
+every logger destination to download the latest checkpoint (``Trainer._try_checkpoint_download`` ->
+``get_file`` -> ``LoggerDestination.download_file``). Composer's ``WandBLogger`` always answers, via the
+W&B API: online without an artifact it is a wasted network call, offline (``WANDB_MODE=offline``, no
+entity) it raised ``RuntimeError`` and the run died at start-up. Our ``WandBLogger`` (same arguments)
+answers "not found" unless the run uploads checkpoints to W&B (``log_artifacts: true``, Composer's
+default is false) and is online, so autoresume then reads only the local ``save_folder``. MLflow never
+downloads, but Composer opens a new MLflow run on every restart unless ``resume: true``; when autoresume
+will load a checkpoint (a ``latest-rank0.pt`` in ``save_folder``) and the yaml does not set ``resume``,
+it is set, so a resumed run goes on logging into the MLflow run (found by its ``run_name`` tag) that
+it started; a fresh start with no checkpoint opens a new MLflow run even if an old one has the name.
 """
 
 from __future__ import annotations
@@ -31,17 +44,19 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from numbers import Number
 from pathlib import Path
 from typing import Any
 
 from composer.core import State
 from composer.loggers import Logger, LoggerDestination
+from composer.loggers import WandBLogger as ComposerWandBLogger
 from composer.utils import dist, format_name_with_dist
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsFileLogger", "to_json_value"]
+__all__ = ["MetricsFileLogger", "WandBLogger", "build_loggers", "to_json_value"]
 
 
 def to_json_value(value: Any) -> Any:
@@ -206,3 +221,59 @@ def _cut_partial_last_line(path: Path, chunk: int = 1 << 16) -> int:
         if end != f.seek(0, os.SEEK_END):
             f.truncate(end)
     return end
+
+
+# ------------------------------------------------------------------------------ W&B / MLflow
+
+
+class WandBLogger(ComposerWandBLogger):
+    """Composer's ``WandBLogger`` whose checkpoint download says "not found" when it cannot have one.
+
+    That is: the run does not upload checkpoints (``log_artifacts: false``), or W&B runs offline. Then
+    Composer's autoresume looks only in the local ``save_folder`` (see the module docstring).
+    """
+
+    def download_file(
+        self, remote_file_name: str, destination: str, overwrite: bool = False, progress_bar: bool = True
+    ) -> None:
+        if not self._log_artifacts:
+            raise FileNotFoundError(f"{remote_file_name}: this run does not upload checkpoints to W&B")
+        if _wandb_offline(self._init_kwargs):
+            raise FileNotFoundError(f"{remote_file_name}: W&B is offline, its artifacts cannot be fetched")
+        super().download_file(remote_file_name, destination, overwrite=overwrite, progress_bar=progress_bar)
+
+
+def _wandb_offline(init_kwargs: Mapping[str, Any] | None) -> bool:
+    import wandb
+
+    if wandb.run is not None:
+        return bool(getattr(wandb.run, "offline", False)) or getattr(wandb.run, "mode", "") == "disabled"
+    mode = (init_kwargs or {}).get("mode") or os.environ.get("WANDB_MODE", "")
+    return mode in ("offline", "dryrun", "disabled")
+
+
+def has_latest_checkpoint(save_folder: str | None, run_name: str | None) -> bool:
+    """Whether Composer's autoresume will load a checkpoint from this (local) ``save_folder``."""
+    if save_folder is None or "://" in save_folder or ("{run_name}" in save_folder and not run_name):
+        return False
+    return os.path.exists(
+        Path(format_name_with_dist(save_folder, run_name)) / "latest-rank0.pt"
+    )  # as Composer
+
+
+def build_loggers(
+    loggers: Mapping[str, Any], *, save_folder: str | None, run_name: str | None, autoresume: bool
+) -> list[LoggerDestination]:
+    """The yaml's ``loggers:`` built through llm-foundry's registry, W&B and MLflow made resume-safe."""
+    from llmfoundry.utils.builders import build_logger
+
+    built: list[LoggerDestination] = []
+    for name, kwargs in loggers.items():
+        kwargs = dict(kwargs or {})
+        if name == "wandb":
+            built.append(WandBLogger(**kwargs))
+            continue
+        if name == "mlflow" and autoresume and "resume" not in kwargs:
+            kwargs["resume"] = has_latest_checkpoint(save_folder, run_name)
+        built.append(build_logger(name, kwargs))
+    return built

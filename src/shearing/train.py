@@ -21,7 +21,7 @@ from composer.core import Evaluator
 from composer.optim import DecoupledAdamW
 from composer.utils import dist, reproducibility
 from llmfoundry.data.dataloader import build_dataloader
-from llmfoundry.utils.builders import build_algorithm, build_callback, build_logger, build_scheduler
+from llmfoundry.utils.builders import build_algorithm, build_callback, build_scheduler
 
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
 from shearing.callbacks.export import build_export_callback, check_export_config
@@ -31,6 +31,7 @@ from shearing.checkpoints import check_save_folder, recover_latest_checkpoint
 from shearing.config import OptimizerConfig, RunConfig, load_config
 from shearing.data.compat import check_run_data
 from shearing.data.manifest import load_manifest
+from shearing.loggers import build_loggers
 from shearing.models.composer_model import ComposerShearedLlama
 from shearing.models.hf_io import load_source_model
 from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape, resolve_target_shape
@@ -262,7 +263,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         schedulers=scheduler,
         algorithms=build_algorithms(cfg),
         callbacks=build_callbacks(cfg),
-        loggers=[build_logger(name, kwargs or {}) for name, kwargs in cfg.loggers.items()],
+        loggers=build_loggers(  # W&B / MLflow made safe for autoresume (shearing.loggers)
+            cfg.loggers, save_folder=cfg.save_folder, run_name=cfg.run_name, autoresume=cfg.autoresume_enabled
+        ),
         max_duration=cfg.max_duration,
         eval_interval=cfg.eval_interval,
         eval_subset_num_batches=cfg.eval_subset_num_batches,
