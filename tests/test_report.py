@@ -350,3 +350,28 @@ def test_report_joins_an_outside_export_and_results_files_to_the_run(
     assert "has no shearing_export.json: give the --output folder of python -m shearing.export" in (
         capsys.readouterr().err
     )
+
+
+def test_speed_table_shows_the_spread_and_the_noise_warning(tmp_path):
+    """A results file with the speed record ``compare_speed`` writes (its statistics from ``run_trials`` on
+    scripted timings): the report shows median ±spread [min–max], the trial count and the warning."""
+    from shearing.evaluation.speed import run_trials
+
+    times = iter([(0.5, 2.5), (1.0, 5.0), (1.0, 5.0), (1.0, 5.0)] * 10)  # the model alternates 2x: noisy
+    speed = run_trials(lambda name: next(times), 1, 100, 11, min_trials=3, max_trials=6)
+    assert not speed["spread_ok"]
+    run = tmp_path / "cpt"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"model": str(run / "hf"), "speed": speed}))
+    html = build_report([run], tmp_path / "report")["html"].read_text()
+    evaluation = section_html(html, "Evaluation tables")
+    model = speed["model"]["decode"]
+    cell = f"{model['median']:,.1f} ±{model['spread']:.0%} [{model['min']:,.1f}–{model['max']:,.1f}]"
+    assert f"<td>model decode tok/s</td><td>{cell}</td>" in evaluation
+    ratio = speed["decode_speedup_stats"]
+    assert (
+        f"{ratio['median']:.2f}x ±{ratio['spread']:.0%} [{ratio['min']:.2f}–{ratio['max']:.2f}]" in evaluation
+    )
+    assert "<td>6 (max trials)</td>" in evaluation and "NO, see warning" in evaluation
+    assert "warning: speed numbers are noisy: the model" in evaluation
+    assert "model.prefill.q1" not in evaluation  # the statistics are in the cells, not as raw rows

@@ -36,6 +36,71 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _spread_cell(stats: dict[str, Any] | None, median: Any, ratio: bool = False) -> str:
+    if median is None:
+        return "–"
+    text = f"{median:.2f}x" if ratio else f"{median:,.1f}"
+    if stats and stats.get("trials", 1) > 1:
+        lo, hi = (
+            (f"{stats['min']:.2f}", f"{stats['max']:.2f}")
+            if ratio
+            else (
+                f"{stats['min']:,.1f}",
+                f"{stats['max']:,.1f}",
+            )
+        )
+        text += f" ±{stats['spread']:.0%} [{lo}–{hi}]"
+    return text
+
+
+def speed_rows(speeds: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of the speed table: rates and speedups with their spread (``compare_speed`` results), then
+    every other scalar key as it is (older results files hold only medians)."""
+    rows, covered = [], set()
+    for who in ("model", "baseline"):
+        for phase in ("prefill", "decode"):
+            key = f"{phase}_tokens_per_s"
+            if any(isinstance(s.get(who), dict) and key in s[who] for s in speeds):
+                rows.append(
+                    [f"{who} {phase} tok/s"]
+                    + [
+                        _spread_cell((s.get(who) or {}).get(phase), (s.get(who) or {}).get(key))
+                        for s in speeds
+                    ]
+                )
+        covered |= {f"{who}.{p}" for p in ("prefill", "decode")}
+        covered |= {
+            f"{who}.{k}" for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s")
+        }
+    for phase in ("prefill", "decode"):
+        key = f"{phase}_speedup"
+        if any(key in s for s in speeds):
+            rows.append(
+                [f"{phase} speedup"]
+                + [_spread_cell(s.get(f"{key}_stats"), s.get(key), ratio=True) for s in speeds]
+            )
+        covered |= {key, f"{key}_stats"}
+    if any("trials" in s for s in speeds):
+        rows.append(
+            ["trials per model (stopped by)"]
+            + [f"{s['trials']} ({s.get('stopped', '?')})" if "trials" in s else "–" for s in speeds]
+        )
+        rows.append(
+            ["spread within tolerance"]
+            + [
+                "–" if "spread_ok" not in s else ("yes" if s["spread_ok"] else "NO, see warning")
+                for s in speeds
+            ]
+        )
+        covered |= {"trials", "stopped", "spread_ok", "warning", "max_spread"}
+    flat = [_flatten(s) for s in speeds]
+    rest = list(
+        dict.fromkeys(k for f in flat for k in f if not any(k == c or k.startswith(c + ".") for c in covered))
+    )
+    rows += [[k, *[fmt(f.get(k)) for f in flat]] for k in rest]
+    return rows
+
+
 def evaluation_tables(runs: list[Run], out: FigureWriter) -> Section:
     section = Section("Evaluation tables")
     found = [(run, path, result) for run in runs for path, result in run.results]
@@ -87,10 +152,20 @@ def evaluation_tables(runs: list[Run], out: FigureWriter) -> Section:
             rows.append(row)
         section.blocks.append(Table(["task / metric", *labels], rows, caption="Downstream tasks"))
 
-    speed_keys = list(dict.fromkeys(k for r in results for k in _flatten(r.get("speed") or {})))
+    speeds = [r.get("speed") or {} for r in results]
+    speed_keys = [] if not any(speeds) else speed_rows(speeds)
     if speed_keys:
-        rows = [[k, *[fmt(_flatten(r.get("speed") or {}).get(k)) for r in results]] for k in speed_keys]
-        section.blocks.append(Table(["speed", *labels], rows, caption="Speed"))
+        section.blocks.append(
+            Table(
+                ["speed", *labels],
+                speed_keys,
+                caption="Inference speed: median ±IQR/median [min–max] over the interleaved trials "
+                "(speedup: model / baseline, > 1 is faster)",
+            )
+        )
+        for label, speed in zip(labels, speeds):
+            if speed.get("warning"):
+                section.blocks.append(Text(f"{label}: warning: {speed['warning']}"))
     if not (domains or tasks or speed_keys):
         section.blocks.append(Text("Results files were found but hold no domains, tasks or speed entries."))
     return section
