@@ -44,8 +44,12 @@ def render_plan(config_path: str, overrides: list[str] | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m shearing.plan <run.yaml> [key=value ...]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{usage}\n\n{__doc__.strip()}")
+        return 0
     if not argv:
-        print("usage: python -m shearing.plan <run.yaml> [key=value ...]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     try:
         print(render_plan(argv[0], argv[1:]), end="")
