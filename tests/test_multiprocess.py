@@ -110,6 +110,7 @@ def test_fsdp2_bf16_mixed_precision_keeps_the_l0_module_in_fp32(tmp_path):
             assert max(record["log_alpha_diff"].values()) == 0.0, record  # exactly the stored values
             assert set(record["mask_dtype"].values()) == {"torch.float32"}, record
             assert record["lagrangian_dtype"] == "torch.float32", record
+        assert "before its first forward" in rank["late_error"] and "torch.bfloat16" in rank["late_error"]
     for key in rank0["final"]:
         torch.testing.assert_close(rank0["final"][key], rank1["final"][key], rtol=0, atol=0)
         assert rank0["final"][key].dtype == torch.float32, key

@@ -1,12 +1,14 @@
 """The yaml fsdp_config -> Composer FSDP2 config: strategy translation, the HYBRID_SHARD mesh, refusals."""
 
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 
 from shearing.config import load_config
-from shearing.parallelism import build_parallelism_config
+from shearing.parallelism import build_parallelism_config, keep_fp32
 
 YAMLS_DIR = Path(__file__).resolve().parents[1] / "yamls"
 
@@ -79,3 +81,19 @@ def test_committed_recipes_run_fsdp2_with_checkpointing_full_state_dict_and_mixe
     assert config.mixed_precision == "DEFAULT"
     hybrid = build({**cfg.fsdp_config, "sharding_strategy": "HYBRID_SHARD"}, world=16, local=8)
     assert (hybrid.data_parallel_replicate_degree, hybrid.data_parallel_shard_degree) == (2, 8)
+
+
+def test_fsdp1_pruning_with_mixed_precision_warns_that_masks_are_gathered_in_bf16(caplog):
+    with caplog.at_level(logging.WARNING, logger="shearing.parallelism"):
+        build({**RECIPE, "version": 1}, pruning=True)
+    assert "version: 2 (the L0 module stays fp32) or mixed_precision: FULL" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shearing.parallelism"):
+        build({**RECIPE, "version": 1, "mixed_precision": "FULL"}, pruning=True)
+        build({**RECIPE, "version": 1})  # continued pre-training: no L0 module
+        build(RECIPE, pruning=True)  # FSDP2: keep_fp32 handles it
+    assert "L0 module" not in caplog.text
+
+
+def test_keep_fp32_is_a_no_op_on_a_module_fsdp2_does_not_wrap():
+    assert keep_fp32(torch.nn.Linear(2, 2)) is False

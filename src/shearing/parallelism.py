@@ -10,7 +10,8 @@ here and needs no environment variable: ``build_parallelism_config`` builds the 
 
 ``fsdp_config`` keys (FSDP1 spellings accepted, translated):
 
-- ``version``: 2 (default) or 1 (Composer's FSDP1, CUDA only; keys passed through unchanged).
+- ``version``: 2 (default) or 1 (Composer's FSDP1, CUDA only; keys passed through unchanged; a pruning
+  run whose ``mixed_precision`` is not FULL is warned that the L0 module is then gathered in bf16).
 - ``sharding_strategy``: FULL_SHARD (``reshard_after_forward: true``), SHARD_GRAD_OP
   (``reshard_after_forward: false``), HYBRID_SHARD / _HYBRID_SHARD_ZERO2 (a 2-D device mesh:
   replicate across nodes, shard within a node, i.e. shard degree = local world size; reshard
@@ -219,6 +220,17 @@ def build_parallelism_config(
             raise ValueError(
                 "fsdp_config.use_orig_params=false with a pruning run: one flat parameter would hold both the mask "
                 "logits (lr optimizer.mask_lr) and the multipliers (negative lr); set use_orig_params: true"
+            )
+        mixed = options.get("mixed_precision", "DEFAULT")
+        if pruning and not (isinstance(mixed, str) and mixed.upper() == "FULL"):
+            # Composer's FSDP1 wraps the L0 module with the model-wide MixedPrecision and has no per-unit
+            # override for a direct child of the ComposerModel; keep_fp32 handles FSDP2 only.
+            log.warning(
+                "fsdp_config.version=1 with mixed_precision=%s: under FSDP1 the mask logits and Lagrange "
+                "multipliers are gathered in the low-precision dtype (bf16 with precision amp_bf16, rounding "
+                "them by up to 0.016); use fsdp_config.version: 2 (the L0 module stays fp32) or "
+                "mixed_precision: FULL",
+                mixed,
             )
         return {"fsdp": FSDPConfig(**options)}
     options, shard, replicate = fsdp2_options(fsdp_config, world_size, local_world_size)

@@ -15,7 +15,8 @@ A forward pre-hook on the L0 module (after FSDP2's own, which gathers the parame
 of each mask logit and multiplier as the L0 forward sees it and the largest difference from the stored
 fp32 values (gathered before the step); a forward hook records the dtype of the masks and of the
 Lagrangian; a pre-hook on the first decoder layer records its weight dtype (the bf16 policy must still
-hold for the LLaMA). Each rank writes OUT_DIR/fsdp2_mp_rank{r}.pt (or .err with the traceback).
+hold for the LLaMA). Last, a fresh L0 unit that ran a forward under the bf16 policy: ``keep_fp32`` must refuse it (its message
+is saved). Each rank writes OUT_DIR/fsdp2_mp_rank{r}.pt (or .err with the traceback).
 """
 
 import os
@@ -42,11 +43,13 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
         from composer.distributed.fsdp2_utils import generate_composer_model_policy
         from composer.utils.parallelism import FSDP2Config
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from shearing.config import OptimizerConfig
         from shearing.models.composer_model import ComposerShearedLlama
         from shearing.models.hf_io import load_source_model
         from shearing.models.shapes import named_shape, resolve_target_shape
+        from shearing.parallelism import keep_fp32
         from shearing.pruning.l0 import L0Module
         from shearing.train import build_optimizer
 
@@ -97,7 +100,18 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
             loss.backward()
             optimizer.step()
         final = {k: v.full_tensor().detach().clone() for k, v in l0.state_dict().items()}
-        torch.save({"seen": seen, "final": final}, out / f"fsdp2_mp_rank{rank}.pt")
+        # Too late: an L0 unit whose first forward already gathered in bf16 is refused, not half-switched.
+        late = L0Module(source, target, seed=17)
+        bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard(late, mesh=config.device_mesh, mp_policy=bf16)
+        late.eval()
+        late()
+        try:
+            keep_fp32(late)
+            late_error = None
+        except RuntimeError as error:
+            late_error = str(error)
+        torch.save({"seen": seen, "final": final, "late_error": late_error}, out / f"fsdp2_mp_rank{rank}.pt")
     except Exception:
         (out / f"fsdp2_mp_rank{rank}.err").write_text(traceback.format_exc())
         raise
