@@ -375,3 +375,53 @@ def test_speed_table_shows_the_spread_and_the_noise_warning(tmp_path):
     assert "<td>6 (max trials)</td>" in evaluation and "NO, see warning" in evaluation
     assert "warning: speed numbers are noisy: the model" in evaluation
     assert "model.prefill.q1" not in evaluation  # the statistics are in the cells, not as raw rows
+
+
+class RecordingWriter:
+    """A ``FigureWriter`` that keeps what each figure's axes show before saving it."""
+
+    def __init__(self, output: Path):
+        from shearing.reporting.figures import FigureWriter
+
+        self.writer, self.axes = FigureWriter(output), {}
+
+    def save(self, fig, name, caption):
+        self.axes[name] = [
+            {
+                "title": ax.get_title(),
+                "ylim": ax.get_ylim(),
+                "yscale": ax.get_yscale(),
+                "lines": len(ax.get_lines()),
+                "texts": [t.get_text() for t in ax.texts],
+            }
+            for ax in fig.axes
+        ]
+        return self.writer.save(fig, name, caption)
+
+
+def test_gap_panels_per_run_and_proportion_lines_show_small_shifts(tmp_path):
+    """A source run compared with a random-model reference (gap ≈ -8) next to a pruned run (gap 0.18):
+    each run gets its own gap panel and scale, the loss axis is not stretched to the far reference (it is
+    written as a number), and the proportions get one line per domain on a log axis beside the stack."""
+    from shearing.reporting.runs import load_runs
+    from shearing.reporting.training import per_domain, proportions
+
+    source, prune = tmp_path / "source", tmp_path / "prune"
+    for run in (source, prune):
+        run.mkdir()
+        refs = write_metrics(run / "metrics.jsonl", steps=100, eval_every=50, pruning=False)
+        if run is source:
+            refs = {d: math.log(32000) for d in DOMAINS}
+        write_dynamic_loading(run / "dynamic_loading.json", refs, steps=100, eval_every=50)
+    writer = RecordingWriter(tmp_path / "report")
+    runs = load_runs([source, prune])
+    per_domain(runs, writer)
+    proportions(runs, writer)
+    loss, *gaps = writer.axes["domain_loss_vs_reference"]
+    assert [g["title"] for g in gaps] == ["source: loss minus reference", "prune: loss minus reference"]
+    src_lo, (pr_lo, pr_hi) = gaps[0]["ylim"][0], gaps[1]["ylim"]
+    assert src_lo < -7 and pr_hi - pr_lo < 0.3  # the pruned run's 0.18 gap fills its own panel
+    assert loss["ylim"][1] < 4 and loss["texts"].count(f"ref {math.log(32000):.2f}↑") == len(DOMAINS)
+    stacked, lines = writer.axes["domain_proportions"][:2]
+    assert lines["yscale"] == "log" and lines["lines"] >= len(DOMAINS) and "per domain" in lines["title"]
+    assert stacked["ylim"] == (0.0, 1.0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from shearing.reporting.document import Section, Table, Text, fmt
 from shearing.reporting.figures import FigureWriter, domain_colors, ema, run_color
@@ -21,6 +21,7 @@ TRAIN_LOSS = ("loss/train/lm_loss", "loss/train/total")
 EVAL_LOSS = "metrics/eval/LanguageCrossEntropy"
 EVAL_PREFIX = "metrics/eval/"
 DOMAIN_SUFFIX = "_LanguageCrossEntropy"
+PLAIN = FuncFormatter(lambda v, _: f"{v:.3g}")  # 0.06 rather than 6 x 10^-2 on log axes
 
 
 def train_loss(run: Run) -> tuple[str, Series] | None:
@@ -114,10 +115,28 @@ def per_domain(runs: list[Run], out: FigureWriter) -> Section:
         return section
     listed = [d for _, run, *_ in data for d in (run.dynamic_loading or {}).get("domains") or []]
     domains = list(dict.fromkeys([*listed, *(d for *_, losses, refs in data for d in [*losses, *refs])]))
+    with_refs = [entry for entry in data if any(d in entry[4] for d in entry[3])]
     width = 0.8 / len(data)
-    fig_width = min(14.0, max(8.0, 0.5 * len(domains) * (1 + len(data)) + 2))
-    fig, (ax_loss, ax_gap) = plt.subplots(2, 1, figsize=(fig_width, 7.4), sharex=True)
-    rows, any_ref = [], False
+    fig_width = min(14.0, max(8.0, 0.5 * len(domains) * (1 + len(data)) + 2, 4.2 * len(with_refs)))
+    fig = plt.figure(figsize=(fig_width, 7.6))
+    grid = fig.add_gridspec(2, max(1, len(with_refs)), height_ratios=(1.25, 1.0))
+    ax_loss = fig.add_subplot(grid[0, :])
+    # The loss axis spans the losses and the references near them. A reference far away (a random-model
+    # reference of a pre-training run: ln V) would squash every bar, so it is written as a number instead.
+    values = [v for *_, losses, _ in data for v in losses.values()]
+    lo, hi = min(values), max(values)
+    near = [
+        v
+        for *_, losses, refs in data
+        for d, v in refs.items()
+        if d in losses and lo - 1.0 - (hi - lo) <= v <= hi + 1.0 + (hi - lo)
+    ]
+    lo, hi = min([lo, *near]), max([hi, *near])
+    span = hi - lo
+    ylim = (max(0.0, lo - max(0.5 * span, 0.05 * lo)), hi + 0.15 * max(span, 0.05))
+    if any(v > ylim[1] for *_, losses, refs in data for d, v in refs.items() if d in losses):
+        ylim = (ylim[0], ylim[1] + 0.3 * (ylim[1] - ylim[0]))  # headroom for the off-scale numbers
+    rows, any_ref, far = [], False, False
     for k, (i, run, step, losses, refs) in enumerate(data):
         xs = [j + (k - (len(data) - 1) / 2) * width for j in range(len(domains))]
         color = run_color(i)
@@ -125,49 +144,66 @@ def per_domain(runs: list[Run], out: FigureWriter) -> Section:
         ax_loss.bar(
             [x for x, _ in pairs], [losses[d] for _, d in pairs], width * 0.92, color=color, label=run.name
         )
-        with_ref = [(x, d) for x, d in pairs if d in refs]
-        if with_ref:
+        shown = [(x, d) for x, d in pairs if d in refs and ylim[0] <= refs[d] <= ylim[1]]
+        if shown:
             any_ref = True
             ax_loss.hlines(
-                [refs[d] for _, d in with_ref],
-                [x - width * 0.46 for x, _ in with_ref],
-                [x + width * 0.46 for x, _ in with_ref],
+                [refs[d] for _, d in shown],
+                [x - width * 0.46 for x, _ in shown],
+                [x + width * 0.46 for x, _ in shown],
                 colors="black",
                 linewidth=2.2,
             )
-            gaps = [losses[d] - refs[d] for _, d in with_ref]
-            ax_gap.bar([x for x, _ in with_ref], gaps, width * 0.92, color=color, label=run.name)
+        for x, d in pairs:
+            if d in refs and not ylim[0] <= refs[d] <= ylim[1]:
+                any_ref = far = True
+                ax_loss.annotate(
+                    f"ref {refs[d]:.2f}{'↑' if refs[d] > ylim[1] else '↓'}",
+                    (x, ylim[1] if refs[d] > ylim[1] else ylim[0]),
+                    ha="center",
+                    va="top" if refs[d] > ylim[1] else "bottom",
+                    fontsize=7,
+                    rotation=90,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0},
+                )
         for d in domains:
             if d in losses or d in refs:
                 gap = losses[d] - refs[d] if d in losses and d in refs else None
                 rows.append([run.name, d, fmt(step), fmt(losses.get(d)), fmt(refs.get(d)), fmt(gap)])
-    lows = [v for *_, losses, refs in data for v in [*losses.values(), *refs.values()]]
-    span = max(lows) - min(lows)
-    ax_loss.set_ylim(
-        max(0.0, min(lows) - max(0.5 * span, 0.05 * min(lows))), max(lows) + 0.15 * max(span, 0.05)
-    )
+    ax_loss.set_ylim(*ylim)
     handles = [Patch(color=run_color(i), label=run.name) for i, run, *_ in data]
     if any_ref:
         handles.append(Line2D([], [], color="black", linewidth=2.2, label="reference loss"))
-    ax_loss.set(title="Last eval loss per domain (black line: reference)", ylabel="cross-entropy")
-    ax_gap.axhline(0.0, color="black", linewidth=0.8)
-    ax_gap.set(title="Eval loss minus reference (> 0: behind it)", ylabel="loss gap")
-    if not any_ref:
-        ax_gap.text(
-            0.5,
-            0.5,
-            "no reference losses",
-            ha="center",
-            va="center",
-            transform=ax_gap.transAxes,
-            color="grey",
-        )
+    title = "Last eval loss per domain (black line: reference"
+    ax_loss.set(title=title + ("; off-scale references as numbers)" if far else ")"), ylabel="cross-entropy")
     rotate = len(domains) * (1 + len(data)) > 16
-    ax_gap.set_xticks(
+    ax_loss.set_xticks(
         range(len(domains)), domains, rotation=30 if rotate else 0, ha="right" if rotate else "center"
     )
-    for ax in (ax_loss, ax_gap):
+    ax_loss.grid(axis="x", visible=False)
+    # One gap panel per run, each on its own scale: runs against different references (a pruned run vs
+    # its scaling-law target, a source run vs a random model) differ by orders of magnitude.
+    for k, (i, run, _, losses, refs) in enumerate(with_refs):
+        ax = fig.add_subplot(grid[1, k])
+        names = [d for d in domains if d in losses and d in refs]
+        ax.bar(range(len(names)), [losses[d] - refs[d] for d in names], 0.7, color=run_color(i))
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(
+            range(len(names)),
+            names,
+            rotation=45 if len(names) > 4 else 0,
+            ha="right" if len(names) > 4 else "center",
+        )
+        ax.set_title(f"{run.name}: loss minus reference", fontsize=10)
         ax.grid(axis="x", visible=False)
+        if k == 0:
+            ax.set_ylabel("loss gap (> 0: behind)")
+    if not with_refs:
+        ax = fig.add_subplot(grid[1, 0])
+        ax.text(
+            0.5, 0.5, "no reference losses", ha="center", va="center", transform=ax.transAxes, color="grey"
+        )
+        ax.set_axis_off()
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), frameon=False)
     section.blocks.append(
@@ -175,7 +211,7 @@ def per_domain(runs: list[Run], out: FigureWriter) -> Section:
             fig,
             "domain_loss_vs_reference",
             "Per-domain loss of each run's last evaluation against its reference loss "
-            "(the loss axis does not start at 0; the lower panel shows the gap).",
+            "(the loss axis does not start at 0; the lower panels show each run's gap on its own scale).",
         )
     )
     if not any_ref:
@@ -201,9 +237,15 @@ def proportions(runs: list[Run], out: FigureWriter) -> Section:
         )
     )
     colors = domain_colors(domains)
-    fig, axes = plt.subplots(len(data), 1, figsize=(11, 2.8 + 2.2 * len(data)), squeeze=False, sharex=False)
+    fig, axes = plt.subplots(
+        len(data),
+        2,
+        figsize=(14, 2.8 + 2.4 * len(data)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": (1, 1.15)},
+    )
     rows = []
-    for ax, (_, run) in zip(axes[:, 0], data):
+    for (ax, ax_lines), (_, run) in zip(axes, data):
         history = run.dynamic_loading["history"]
         steps = [e["step"] if e.get("effective_step") is None else e["effective_step"] for e in history]
         end = max([steps[-1], *(s for s in [run.last_step()] if s is not None)])
@@ -217,6 +259,10 @@ def proportions(runs: list[Run], out: FigureWriter) -> Section:
             top = [b + v for b, v in zip(bottom, values)]
             ax.fill_between(xs, bottom, top, step="post", color=colors[d], label=d, linewidth=0)
             bottom = top
+            # Lines, on a log axis: a shift of a 2% domain is as visible as one of a 67% domain.
+            ax_lines.step(xs, values, where="post", color=colors[d], linewidth=1.6, label=d)
+            if len(history) <= 41:
+                ax_lines.plot(steps, values[:-1], "o", color=colors[d], markersize=3)
         if len(steps) <= 21:  # mark the updates while they stay readable
             for s in steps[1:]:
                 ax.axvline(s, color="white", linewidth=0.6, alpha=0.6)
@@ -224,16 +270,25 @@ def proportions(runs: list[Run], out: FigureWriter) -> Section:
         title = f"{run.name}: {len(history) - 1} updates" + (f" ({update})" if update else "")
         ax.set(xlim=(xs[0], xs[-1]), ylim=(0, 1), ylabel="proportion", title=title)
         ax.grid(False)
+        ax_lines.set_yscale("log")
+        ax_lines.set(xlim=(xs[0], xs[-1]), ylabel="proportion (log)", title=f"{run.name}: per domain")
+        ax_lines.yaxis.set_major_formatter(PLAIN)
+        ax_lines.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))  # 0.02, 0.05, 0.2, 0.5
+        ax_lines.yaxis.set_minor_formatter(PLAIN)
         first, last = history[0]["proportions"], history[-1]["proportions"]
         for d in domains:
             rows.append([run.name, d, fmt(first.get(d)), fmt(last.get(d)), fmt(history[-1]["step"])])
-    axes[-1, 0].set_xlabel("step (a new mixture applies from its effective step)")
+    for ax in axes[-1]:
+        ax.set_xlabel("step (a new mixture applies from its effective step)")
     handles = [Patch(color=colors[d], label=d) for d in domains]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="domain", frameon=False)
     fig.tight_layout()
     section.blocks.append(
         out.save(
-            fig, "domain_proportions", "Training-mixture proportions per domain (stacked), one panel per run."
+            fig,
+            "domain_proportions",
+            "Training-mixture proportions per domain, one row per run: stacked (left) and one line per "
+            "domain on a log scale (right), so small shifts stay visible.",
         )
     )
     section.blocks.append(Table(["run", "domain", "initial", "final", "final update at step"], rows))
