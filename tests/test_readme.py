@@ -56,7 +56,9 @@ NOT_RUN = {
 
 
 def code_blocks(text: str) -> list[list[str]]:
-    return [block.splitlines() for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)]
+    """The shell blocks: fences without a language or marked bash/sh/shell (``yaml`` blocks are config)."""
+    blocks = re.findall(r"^```([a-z]*)\n(.*?)^```", text, re.M | re.S)
+    return [block.splitlines() for lang, block in blocks if lang in ("", "bash", "sh", "shell")]
 
 
 def logical_lines(lines: list[str]) -> list[str]:
