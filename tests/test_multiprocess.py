@@ -117,3 +117,44 @@ def test_fsdp2_bf16_mixed_precision_keeps_the_l0_module_in_fp32(tmp_path):
     # The init noise (std 0.01 below ln 100) survives: fp32 logits take many distinct values per family.
     for key in (k for k in rank0["final"] if k.startswith("log_alphas.")):
         assert rank0["final"][key].unique().numel() > rank0["final"][key].numel() // 2, key
+
+
+@pytest.mark.multiprocess
+def test_composer_fsdp2_run_with_bf16_params_keeps_the_l0_module_in_fp32(tmp_path, tiny_gqa_dir, tiny_data):
+    # The real Trainer path (parallelize_composer_model) on CPU: Composer allows only precision fp32 there,
+    # so the bf16 parameter policy comes from a mixed_precision dict (what DEFAULT + amp_bf16 gives on GPU).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FSDP_VERSION", None)
+    cmd = [
+        str(COMPOSER),
+        "-n",
+        "2",
+        "--stdout",
+        str(tmp_path / "rank{rank}.out"),
+        "--stderr",
+        str(tmp_path / "rank{rank}.err"),
+        str(REPO / "tests/scripts/prune_ddp.py"),
+        str(tmp_path),
+        str(REPO / "yamls/testing/prune_tiny.yaml"),
+        f"variables.source_model={tiny_gqa_dir}",
+        f"variables.data_local={tiny_data}",
+        f"variables.save_folder={tmp_path / 'run'}",
+        "max_duration=4ba",
+        "eval_interval=4ba",
+        "fsdp_config={sharding_strategy: FULL_SHARD, activation_checkpointing: true, state_dict_type: full,"
+        " mixed_precision: {param_dtype: bf16, reduce_dtype: fp32, buffer_dtype: bf16}}",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.err")))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"forward_dtypes_rank{rank}.json").read_text())
+        assert seen.pop("decoder_layer") == "torch.bfloat16", seen  # the model's policy holds
+        assert seen.pop("lagrangian") == "torch.float32"
+        assert any(k.startswith("l0.log_alphas.") for k in seen) and any(
+            k.startswith("l0.lambdas.") for k in seen
+        )
+        assert set(seen.values()) == {"torch.float32"}, seen
+    rank0, rank1 = (torch.load(tmp_path / f"l0_rank{r}.pt") for r in (0, 1))
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
