@@ -13,7 +13,7 @@ import torch
 from streaming import LocalDataset
 from tiny import SEQ_LEN, make_hf_llama
 
-from shearing.evaluate import EvalOptions, evaluate, main
+from shearing.evaluate import EvalOptions, check_options, evaluate, main
 from shearing.evaluation.harness import flatten_metrics, parse_tasks, run_lm_eval
 from shearing.evaluation.loading import load_model
 from shearing.evaluation.speed import compare_speed, make_prompt, run_trials, spread_stats, time_generate
@@ -345,6 +345,15 @@ def test_bad_inputs_raise_clear_errors(
     assert parse_tasks("lm_eval:hellaswag, arc_easy") == {"lm_eval": ["hellaswag", "arc_easy"]}
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(EvalOptions(model=str(tiny_gqa_dir)))
+    speed = dict(model=str(tiny_gqa_dir), speed_baseline=str(tiny_gqa_dir))
+    for field, value, message in [
+        ("speed_tolerance", 0.0, "--speed-tolerance must be > 0"),
+        ("speed_max_seconds", -5.0, "--speed-max-seconds must be > 0, got -5.0"),
+        ("repeats", 0, "--repeats must be at least 1"),
+        ("new_tokens", 1, "--new-tokens must be at least 2"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_options(EvalOptions(**speed, **{field: value}))
 
     out = tmp_path / "results.json"
     assert main(["--model", str(tiny_gqa_dir), "--tasks", "arc_easy", "--output", str(out)]) == 2
