@@ -246,7 +246,7 @@ def test_one_outlier_does_not_block_convergence_but_steady_noise_hits_the_time_c
     assert result["stopped"] == "time cap" and result["trials"] == 4  # rounds of 9 s and 12 s: 42 s after 4
     assert not result["spread_ok"] and result["max_spread"] > 0.1
     assert (
-        "speed numbers are noisy: the model" in result["warning"]
+        "speed numbers are noisy: the " in result["warning"]
         and "after 4 trials (time cap" in result["warning"]
     )
     # Without a cap it stops at max_trials, still warning.
@@ -269,6 +269,19 @@ def test_speedup_pairs_trials_in_time_so_a_drift_of_the_machine_cancels() -> Non
     assert result["model"]["prefill"]["spread"] > 0.5  # each model's own rate drifts a lot ...
     assert result["prefill_speedup_stats"]["spread"] == pytest.approx(0.0)  # ... their paired ratio does not
     assert result["prefill_speedup"] == pytest.approx(2.0) and result["decode_speedup"] == pytest.approx(2.0)
+
+
+def test_a_noisy_speedup_keeps_the_trials_going_even_when_each_rate_is_steady() -> None:
+    # Each model swings 9% (within the 10% tolerance) but in opposite phase: the ratio swings 18%.
+    fast, slow = (0.5, 2.5), (0.545, 2.725)
+    script = Script({"model": [fast, slow] * 5, "baseline": [slow, fast] * 5})
+    result = run_trials(
+        script.measure, 1, 10, 5, min_trials=4, max_trials=8, clock=script.clock, max_seconds=1e9
+    )
+    assert max(result[w][p]["spread"] for w in ("model", "baseline") for p in ("prefill", "decode")) <= 0.1
+    assert result["prefill_speedup_stats"]["spread"] > 0.1
+    assert (result["stopped"], result["trials"], result["spread_ok"]) == ("max trials", 8, False)
+    assert "speedup still spreads" in result["warning"]
 
 
 def test_spread_statistics_and_bad_trial_settings() -> None:

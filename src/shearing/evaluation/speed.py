@@ -17,9 +17,9 @@ let a drift of the machine between the blocks (another process, clock boost, a c
 model only; two identical runs gave decode 0.51x and 16.84x where a standalone timing said about 2.1x.
 Now each trial times the model then the baseline (A B A B ...), each trial yields its own prefill and
 decode rate, and trials repeat (at least ``repeats``) until the relative spread IQR / median of every
-rate is within a tolerance, or a time cap passes. Results carry median, min, max, quartiles, spread and
-trial count per model and phase, the speedup as the median of per-trial ratios (paired in time), and a
-warning when the spread stayed large. ``measure_generation`` (one model, medians of blocks) remains for
+rate and of the per-trial speedups is within a tolerance, or a time cap passes. Results carry median,
+min, max, quartiles, spread and trial count per model and phase, the speedup as the median of per-trial
+ratios (paired in time), and a warning when the spread stayed large. ``measure_generation`` (one model, medians of blocks) remains for
 ``bench/throughput.py``'s single-model rows.
 
 ``random_llama`` builds the models of a shape-only comparison (``bench/throughput.py``): stock
@@ -219,8 +219,8 @@ def run_trials(
     ``(t1, tN)``: the seconds of a 1-token and of an N-token generate. Per trial, prefill tokens/s is
     ``B P / t1`` and decode tokens/s ``B (N - 1) / (tN - t1)`` (a trial whose difference is not positive
     has no decode rate; it is counted in ``decode_invalid``). Rounds stop when, after at least
-    ``min_trials``, the relative spread (IQR / median) of every model's prefill and decode rate is at
-    most ``tolerance`` (``stopped: "converged"``), or at ``max_trials`` rounds, or once ``max_seconds``
+    ``min_trials``, the relative spread (IQR / median) of every model's prefill and decode rate, and of
+    the per-round speedups, is at most ``tolerance`` (``stopped: "converged"``), or at ``max_trials`` rounds, or once ``max_seconds``
     have passed on ``clock`` (checked after each round; at least one round always runs). ``spread_ok``
     is false and ``warning`` says so when the spread is still above the tolerance at the end.
 
@@ -263,6 +263,7 @@ def run_trials(
                 if a[phase] is not None and b[phase] is not None:
                     ratios[phase].append(a[phase] / b[phase])
         spreads = [spread_stats(v)["spread"] if v else math.inf for r in rates.values() for v in r.values()]
+        spreads += [spread_stats(v)["spread"] for v in ratios.values() if v]
         if trial >= min_trials and max(spreads) <= tolerance:
             stopped = "converged"
             break
@@ -295,19 +296,20 @@ def run_trials(
             "decode": decode,
             "decode_invalid": invalid[name],
         }
-        worst += [(prefill["spread"], f"{name} prefill"), (decode["spread"], f"{name} decode")]
+        worst += [(prefill["spread"], f"{name} prefill rate"), (decode["spread"], f"{name} decode rate")]
     for phase in ("prefill", "decode"):
         if ratios[phase]:
             stats = spread_stats(ratios[phase])
             result[f"{phase}_speedup"] = stats["median"]
             result[f"{phase}_speedup_stats"] = stats
+            worst.append((stats["spread"], f"{phase} speedup"))
     spread, which = max(worst)
     result["max_spread"] = spread
     result["spread_ok"] = spread <= tolerance
     result["warning"] = None
     if not result["spread_ok"]:
         result["warning"] = (
-            f"speed numbers are noisy: the {which} rate still spreads {spread:.0%} (IQR / median) after "
+            f"speed numbers are noisy: the {which} still spreads {spread:.0%} (IQR / median) after "
             f"{trial} trials ({stopped}, tolerance {tolerance:.0%}); treat the ratios as rough, run on an idle "
             "machine, raise --new-tokens or --speed-max-seconds"
         )
