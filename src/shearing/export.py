@@ -1,7 +1,7 @@
 """Export a pruning (or continued pre-training) run as a standard Hugging Face checkpoint.
 
     python -m shearing.export --checkpoint RUN_DIR_OR_FILE --output OUT_DIR [--dtype bfloat16] [--overwrite]
-        [--force] [--data DATA_DIR/eval [--max-seqs N]]
+        [--force] [--data DATA_DIR/eval [--max-seqs N]] [--gguf [NAME]]
 
 Given a run folder it takes the latest checkpoint (Composer's ``latest-rank0.pt`` link, else the
 file with the highest batch count); when that file is truncated or corrupt it falls back to the newest
@@ -17,8 +17,12 @@ After the surgery the shape must equal the run's target exactly and the paramete
 
 The output loads with stock ``transformers.AutoModelForCausalLM.from_pretrained`` with no missing or
 unexpected keys: ``config.json`` (``head_dim`` explicit), safetensors weights, the source tokenizer,
-and ``shearing_export.json`` / ``shearing_export.md`` (source and target shapes, parameter counts,
-kept indices per layer, the gate's numbers, the batch the checkpoint was trained to).
+``generation_config.json`` (the source's, else built from the config's token ids), a model card
+``README.md`` (``shearing.model_card``: source, shapes, parameter counts, data, steps and tokens, the
+run's last eval, the gate's numbers, the command) and ``shearing_export.json`` / ``shearing_export.md``
+(source and target shapes, parameter counts, kept indices per layer, the gate's numbers, the batch the
+checkpoint was trained to). ``--gguf`` adds ``model.gguf`` (``shearing.gguf_export``: llama.cpp's
+format, F32 or F16, loadable with ``from_pretrained(OUT, gguf_file="model.gguf")``).
 
 Output safety. Writes are atomic: everything goes to a temporary sibling folder that is renamed into
 place only when complete, so a crash never leaves a directory that looks finished; leftovers of a killed
@@ -36,6 +40,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -48,7 +53,10 @@ from huggingface_hub import save_torch_state_dict
 from transformers import LlamaConfig
 
 from shearing.checkpoints import LATEST, checkpoint_batch, checkpoint_is_readable
+from shearing.gguf_export import DEFAULT_NAME as GGUF_DEFAULT_NAME
+from shearing.gguf_export import check_gguf_name, write_gguf
 from shearing.io import apply_umask
+from shearing.model_card import model_card, run_facts, write_generation_config
 from shearing.models.hf_io import load_state_dict_strict
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import PRUNABLE_FIELDS, count_params, shape_from_hf_config
@@ -129,6 +137,12 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], int | None, Path]:
     """``(model state dict, batch it was trained to, file)`` of a Composer checkpoint or run folder."""
+    model_state, step, _, file = read_checkpoint(checkpoint)
+    return model_state, step, file
+
+
+def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], int | None, int | None, Path]:
+    """``(model state dict, batch, tokens it was trained to, file)`` of a checkpoint or run folder."""
     file = find_checkpoint(checkpoint)
     try:
         raw = torch.load(file, map_location="cpu", weights_only=False)
@@ -138,10 +152,12 @@ def load_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], int 
         model_state = raw["state"]["model"]
     except (KeyError, TypeError):
         raise ValueError(f"{file} is not a Composer checkpoint (no state.model)") from None
-    step = (raw["state"].get("timestamp") or {}).get("batch")
+    timestamp = raw["state"].get("timestamp") or {}
+    timestamp = timestamp.get("Timestamp", timestamp)  # Composer nests the fields under the class name
+    step, tokens = timestamp.get("batch"), timestamp.get("token")
     if step is None and checkpoint_batch(file) >= 0:
         step = checkpoint_batch(file)
-    return model_state, None if step is None else int(step), file
+    return model_state, None if step is None else int(step), None if tokens is None else int(tokens), file
 
 
 def load_model_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -322,15 +338,22 @@ def export_model_state(
     max_seqs: int | None = 64,
     run_folder: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
+    gguf: str | None = None,
+    tokens: int | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Gate, cut and write a saved model state as an HF directory at ``output`` (atomically); the summary.
 
     ``eval_loss`` (``{"expected_masks", "final_masks"}``, measured by the caller) or ``eval_data``
     (measured here) feed the loss half of the gate; with neither it is recorded as not measured.
     Raises ``ExportRefused`` when the gate fails and ``force`` is not set, and always for non-finite state.
+    ``gguf`` (a file name, e.g. ``model.gguf``) also writes the model as GGUF inside the folder
+    (``shearing.gguf_export``); ``tokens`` (seen by the checkpoint) and ``command`` go into the model card.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if gguf is not None:
+        check_gguf_name(gguf)
     thresholds = thresholds or GateThresholds()
     output = Path(output)
     check_export_target(output, run_folder=run_folder, checkpoint=checkpoint, overwrite=overwrite)
@@ -372,8 +395,10 @@ def export_model_state(
         "checkpoint_batch": step,
         "gate": gate,
         "kept": kept,
+        "source_path": meta.get("source"),
+        "run": run_facts(run_folder, step, tokens),
     }
-    _write(output, config, state, meta.get("tokenizer"), summary)
+    _write(output, config, state, meta.get("tokenizer"), summary, gguf=gguf, command=command)
     return summary
 
 
@@ -394,7 +419,13 @@ def _check_target_shape(shape: Any, meta: dict[str, Any], step: int | None) -> N
 
 
 def _write(
-    output: Path, config: Any, state: dict[str, torch.Tensor], tokenizer: str | None, summary: dict
+    output: Path,
+    config: Any,
+    state: dict[str, torch.Tensor],
+    tokenizer: str | None,
+    summary: dict,
+    gguf: str | None = None,
+    command: str | None = None,
 ) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(output)
@@ -404,6 +435,10 @@ def _write(
         config.save_pretrained(tmp)
         save_torch_state_dict(state, tmp, max_shard_size="5GB", safe_serialization=True)
         _copy_tokenizer(tokenizer, tmp)
+        summary["generation_config"] = write_generation_config(summary.get("source_path"), config, tmp)
+        if gguf is not None:
+            summary["gguf"] = write_gguf(config, state, tmp, tmp / gguf, dtype=summary["dtype"])
+        (tmp / "README.md").write_text(model_card(summary, summary["run"], command))
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
         (tmp / "shearing_export.md").write_text(_markdown(summary))
         for path in tmp.rglob("*"):
@@ -469,13 +504,16 @@ def export_checkpoint(
     given = Path(checkpoint)
     run_folder = given if given.is_dir() else given.parent
     check_export_target(output, run_folder=run_folder, checkpoint=checkpoint, overwrite=overwrite)
-    model_state, step, file = load_checkpoint(checkpoint)
+    if gate_options.get("gguf") is not None:
+        check_gguf_name(gate_options["gguf"])
+    model_state, step, tokens, file = read_checkpoint(checkpoint)
     return export_model_state(
         model_state,
         output,
         dtype=dtype,
         overwrite=overwrite,
         step=step,
+        tokens=tokens,
         run_folder=run_folder,
         checkpoint=file,
         **gate_options,
@@ -499,9 +537,19 @@ def main(argv: list[str] | None = None) -> int:
         "--data", default=None, help="DATA_DIR/eval: measure the eval loss under expected vs final masks"
     )
     parser.add_argument("--max-seqs", type=int, default=64, help="eval sequences per domain for --data")
+    parser.add_argument(
+        "--gguf",
+        nargs="?",
+        const=GGUF_DEFAULT_NAME,
+        default=None,
+        metavar="NAME",
+        help=f"also write the model as GGUF (llama.cpp) inside --output, as NAME (default {GGUF_DEFAULT_NAME}); "
+        "F32, or F16 for --dtype float16/bfloat16",
+    )
     parser.add_argument("--max-sparsity-gap", type=float, default=GateThresholds.max_sparsity_gap)
     parser.add_argument("--max-loss-gap", type=float, default=GateThresholds.max_loss_gap)
     args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "shearing.export", *(sys.argv[1:] if argv is None else argv)])
     try:
         if args.data is not None and not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data} is not a folder: give DATA_DIR/eval of the prepared data")
@@ -515,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             thresholds=thresholds,
             eval_data=args.data,
             max_seqs=args.max_seqs,
+            gguf=args.gguf,
+            command=command,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -525,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(hidden {target['hidden_size']}, layers {target['num_hidden_layers']}, heads {target['num_attention_heads']}, "
         f"kv heads {target['num_key_value_heads']}, intermediate {target['intermediate_size']})"
     )
+    if summary.get("gguf"):
+        print(f"wrote {Path(args.output) / summary['gguf']['file']} ({summary['gguf']['file_type']})")
     gate = summary["gate"]
     if gate is not None:
         status = "passed" if gate["passed"] else "FAILED, exported because of --force"
