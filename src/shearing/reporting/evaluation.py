@@ -83,16 +83,25 @@ def speed_rows(speeds: list[dict[str, Any]]) -> list[list[str]]:
     if any("trials" in s for s in speeds):
         rows.append(
             ["trials per model (stopped by)"]
-            + [f"{s['trials']} ({s.get('stopped', '?')})" if "trials" in s else "–" for s in speeds]
+            + [
+                f"{s['trials']} ({s.get('stopped', '?')}, {s.get('elapsed_s', 0):.0f} s)"
+                if "trials" in s
+                else "–"
+                for s in speeds
+            ]
         )
         rows.append(
             ["spread within tolerance"]
             + [
-                "–" if "spread_ok" not in s else ("yes" if s["spread_ok"] else "NO, see warning")
+                "–"
+                if "spread_ok" not in s
+                else f"{'yes' if s['spread_ok'] else 'NO, see warning'} (worst {s.get('max_spread', 0):.0%}, "
+                f"tolerance {s.get('tolerance', 0):.0%})"
                 for s in speeds
             ]
         )
-        covered |= {"trials", "stopped", "spread_ok", "warning", "max_spread"}
+        covered |= {"trials", "stopped", "spread_ok", "warning", "max_spread", "tolerance", "elapsed_s"}
+        covered |= {"min_trials", "max_seconds", "model.decode_invalid", "baseline.decode_invalid"}
     flat = [_flatten(s) for s in speeds]
     rest = list(
         dict.fromkeys(k for f in flat for k in f if not any(k == c or k.startswith(c + ".") for c in covered))
