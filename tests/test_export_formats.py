@@ -142,3 +142,11 @@ def test_generation_config_from_config_when_the_source_has_none(pruned_run, tmp_
     assert summary["generation_config"] == "config"
     generation = GenerationConfig.from_pretrained(tmp_path / "out")
     assert (generation.bos_token_id, generation.eos_token_id) == (7, 9)
+
+
+def test_fit_end_export_writes_card_and_generation_config(pruned_run):
+    _, run_dir = pruned_run  # export.on_fit_end=true: the callback's export at run/hf
+    card = (run_dir / "hf" / "README.md").read_text()
+    assert "- steps (batches): 300" in card and "- tokens seen: 153,600" in card  # 300 x 8 x 64
+    assert "Last evaluation of the run, at step 300:" in card and "## Convergence gate: passed" in card
+    assert (run_dir / "hf" / "generation_config.json").is_file()

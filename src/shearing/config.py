@@ -65,6 +65,7 @@ class ExportConfig:
     on_fit_end: bool = False
     folder: str | None = None  # default: <save_folder>/hf
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    gguf: str | None = None  # e.g. model.gguf: also write the model as GGUF (llama.cpp) inside the folder
     # The convergence gate (shearing.pruning.gate) refuses to export unconverged masks unless forced.
     force: bool = False  # export even when the gate fails (recorded as "forced" in shearing_export.json)
     max_sparsity_gap: float = 0.02  # |expected - target| sparsity per mask family, absolute

@@ -21,6 +21,8 @@ called after ``fit`` to finish the export of an already-finished run.
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +106,10 @@ class ExportOnFitEnd(Callback):
         thresholds: GateThresholds | None = None,
         eval_batches: int = 16,
         run_folder: str | Path | None = None,
+        gguf: str | None = None,
     ):
         self.folder = Path(folder)
+        self.gguf = gguf
         self.dtype = dtype
         self.force = force
         self.thresholds = thresholds or GateThresholds()
@@ -131,6 +135,9 @@ class ExportOnFitEnd(Callback):
                     thresholds=self.thresholds,
                     eval_loss=eval_loss,
                     run_folder=self.run_folder,
+                    gguf=self.gguf,
+                    tokens=int(state.timestamp.token),
+                    command=shlex.join(["composer", *sys.argv]),
                 )
             except Exception as e:
                 outcome = [(isinstance(e, ExportRefused), str(e))]
@@ -179,6 +186,13 @@ def check_export_config(cfg: Any) -> Path | None:
         return None
     check_export_target(folder, run_folder=cfg.save_folder)
     GateThresholds(cfg.export.max_sparsity_gap, cfg.export.max_loss_gap)
+    if cfg.export.gguf is not None:
+        from shearing.gguf_export import check_gguf_name
+
+        try:
+            check_gguf_name(cfg.export.gguf)
+        except ValueError as e:
+            raise ValueError(f"export.gguf: {e}".replace("--gguf ", "")) from None
     batches = cfg.export.gate_eval_batches
     if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
         raise ValueError(
@@ -198,4 +212,5 @@ def build_export_callback(cfg: Any) -> ExportOnFitEnd | None:
         thresholds=GateThresholds(cfg.export.max_sparsity_gap, cfg.export.max_loss_gap),
         eval_batches=cfg.export.gate_eval_batches,
         run_folder=cfg.save_folder,
+        gguf=cfg.export.gguf,
     )
