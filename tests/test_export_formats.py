@@ -150,3 +150,65 @@ def test_fit_end_export_writes_card_and_generation_config(pruned_run):
     assert "- steps (batches): 300" in card and "- tokens seen: 153,600" in card  # 300 x 8 x 64
     assert "Last evaluation of the run, at step 300:" in card and "## Convergence gate: passed" in card
     assert (run_dir / "hf" / "generation_config.json").is_file()
+
+
+def test_gguf_of_real_smollm2_loads_back(smollm2_dir, tmp_path):
+    # The real thing: a 49k-token byte-level BPE with chat special tokens, 9 query heads over 3 KV heads,
+    # tied embeddings, rope theta 1e5. ~20 s on 2 cores (two 135M loads and a 540 MB file).
+    import shutil
+
+    folder = tmp_path / "smol"
+    shutil.copytree(smollm2_dir, folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    write_gguf(model.config, state, folder, folder / "model.gguf")
+    _, gg = _same_model_and_tokenizer(folder, "model.gguf", atol=1e-4)
+    assert gg.config.rope_theta == model.config.rope_theta and gg.config.tie_word_embeddings
+
+
+def test_bfloat16_beyond_float16_range_is_written_in_float32(tmp_path, tokenizer_dir):
+    src = make_hf_llama(tmp_path / "big", tokenizer_dir, seed=4)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6  # fine in bf16, inf in fp16
+    with pytest.warns(UserWarning, match="beyond float16; the GGUF is written in float32"):
+        info = write_gguf(model.config, state, src, src / "big.gguf", dtype="bfloat16")
+    assert info["file_type"] == "ALL_F32"
+    info = write_gguf(
+        model.config, {k: v.clamp(-1, 1) for k, v in state.items()}, src, src / "ok.gguf", "bfloat16"
+    )
+    assert info["file_type"] == "MOSTLY_F16"
+
+
+def test_non_byte_level_tokenizer_is_refused_before_writing(tmp_path, tokenizer_dir):
+    import shutil
+
+    src = make_hf_llama(tmp_path / "spm", tokenizer_dir)
+    spec = json.loads((src / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {
+        "type": "Metaspace",
+        "replacement": "\u2581",
+        "prepend_scheme": "always",
+        "split": True,
+    }
+    (src / "tokenizer.json").write_text(json.dumps(spec))
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with pytest.raises(ValueError, match="pre-tokenizer Metaspace.*convert_hf_to_gguf.py"):
+        write_gguf(model.config, model.state_dict(), src, src / "x.gguf")
+    assert not (src / "x.gguf").exists()
+    shutil.rmtree(src)
+
+
+def test_export_gguf_config_is_checked_before_training(tmp_path):
+    from types import SimpleNamespace
+
+    from shearing.callbacks.export import check_export_config
+    from shearing.config import ExportConfig
+
+    cfg = SimpleNamespace(
+        save_folder=str(tmp_path / "run"), export=ExportConfig(on_fit_end=True, gguf="m.bin")
+    )
+    with pytest.raises(ValueError, match="export.gguf: 'm.bin' must be a file name ending in .gguf"):
+        check_export_config(cfg)
+    cfg.export.gguf = "m.gguf"
+    assert check_export_config(cfg) == tmp_path / "run" / "hf"
