@@ -212,3 +212,33 @@ def test_export_gguf_config_is_checked_before_training(tmp_path):
         check_export_config(cfg)
     cfg.export.gguf = "m.gguf"
     assert check_export_config(cfg) == tmp_path / "run" / "hf"
+
+
+def test_rope_scaling_llama3_factors_and_linear_metadata(tmp_path, tokenizer_dir):
+    from gguf import GGUFReader
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    llama3 = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    src = make_hf_llama(tmp_path / "l3", tokenizer_dir, rope_scaling=llama3)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    write_gguf(model.config, model.state_dict(), src, src / "l3.gguf")
+    tensors = {t.name: t for t in GGUFReader(src / "l3.gguf").tensors}
+    factors = torch.from_numpy(tensors["rope_freqs.weight"].data.copy())
+    # llama.cpp divides the default frequencies by these factors: they must give transformers' llama3 ones.
+    default, _ = ROPE_INIT_FUNCTIONS["default"](model.config, "cpu")
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    torch.testing.assert_close((default / factors).float(), scaled.float(), rtol=1e-5, atol=1e-7)
+    assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the smooth band are present
+
+    src = make_hf_llama(tmp_path / "lin", tokenizer_dir, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    model = AutoModelForCausalLM.from_pretrained(src)
+    write_gguf(model.config, model.state_dict(), src, src / "lin.gguf")
+    fields = GGUFReader(src / "lin.gguf").fields
+    assert bytes(fields["llama.rope.scaling.type"].parts[-1]).decode() == "linear"
+    assert float(fields["llama.rope.scaling.factor"].parts[-1][0]) == 2.0
