@@ -15,8 +15,6 @@ writes OUT_DIR/fsdp1_rank{r}.pt with the gathered mask logits and the per-step m
 shard, or OUT_DIR/fsdp1_rank{r}.err with the traceback when a step raises.
 """
 
-import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -24,15 +22,11 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-
-WORLD = 2
+from gloo_ranks import WORLD, free_port, init_gloo, tiny_pruning_model
 
 
 def run(rank: int, out: Path, use_orig_params: bool, steps: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), NODE_RANK="0")
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, port)
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
@@ -40,17 +34,12 @@ def run(rank: int, out: Path, use_orig_params: bool, steps: int, port: int) -> N
 
         from shearing.callbacks.pruning import find_l0
         from shearing.config import OptimizerConfig
-        from shearing.models.composer_model import ComposerShearedLlama
-        from shearing.models.hf_io import load_source_model
         from shearing.models.llama import MaskedDecoderLayer
-        from shearing.models.shapes import named_shape, resolve_target_shape
         from shearing.pruning.l0 import L0Module
         from shearing.train import build_optimizer
 
-        source = named_shape("tiny_gqa")
-        llama, _ = load_source_model("tiny_gqa", seed=17)
-        target = resolve_target_shape(source, "tiny_gqa_pruned")
-        model = ComposerShearedLlama(llama, l0=L0Module(source, target, seed=17))
+        model = tiny_pruning_model()
+        source = model.l0.source
         model = FSDP(
             model,
             sharding_strategy=ShardingStrategy.FULL_SHARD,
@@ -83,12 +72,6 @@ def run(rank: int, out: Path, use_orig_params: bool, steps: int, port: int) -> N
         raise
     finally:
         torch_dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

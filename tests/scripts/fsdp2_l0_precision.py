@@ -19,8 +19,6 @@ hold for the LLaMA). Last, a fresh L0 unit that ran a forward under the bf16 pol
 is saved). Each rank writes OUT_DIR/fsdp2_mp_rank{r}.pt (or .err with the traceback).
 """
 
-import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -28,15 +26,11 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-
-WORLD = 2
+from gloo_ranks import WORLD, free_port, init_gloo, tiny_pruning_model
 
 
 def run(rank: int, out: Path, steps: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), NODE_RANK="0")
-    torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, port)
     try:
         from composer.core.precision import Precision
         from composer.distributed.fsdp2 import prepare_fully_shard
@@ -46,18 +40,12 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from shearing.config import OptimizerConfig
-        from shearing.models.composer_model import ComposerShearedLlama
-        from shearing.models.hf_io import load_source_model
-        from shearing.models.shapes import named_shape, resolve_target_shape
         from shearing.parallelism import keep_fp32
         from shearing.pruning.l0 import L0Module
         from shearing.train import build_optimizer
 
-        source = named_shape("tiny_gqa")
-        llama, _ = load_source_model("tiny_gqa", seed=17)
-        target = resolve_target_shape(source, "tiny_gqa_pruned")
-        torch.manual_seed(17)  # the same L0 init on both ranks
-        model = ComposerShearedLlama(llama, l0=L0Module(source, target, seed=17))
+        model = tiny_pruning_model()
+        source, target = model.l0.source, model.l0.target
         config = FSDP2Config(mixed_precision="DEFAULT", reshard_after_forward=True, state_dict_type="full")
         config.device_mesh = init_device_mesh("cpu", (WORLD,))  # what Composer's State does
         prepare_fully_shard(model, config, Precision.AMP_BF16, generate_composer_model_policy(model))
@@ -117,12 +105,6 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
         raise
     finally:
         torch_dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
