@@ -11,6 +11,7 @@ import pytest
 import torch
 from composer.core import Callback
 from llmfoundry import registry
+from tiny import composer_two_ranks
 
 from shearing.train import train_from_yaml
 
@@ -102,14 +103,7 @@ def test_two_ranks_stop_together(tmp_path, tiny_gqa_dir, tiny_data):
     """`composer -n 2`: both ranks stop at step 2 with the same message (no rank left waiting), exit non-zero."""
     run_dir = tmp_path / "run"
     cmd = [
-        str(Path(sys.executable).parent / "composer"),
-        "-n",
-        "2",
-        "--stdout",
-        str(tmp_path / "rank{rank}.out"),
-        "--stderr",
-        str(tmp_path / "rank{rank}.err"),
-        str(REPO / "train.py"),
+        *composer_two_ranks(tmp_path, REPO / "train.py"),
         str(REPO / YAML),
         *overrides(tiny_gqa_dir, tiny_data, run_dir, "optimizer.lr=1e20"),
     ]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import composer_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
-COMPOSER = Path(sys.executable).parent / "composer"
 
 
 @pytest.mark.multiprocess
@@ -30,14 +30,7 @@ def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, p
             "export.force=true",
         ]
     cmd = [
-        str(COMPOSER),
-        "-n",
-        "2",
-        "--stdout",
-        str(tmp_path / "rank{rank}.out"),
-        "--stderr",
-        str(tmp_path / "rank{rank}.err"),
-        str(REPO / "tests/scripts/prune_ddp.py"),
+        *composer_two_ranks(tmp_path, REPO / "tests/scripts/prune_ddp.py"),
         str(tmp_path),
         str(REPO / "yamls/testing/prune_tiny.yaml"),
         f"variables.source_model={tiny_gqa_dir}",
@@ -126,14 +119,7 @@ def test_composer_fsdp2_run_with_bf16_params_keeps_the_l0_module_in_fp32(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("FSDP_VERSION", None)
     cmd = [
-        str(COMPOSER),
-        "-n",
-        "2",
-        "--stdout",
-        str(tmp_path / "rank{rank}.out"),
-        "--stderr",
-        str(tmp_path / "rank{rank}.err"),
-        str(REPO / "tests/scripts/prune_ddp.py"),
+        *composer_two_ranks(tmp_path, REPO / "tests/scripts/prune_ddp.py"),
         str(tmp_path),
         str(REPO / "yamls/testing/prune_tiny.yaml"),
         f"variables.source_model={tiny_gqa_dir}",

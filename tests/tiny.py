@@ -67,3 +67,19 @@ def make_hf_llama(out: Path, tokenizer_dir: Path | None = None, seed: int = 0, *
     if tokenizer_dir is not None:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
+
+
+def composer_two_ranks(tmp_path: Path, script: Path) -> list[str]:
+    """The start of a ``composer -n 2`` command line whose ranks write ``tmp_path/rank{r}.out|err``."""
+    import sys
+
+    return [
+        str(Path(sys.executable).parent / "composer"),
+        "-n",
+        "2",
+        "--stdout",
+        str(tmp_path / "rank{rank}.out"),
+        "--stderr",
+        str(tmp_path / "rank{rank}.err"),
+        str(script),
+    ]
