@@ -45,8 +45,11 @@ from shearing.validation import validate_config
 log = logging.getLogger(__name__)
 
 
-def validate_run(cfg: RunConfig) -> None:
-    """Cheap checks that must fail before anything expensive starts (``shearing.validation`` holds most)."""
+def validate_run(cfg: RunConfig, tokenizer=None) -> None:
+    """Cheap checks that must fail before anything expensive starts (``shearing.validation`` holds most).
+
+    ``tokenizer``: the model's tokenizer when the caller has loaded it already (else loaded for the data check).
+    """
     source = resolve_source_shape(cfg.model.source, cfg.model.source_shape, need_checkpoint=True)
     check_export_config(cfg)  # export.folder must never be (or contain) the run folder
     if cfg.pruning is not None:
@@ -68,7 +71,7 @@ def validate_run(cfg: RunConfig) -> None:
                     f"max_seq_len={cfg.max_seq_len} but the data at {local} was packed into {seq_len}-token "
                     "sequences: set max_seq_len to match, or re-run data_prep/tokenize_domains.py --seq-len"
                 )
-    check_run_data(cfg, tokenizer_path(cfg), source.vocab_size)  # data tokenizer == model tokenizer
+    check_run_data(cfg, tokenizer_path(cfg), source.vocab_size, tokenizer)  # data tokenizer == model's
     if cfg.global_train_batch_size % dist.get_world_size():
         raise ValueError(
             f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {dist.get_world_size()} ranks"
@@ -230,12 +233,12 @@ def prepare_save_folder(cfg: RunConfig, model: ComposerShearedLlama) -> None:
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
-    validate_run(cfg)
+    tokenizer = build_tokenizer(cfg)  # loaded once: the data check and the loaders share it
+    validate_run(cfg, tokenizer)
     announce_outputs(cfg)  # rank 0: where checkpoints and the export go, before anything loads
     parallelism = build_parallelism_config(cfg.fsdp_config, pruning=cfg.pruning is not None)  # FSDP2 default
     check_run_record(cfg)  # a resume must continue the same run (source, target, families, data, ...)
     reproducibility.seed_all(cfg.seed)
-    tokenizer = build_tokenizer(cfg)
     model = build_model(cfg)
     prepare_save_folder(cfg, model)
     device_batch_size = cfg.global_train_batch_size // dist.get_world_size()

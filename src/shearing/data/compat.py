@@ -143,10 +143,13 @@ def load_tokenizer_or_none(path: str | os.PathLike | None) -> Any | None:
         return None
 
 
-def check_run_data(cfg: Any, tokenizer_path: str | None, vocab_size: int | None) -> None:
+def check_run_data(
+    cfg: Any, tokenizer_path: str | None, vocab_size: int | None, tokenizer: Any | None = None
+) -> None:
     """``check_data_tokenizer`` for every ``domain_mixture`` / ``domain_eval`` loader of a run config.
 
-    ``tokenizer_path`` is the model's tokenizer (``shearing.train.tokenizer_path``), loaded once.
+    ``tokenizer_path`` is the model's tokenizer (``shearing.train.tokenizer_path``); ``tokenizer`` is that
+    tokenizer already loaded (the trainer's), else it is loaded here, once.
     """
     loaders = [("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)]
     locals_ = [
@@ -157,7 +160,8 @@ def check_run_data(cfg: Any, tokenizer_path: str | None, vocab_size: int | None)
     locals_ = [(key, local) for key, local in locals_ if local is not None]
     if not locals_:
         return
-    tokenizer = load_tokenizer_or_none(tokenizer_path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer_or_none(tokenizer_path)
     for key, local in locals_:
         check_data_tokenizer(
             local,
