@@ -71,14 +71,19 @@ def recover_latest_checkpoint(save_folder: str | os.PathLike) -> Path | None:
     return fallback
 
 
+def _probe_write(folder: Path, stem: str) -> None:
+    """Create ``folder`` and write and remove a small file in it; raises ``OSError`` where that fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f"{stem}-{os.getpid()}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
 def check_save_folder(save_folder: str | os.PathLike, checkpoint_bytes: int) -> None:
     """The folder can be created and written, and has room for at least one checkpoint."""
     folder = Path(save_folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        _probe_write(folder, ".write-test")
     except OSError as e:
         raise ValueError(
             f"save_folder {folder} cannot be written ({e.strerror}): choose a writable folder"
@@ -97,10 +102,7 @@ def check_writable_output(path: str | os.PathLike, flag: str = "--output") -> Pa
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder: give a file path, e.g. {path / 'results.json'}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        _probe_write(path.parent, f".{path.name}.write-test")
     except OSError as e:
         raise ValueError(
             f"{flag} {path} cannot be written ({e.strerror or e}): choose a path in a writable folder"
