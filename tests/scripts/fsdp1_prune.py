@@ -16,18 +16,15 @@ shard, or OUT_DIR/fsdp1_rank{r}.err with the traceback when a step raises.
 """
 
 import sys
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-from gloo_ranks import WORLD, free_port, init_gloo, tiny_pruning_model
+from gloo_ranks import WORLD, free_port, rank_session, tiny_pruning_model
 
 
 def run(rank: int, out: Path, use_orig_params: bool, steps: int, port: int) -> None:
-    init_gloo(rank, port)
-    try:
+    with rank_session(rank, port, out / f"fsdp1_rank{rank}.err"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -67,11 +64,6 @@ def run(rank: int, out: Path, use_orig_params: bool, steps: int, port: int) -> N
         with FSDP.summon_full_params(model, writeback=False):
             logits = {name: p.detach().clone() for name, p in l0.log_alphas.items()}
         torch.save({"log_alphas": logits, "stored_max": stored_max}, out / f"fsdp1_rank{rank}.pt")
-    except Exception:
-        (out / f"fsdp1_rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,18 +20,15 @@ is saved). Each rank writes OUT_DIR/fsdp2_mp_rank{r}.pt (or .err with the traceb
 """
 
 import sys
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-from gloo_ranks import WORLD, free_port, init_gloo, tiny_pruning_model
+from gloo_ranks import WORLD, free_port, rank_session, tiny_pruning_model
 
 
 def run(rank: int, out: Path, steps: int, port: int) -> None:
-    init_gloo(rank, port)
-    try:
+    with rank_session(rank, port, out / f"fsdp2_mp_rank{rank}.err"):
         from composer.core.precision import Precision
         from composer.distributed.fsdp2 import prepare_fully_shard
         from composer.distributed.fsdp2_utils import generate_composer_model_policy
@@ -100,11 +97,6 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
         except RuntimeError as error:
             late_error = str(error)
         torch.save({"seen": seen, "final": final, "late_error": late_error}, out / f"fsdp2_mp_rank{rank}.pt")
-    except Exception:
-        (out / f"fsdp2_mp_rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        torch_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -24,6 +28,19 @@ def init_gloo(rank: int, port: int) -> None:
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), NODE_RANK="0")
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+@contextmanager
+def rank_session(rank: int, port: int, error_file: Path) -> Iterator[None]:
+    """One rank's gloo group for the block; a failure's traceback goes to ``error_file`` for the test to show."""
+    init_gloo(rank, port)
+    try:
+        yield
+    except Exception:
+        error_file.write_text(traceback.format_exc())
+        raise
+    finally:
+        torch_dist.destroy_process_group()
 
 
 def tiny_pruning_model():
