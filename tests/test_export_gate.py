@@ -8,21 +8,13 @@ import sys
 
 import pytest
 import torch
+from tiny import run_overrides
 
 from shearing import export as export_mod
 from shearing.export import ExportRefused
 from shearing.train import train_from_yaml
 
 YAML = "yamls/testing/prune_tiny.yaml"
-
-
-def run_overrides(source, data, save_folder, *extra):
-    return [
-        f"variables.source_model={source}",
-        f"variables.data_local={data}",
-        f"variables.save_folder={save_folder}",
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")

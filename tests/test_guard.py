@@ -11,7 +11,7 @@ import pytest
 import torch
 from composer.core import Callback
 from llmfoundry import registry
-from tiny import composer_two_ranks
+from tiny import composer_two_ranks, run_overrides
 
 from shearing.train import train_from_yaml
 
@@ -20,16 +20,16 @@ YAML = "yamls/testing/prune_tiny.yaml"
 
 
 def overrides(tiny_gqa_dir, tiny_data, run_dir, *extra):
-    return [
-        f"variables.source_model={tiny_gqa_dir}",
-        f"variables.data_local={tiny_data}",
-        f"variables.save_folder={run_dir}",
+    return run_overrides(
+        tiny_gqa_dir,
+        tiny_data,
+        run_dir,
         "variables.reference_losses={code: 3.0, docs: 3.0}",  # skip the source-model eval pass
         "max_duration=6ba",
         "save_interval=1ba",
         "eval_interval=100ba",
         *extra,
-    ]
+    )
 
 
 def checkpoints(run_dir: Path) -> list[str]:

@@ -18,6 +18,7 @@ import json
 import pytest
 import torch
 from real_model import ROPE_THETA, SHAPE
+from tiny import unit_masks
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from shearing.models.hf_io import load_source_model
@@ -87,14 +88,7 @@ def test_loads_and_matches_stock_hf(smollm2_dir, sentence_ids, attn_impl):
     assert (
         hf.config.head_dim == 64 and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     )
-    L, H, G = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
-    ones = {
-        "hidden_z": torch.ones(config.hidden_size),
-        "head_z": torch.ones(L, H),
-        "kv_group_z": torch.ones(L, G),
-        "intermediate_z": torch.ones(L, config.intermediate_size),
-        "layer_z": torch.ones(L),
-    }
+    ones = unit_masks(config)
     tolerance = {"atol": 0.0, "rtol": 0.0} if attn_impl == "eager" else FP32_FLOOR
     with torch.no_grad():
         expected = hf(sentence_ids).logits

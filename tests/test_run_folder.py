@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+from tiny import run_overrides
 
 import shearing.train
 from shearing.train import train_from_yaml
@@ -23,16 +24,16 @@ TARGET_112 = (
 
 
 def overrides(tiny_gqa_dir, tiny_data, run_dir, *extra):
-    return [
-        f"variables.source_model={tiny_gqa_dir}",
-        f"variables.data_local={tiny_data}",
-        f"variables.save_folder={run_dir}",
+    return run_overrides(
+        tiny_gqa_dir,
+        tiny_data,
+        run_dir,
         "variables.reference_losses={code: 3.0, docs: 3.0}",  # skip the source-model eval pass
         "max_duration=2ba",
         "save_interval=2ba",
         "eval_interval=100ba",
         *extra,
-    ]
+    )
 
 
 def forbid_model_loading(monkeypatch):

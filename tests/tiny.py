@@ -83,3 +83,25 @@ def composer_two_ranks(tmp_path: Path, script: Path) -> list[str]:
         str(tmp_path / "rank{rank}.err"),
         str(script),
     ]
+
+
+def run_overrides(source, data, save_folder, *extra: str) -> list[str]:
+    """``key=value`` overrides pointing a testing yaml at a source model, a data folder and a save_folder."""
+    return [
+        f"variables.source_model={source}",
+        f"variables.data_local={data}",
+        f"variables.save_folder={save_folder}",
+        *extra,
+    ]
+
+
+def unit_masks(config) -> dict[str, torch.Tensor]:
+    """Every mask family of an HF LLaMA config with all gates at 1 (the masked model must equal the plain one)."""
+    L, H, G = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    return {
+        "hidden_z": torch.ones(config.hidden_size),
+        "head_z": torch.ones(L, H),
+        "kv_group_z": torch.ones(L, G),
+        "intermediate_z": torch.ones(L, config.intermediate_size),
+        "layer_z": torch.ones(L),
+    }

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import make_hf_llama
+from tiny import make_hf_llama, unit_masks
 from transformers import LlamaForCausalLM
 
 from shearing.models.hf_io import load_source_model
@@ -32,14 +32,7 @@ def test_matches_hf_without_and_with_unit_masks(tmp_path, name):
     hf = LlamaForCausalLM.from_pretrained(path).eval()
     ours, config = load_source_model(path)
     ours.eval()
-    L, H, G = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
-    ones = {
-        "hidden_z": torch.ones(config.hidden_size),
-        "head_z": torch.ones(L, H),
-        "kv_group_z": torch.ones(L, G),
-        "intermediate_z": torch.ones(L, config.intermediate_size),
-        "layer_z": torch.ones(L),
-    }
+    ones = unit_masks(config)
     input_ids = torch.randint(0, config.vocab_size, (2, 40))
     with torch.no_grad():
         expected = hf(input_ids).logits
