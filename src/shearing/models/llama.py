@@ -26,11 +26,15 @@ packed full-length sequences: there is no padding mask.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from shearing.pruning.masks import Masks
 
 ATTN_IMPLS = ("sdpa", "flash", "eager")
 
@@ -195,34 +199,23 @@ class MaskedLlamaForCausalLM(nn.Module):
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, input_ids: torch.Tensor, masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        masks = masks or {}
-        hidden_z = masks.get("hidden_z")
-        head_z = masks.get("head_z")
-        if "kv_group_z" in masks:
-            group_size = self.config.num_attention_heads // self.config.num_key_value_heads
-            group_z = masks["kv_group_z"].repeat_interleave(group_size, dim=-1)
-            head_z = group_z if head_z is None else head_z * group_z
-        attn_z = masks.get("layer_z", masks.get("head_layer_z"))
-        mlp_z = masks.get("layer_z", masks.get("mlp_z"))
-        intermediate_z = masks.get("intermediate_z")
-
-        x = _scale(self.model.embed_tokens(input_ids), hidden_z)
+    def hidden_states(self, input_ids: torch.Tensor, masks: Masks | Mapping[str, torch.Tensor] | None = None):
+        """The final norm's output [B, T, D] under ``masks`` (hidden_z applied once): what the LM head
+        reads. ``masks`` is a ``Masks`` or an L0 family dict (``Masks.from_families``)."""
+        masks = Masks.coerce(masks, self.config.num_attention_heads // self.config.num_key_value_heads)
+        x = _scale(self.model.embed_tokens(input_ids), masks.hidden)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         cos, sin = self.model.rotary_emb(x, positions)
         for i, layer in enumerate(self.model.layers):
-            args = (
-                x,
-                cos,
-                sin,
-                hidden_z,
-                None if head_z is None else head_z[i],
-                None if intermediate_z is None else intermediate_z[i],
-                None if attn_z is None else attn_z[i],
-                None if mlp_z is None else mlp_z[i],
-            )
+            args = (x, cos, sin, masks.hidden, *masks.layer(i))
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)
-        return self.lm_head(self.model.norm(x, hidden_z))
+        return self.model.norm(x, masks.hidden)
+
+    def forward(
+        self, input_ids: torch.Tensor, masks: Masks | Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, V]: the LM head over ``hidden_states``."""
+        return self.lm_head(self.hidden_states(input_ids, masks))

@@ -46,6 +46,7 @@ class LlamaShape:
     vocab_size: int
     head_dim: int
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # q/k/v projections carry biases (Qwen2): + H·K + 2·G·K per layer
 
     def __post_init__(self) -> None:
         for name in (*PRUNABLE_FIELDS, "vocab_size", "head_dim"):
@@ -75,10 +76,14 @@ class LlamaShape:
         return dataclasses.asdict(self)
 
 
-def layer_params(hidden_size: int, head_dim: int, heads: int, kv_heads: int, intermediate_size: int) -> int:
-    """Parameters of one bias-free decoder layer: q/o and k/v projections, the MLP, its two norms."""
+def layer_params(
+    hidden_size: int, head_dim: int, heads: int, kv_heads: int, intermediate_size: int, qkv_bias: bool = False
+) -> int:
+    """Parameters of one decoder layer: q/o and k/v projections (plus q/k/v biases when the family has
+    them), the MLP, its two norms."""
     d, k = hidden_size, head_dim
-    return d * heads * k * 2 + d * kv_heads * k * 2 + 3 * d * intermediate_size + 2 * d
+    bias = (heads + 2 * kv_heads) * k if qkv_bias else 0
+    return d * heads * k * 2 + d * kv_heads * k * 2 + 3 * d * intermediate_size + 2 * d + bias
 
 
 def outside_layer_params(shape: LlamaShape) -> int:
@@ -87,13 +92,14 @@ def outside_layer_params(shape: LlamaShape) -> int:
 
 
 def count_params(shape: LlamaShape) -> int:
-    """Exact number of parameters of a bias-free LLaMA decoder of this shape."""
+    """Exact number of parameters of a decoder of this shape (q/k/v biases included when it has them)."""
     per_layer = layer_params(
         shape.hidden_size,
         shape.head_dim,
         shape.num_attention_heads,
         shape.num_key_value_heads,
         shape.intermediate_size,
+        shape.qkv_bias,
     )
     return outside_layer_params(shape) + shape.num_hidden_layers * per_layer
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from shearing.models.shapes import LlamaShape, count_params
 from shearing.pruning import hard_concrete as hc
+from shearing.pruning.masks import count_masked_params
 
 USER_FAMILIES = ("hidden", "head", "intermediate", "layer", "head_layer", "mlp")
 DEFAULT_FAMILIES = ("hidden", "head", "intermediate", "layer")
@@ -284,41 +285,6 @@ class L0Module(nn.Module):
             for name, mask in self.deterministic_masks(exact=True).items()
         }
         return int(round(float(count_masked_params(self.source, keep))))
-
-
-def count_masked_params(source: LlamaShape, keep: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Parameter count of ``source`` when each family's units survive with the given probabilities.
-
-    With 0/1 indicators this is the exact count of the pruned model; with keep probabilities it is the
-    expected count (units treated as independent). GQA-aware: a KV head survives with its group.
-    """
-    L, H, G, K = (
-        source.num_hidden_layers,
-        source.num_attention_heads,
-        source.num_key_value_heads,
-        source.head_dim,
-    )
-    ref = next(iter(keep.values())) if keep else torch.ones(())
-    ones = torch.ones((), dtype=torch.float32, device=ref.device)
-    d = keep["hidden"].sum() if "hidden" in keep else ones * source.hidden_size
-    head = keep.get("head", torch.ones(L, H, device=ref.device))
-    if "kv_group" in keep:
-        group = keep["kv_group"]
-        head = head * group.repeat_interleave(source.group_size, dim=-1)
-        kv_heads = group.sum(-1)
-    elif source.group_size == 1:
-        kv_heads = head.sum(-1)
-    else:
-        kv_heads = ones * G
-    q_heads = head.sum(-1)
-    ffn = keep["intermediate"].sum(-1) if "intermediate" in keep else ones * source.intermediate_size
-    attention = d * K * (2 * q_heads + 2 * kv_heads) + d  # + input_layernorm
-    mlp = 3 * d * ffn + d  # + post_attention_layernorm
-    attn_gate = keep.get("layer", keep.get("head_layer", torch.ones(L, device=ref.device)))
-    mlp_gate = keep.get("layer", keep.get("mlp", torch.ones(L, device=ref.device)))
-    layers = (attn_gate * attention + mlp_gate * mlp).sum()
-    embeddings = source.vocab_size * d * (1 if source.tie_word_embeddings else 2)
-    return embeddings + layers + d
 
 
 def mask_stats(

@@ -19,6 +19,7 @@ their query head (MHA).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from shearing.models.hf_io import config_from_shape
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import LlamaShape, shape_from_hf_config
+from shearing.pruning.masks import Masks
 
 
 @dataclass
@@ -44,8 +46,9 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_model(model: MaskedLlamaForCausalLM, masks: dict[str, torch.Tensor]) -> PruneResult:
-    """A plain model of the shape the (final, deterministic) ``masks`` select; see the module docstring."""
+def prune_model(model: MaskedLlamaForCausalLM, masks: Masks | Mapping[str, torch.Tensor]) -> PruneResult:
+    """A plain model of the shape the (final, deterministic) ``masks`` select (a ``Masks`` or an L0 family
+    dict); see the module docstring."""
     config = model.config
     source = shape_from_hf_config(config)
     L, H, G, K = (
@@ -54,14 +57,16 @@ def prune_model(model: MaskedLlamaForCausalLM, masks: dict[str, torch.Tensor]) -
         source.num_key_value_heads,
         source.head_dim,
     )
-    masks = {k: v.detach().float().cpu() for k, v in masks.items()}
-    hidden_z = masks.get("hidden_z", torch.ones(source.hidden_size))
-    head_z = masks.get("head_z", torch.ones(L, H))
-    if "kv_group_z" in masks:
-        head_z = head_z * masks["kv_group_z"].repeat_interleave(source.group_size, dim=-1)
-    intermediate_z = masks.get("intermediate_z", torch.ones(L, source.intermediate_size))
-    attn_z = masks.get("layer_z", masks.get("head_layer_z", torch.ones(L)))
-    mlp_z = masks.get("layer_z", masks.get("mlp_z", torch.ones(L)))
+    if isinstance(masks, Mapping):
+        masks = {k: v.detach().float().cpu() for k, v in masks.items()}
+    masks = Masks.coerce(masks, source.group_size).map(lambda z: z.detach().float().cpu())
+    hidden_z = masks.hidden if masks.hidden is not None else torch.ones(source.hidden_size)
+    head_z = masks.head if masks.head is not None else torch.ones(L, H)
+    intermediate_z = (
+        masks.intermediate if masks.intermediate is not None else torch.ones(L, source.intermediate_size)
+    )
+    attn_z = masks.attn if masks.attn is not None else torch.ones(L)
+    mlp_z = masks.mlp if masks.mlp is not None else torch.ones(L)
     dead = (attn_z == 0) != (mlp_z == 0)
     if dead.any():
         raise ValueError(
