@@ -74,6 +74,16 @@ class ExportConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """Distil from a frozen teacher: loss = alpha · τ² · KL(teacher ‖ student) at τ + (1 - alpha) · CE."""
+
+    alpha: float = 0.5  # weight of the KD term, in [0, 1] (0: the plain LM loss, the KD term only logged)
+    temperature: float = 1.0  # τ > 0, applied to both softmaxes
+    chunk_size: int = 0  # sequence positions per teacher-logits chunk (0: the whole sequence at once)
+    teacher: str | None = None  # HF checkpoint folder; null: model.source
+
+
+@dataclass
 class OptimizerConfig:
     """One DecoupledAdamW with three parameter groups: weights, mask logits, Lagrange multipliers."""
 
@@ -104,6 +114,7 @@ class RunConfig:
     seed: int
     eval_loader: dict[str, Any] | None = None
     pruning: PruningConfig | None = None
+    distillation: DistillationConfig | None = None  # a teacher to distil from (shearing.distill)
     export: ExportConfig = field(default_factory=ExportConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -23,6 +23,8 @@ fix. The checks, in order:
    loaders read the same domains in the same order (their ``domains:`` lists, else the manifests'), a
    mapping of reference losses names exactly the train domains, and ``max_seq_len`` fits the source's
    ``max_position_embeddings``.
+   ``distillation:`` (``check_distillation``): alpha in [0, 1], temperature > 0, chunk_size >= 0, a teacher
+   folder with the source's vocabulary and room for max_seq_len; ``reference_losses: teacher`` needs it.
 5. Files (``check_source_files``, and the manifests read by 4): a damaged ``manifest.json``,
    ``config.json`` or safetensors file is an error naming the file; safetensors are checked by their
    headers only (``hf_io.check_safetensors_file``), so this costs no weight reads.
@@ -73,6 +75,7 @@ def validate_config(cfg: RunConfig, local: bool = True) -> None:
     check_registry_kwargs(cfg)
     check_dynamic_loading(cfg, local=local)
     check_domains(cfg, local=local)
+    check_distillation(cfg, local=local)
     check_context_length(cfg, local=local)
     if local:
         check_source_files(cfg)
@@ -368,18 +371,89 @@ def check_dynamic_loading(cfg: RunConfig, local: bool = True) -> None:
             "use train_loader.name: domain_mixture, or remove the callback"
         )
     refs = options.get("reference_losses")
-    if refs == "source":
+    if refs == "teacher" and cfg.distillation is None:
+        raise ValueError(
+            "callbacks.dynamic_loading.reference_losses='teacher' uses the distillation teacher's per-domain eval "
+            "loss, but the run has no distillation: section: add one (distillation: {alpha: 0.5}), or use "
+            "reference_losses: source"
+        )
+    if refs in ("source", "teacher"):
         dataset = (cfg.eval_loader or {}).get("dataset") or {}
         if "local" not in dataset:
             raise ValueError(
-                "callbacks.dynamic_loading.reference_losses='source' evaluates the source model on the eval "
+                f"callbacks.dynamic_loading.reference_losses={refs!r} evaluates the {refs} model on the eval "
                 "split: add an eval_loader (name: domain_eval) with dataset.local"
             )
     elif isinstance(refs, str) and local and not Path(refs).is_file():
         raise ValueError(
-            f"callbacks.dynamic_loading.reference_losses={refs!r} is neither 'source' nor an existing file: "
-            "give a mapping {domain: loss}, 'source', or a ref.json written by python -m shearing.reference_losses"
+            f"callbacks.dynamic_loading.reference_losses={refs!r} is neither 'source', 'teacher' nor an existing "
+            "file: give a mapping {domain: loss}, 'source', 'teacher' (with a distillation: section), or a ref.json "
+            "written by python -m shearing.reference_losses"
         )
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_distillation(cfg: RunConfig, local: bool = True) -> None:
+    """``distillation:``: alpha in [0, 1], temperature > 0, chunk_size >= 0, and a teacher folder whose
+    vocabulary is the source's (its logits are compared token by token) and whose context fits max_seq_len."""
+    d = cfg.distillation
+    if d is None:
+        return
+    if not _finite(d.alpha) or not 0.0 <= d.alpha <= 1.0:
+        raise ValueError(
+            f"distillation.alpha={d.alpha!r} must be a number in [0, 1] (the weight of the KD term; 1 - alpha "
+            "weighs the LM cross-entropy)"
+        )
+    if not _finite(d.temperature) or d.temperature <= 0:
+        raise ValueError(
+            f"distillation.temperature={d.temperature!r} must be a positive number (1.0: plain softmax)"
+        )
+    if d.chunk_size < 0:
+        raise ValueError(
+            f"distillation.chunk_size={d.chunk_size} must be 0 (the whole sequence at once) or a positive number "
+            "of sequence positions per teacher-logits chunk"
+        )
+    if d.teacher is None or not local:
+        return
+    from shearing.models.hf_io import check_safetensors_file, hf_weight_files
+    from shearing.models.shapes import is_checkpoint_dir, read_config_json, source_max_positions
+
+    if not is_checkpoint_dir(d.teacher):
+        raise ValueError(
+            f"distillation.teacher={d.teacher!r} is not a Hugging Face checkpoint folder (config.json and weights): "
+            "give such a folder (save_pretrained writes one), or null to distil from model.source"
+        )
+    teacher = read_config_json(d.teacher)
+    source_vocab = _source_vocab_size(cfg.model.source)
+    if source_vocab is not None and teacher.get("vocab_size") != source_vocab:
+        raise ValueError(
+            f"distillation.teacher={d.teacher} has vocab_size={teacher.get('vocab_size')} but model.source has "
+            f"{source_vocab}: the KD loss compares the two models' next-token distributions, so they must share "
+            "a tokenizer; give a teacher of the same vocabulary"
+        )
+    limit = source_max_positions(d.teacher)
+    if cfg.max_seq_len > limit:
+        raise ValueError(
+            f"max_seq_len={cfg.max_seq_len} is longer than distillation.teacher's max_position_embeddings={limit}: "
+            f"lower max_seq_len to at most {limit}, or use another teacher"
+        )
+    for file in hf_weight_files(d.teacher):
+        if file.suffix == ".safetensors":
+            check_safetensors_file(file)
+
+
+def _source_vocab_size(source: Any) -> int | None:
+    from shearing.models.shapes import NAMED_SHAPES, is_checkpoint_dir, read_config_json
+
+    if is_checkpoint_dir(source):
+        return read_config_json(source).get("vocab_size")
+    if isinstance(source, Mapping):
+        return source.get("vocab_size")
+    shape = NAMED_SHAPES.get(str(source))
+    return shape.vocab_size if shape is not None else None
 
 
 def check_context_length(cfg: RunConfig, local: bool = True) -> None:
