@@ -79,7 +79,7 @@ from shearing.evaluation.speed import sync
 from shearing.models.hf_io import config_from_shape
 from shearing.models.llama import MaskedLlamaForCausalLM, flash_attn_available
 from shearing.models.shapes import LlamaShape, count_params, named_shape, resolve_target_shape
-from shearing.pruning.l0 import L0Module
+from shearing.pruning.l0 import L0Module, PruningClock
 
 SECTIONS = ("train", "cpt", "loader", "infer")
 # Dense bf16 peak FLOP/s by device name fragment (vendor data sheets, SXM parts).
@@ -163,11 +163,11 @@ def train_step(model, l0: L0Module | None) -> Callable[[torch.Tensor], None]:
 
     def step(ids: torch.Tensor) -> None:
         with autocast(ids.device):
-            masks = l0() if l0 is not None else None
-            logits = model(ids, masks=masks)
+            pruning = l0(PruningClock()) if l0 is not None else None
+            logits = model(ids, masks=pruning.masks if pruning is not None else None)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            if l0 is not None:
-                loss = loss + l0.pending_lagrangian
+            if pruning is not None:
+                loss = loss + pruning.lagrangian
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

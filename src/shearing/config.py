@@ -42,6 +42,7 @@ class ModelConfig:
     """The model to start from."""
 
     source: Any  # HF checkpoint directory, or a named shape / mapping of shape fields for random init
+    name: str = "shearing_llama"  # the llm-foundry models-registry entry that builds the Composer model
     source_shape: str | None = None  # named shape the recipe expects; checked against the checkpoint
     attn_impl: str = "sdpa"  # sdpa | flash | eager
     tokenizer: str | None = None  # tokenizer directory; default: the source directory
@@ -56,6 +57,7 @@ class PruningConfig:
     families: list[str] = field(default_factory=lambda: ["hidden", "head", "intermediate", "layer"])
     lagrangian_warmup: str = "0.2dur"  # target sparsity ramps 0 -> final over this many steps
     eval_masks: str = "expected"  # expected: expected number of zeros per row | final: exact target
+    algorithm: str = "lagrangian_pruning"  # the llm-foundry algorithms-registry entry that clocks the masks
 
 
 @dataclass
@@ -181,11 +183,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 # llm-foundry spelling -> shearing spelling (README "Configuration reference").
 FOUNDRY_SPELLINGS = {
     "model.pretrained_model_name_or_path": "model.source",
-    "model.name: hf_causal_lm": "(dropped: the model is always the mask-aware LLaMA)",
+    "model.name: hf_causal_lm": "(dropped: the default model builder, shearing_llama)",
     "model.pretrained: true": "(dropped: a checkpoint directory is loaded; a named shape is random init)",
     "tokenizer.name (top level)": "model.tokenizer",
     "tokenizer.kwargs.model_max_length": "max_seq_len (must agree; the data is packed to it)",
 }
+
+
+def _is_foundry_model(name: str) -> bool:
+    """One of llm-foundry's own model builders (``mpt_causal_lm``, ``hf_t5``, ...): they build other models.
+
+    ``hf_causal_lm`` is the foundry spelling of our default and is translated, not refused."""
+    if name == "hf_causal_lm":
+        return False
+    from llmfoundry import registry
+
+    if name not in registry.models:
+        return False
+    return getattr(registry.models.get(name), "__module__", "").startswith("llmfoundry")
 
 
 def translate_foundry_spellings(container: dict[str, Any], where: str) -> None:
@@ -207,11 +222,14 @@ def translate_foundry_spellings(container: dict[str, Any], where: str) -> None:
                 )
             model["source"] = value
         name = model.pop("name", "hf_causal_lm")
-        if name != "hf_causal_lm":
+        if _is_foundry_model(name):
             raise ValueError(
                 f"{where}: model.name={name!r} is not supported: shearing always builds its mask-aware LLaMA "
-                "from model.source (an HF LLaMA checkpoint directory or a named shape); drop model.name"
+                "from model.source (an HF LLaMA checkpoint directory or a named shape); drop model.name "
+                "(or name a shearing model builder registered in llm-foundry's models registry)"
             )
+        if name != "hf_causal_lm":
+            model["name"] = name  # a shearing builder (checked against the registry by validation)
         pretrained = model.pop("pretrained", True)
         if pretrained is not True:
             raise ValueError(

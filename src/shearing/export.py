@@ -50,14 +50,14 @@ from typing import Any
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from transformers import LlamaConfig
 
 from shearing.checkpoints import LATEST, checkpoint_batch, checkpoint_is_readable
 from shearing.gguf_export import DEFAULT_NAME as GGUF_DEFAULT_NAME
 from shearing.gguf_export import check_gguf_name, write_gguf
 from shearing.io import apply_umask
 from shearing.model_card import model_card, run_facts, write_generation_config
-from shearing.models.hf_io import load_state_dict_strict
+from shearing.models.family import family_of
+from shearing.models.hf_io import config_from_dict, load_state_dict_strict
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import PRUNABLE_FIELDS, count_params, shape_from_hf_config
 from shearing.pruning.gate import (
@@ -71,6 +71,7 @@ from shearing.pruning.gate import (
     family_sparsity,
 )
 from shearing.pruning.l0 import L0Module
+from shearing.pruning.plan import PruningPlan
 from shearing.pruning.surgery import prune_model
 
 log = logging.getLogger(__name__)
@@ -177,15 +178,14 @@ def _metadata(model_state: dict[str, Any]) -> dict[str, Any]:
 def rebuild(model_state: dict[str, Any]) -> tuple[MaskedLlamaForCausalLM, L0Module | None, dict[str, Any]]:
     """The mask-aware model (and L0 module, for a pruning run) of a saved model state, strictly loaded."""
     meta = _metadata(model_state)
-    config = LlamaConfig.from_dict(meta["hf_config"])
+    config = config_from_dict(meta["hf_config"])
     model = MaskedLlamaForCausalLM(config, attn_impl="sdpa")
     weights = {k[len("model.") :]: v for k, v in model_state.items() if k.startswith("model.")}
     load_state_dict_strict(model, weights, where="checkpoint")
     l0 = None
-    if meta.get("target") is not None:
-        source = shape_from_hf_config(config)
-        target = source.with_target(meta["target"])
-        l0 = L0Module(source, target, meta["families"])
+    plan = PruningPlan.from_metadata(meta, shape_from_hf_config(config))
+    if plan is not None:
+        l0 = L0Module.from_plan(plan)
         l0_state = {k[len("l0.") :]: v for k, v in model_state.items() if k.startswith("l0.")}
         l0.load_state_dict(l0_state, strict=True)
     unexpected = [k for k in model_state if not k.startswith(("model.", "l0.")) and k != "_extra_state"]
@@ -384,7 +384,7 @@ def export_model_state(
             f"export refused: the cut model has {num_params:,} parameters but its shape has {count_params(shape):,}"
         )
     config = model.config
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [family_of(config).architecture]
     config.torch_dtype = dtype
     summary = {
         "source": {**source_shape.to_dict(), "num_params": count_params(source_shape)},

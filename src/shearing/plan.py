@@ -11,17 +11,17 @@ from __future__ import annotations
 import sys
 
 from shearing.config import load_config
-from shearing.models.shapes import PRUNABLE_FIELDS, count_params, resolve_source_shape, resolve_target_shape
-from shearing.pruning.l0 import plan_families
+from shearing.models.shapes import PRUNABLE_FIELDS, count_params, resolve_source_shape
+from shearing.pruning.plan import PruningPlan
 
 
 def render_plan(config_path: str, overrides: list[str] | None = None) -> str:
     cfg = load_config(config_path, overrides)
-    source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
     if cfg.pruning is None:
+        source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
         return f"{config_path}: no pruning section; model {cfg.model.source} has {count_params(source):,} parameters\n"
-    target = resolve_target_shape(source, cfg.pruning.target)
-    families = plan_families(source, target, cfg.pruning.families)
+    plan = PruningPlan.from_config(cfg)
+    source, target, families = plan.source, plan.target, plan.specs
     rows = [f"plan for {config_path}", "", f"{'field':<22}{'source':>16}{'target':>16}"]
     for name in (*PRUNABLE_FIELDS, "head_dim", "vocab_size"):
         rows.append(f"{name:<22}{getattr(source, name):>16,}{getattr(target, name):>16,}")

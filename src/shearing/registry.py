@@ -1,7 +1,13 @@
-"""Joins llm-foundry's registries, so yamls can name our dataloaders, callbacks and loggers.
+"""Joins llm-foundry's registries, so yamls can name (and swap) our model, algorithm, dataloaders,
+callbacks and loggers.
 
-Importing this module registers everything once; ``shearing.train`` imports it, and every rank that
-runs ``train.py`` therefore sees the same names. Foundry's own entries (``text`` loader,
+The same table is declared twice, on purpose: as entry points in ``pyproject.toml``
+(``[project.entry-points.llmfoundry_<registry>]``, which llm-foundry's registries read, so an installed
+``shearing`` is visible to any llm-foundry program), and here, for a source tree used without installing.
+``tests/test_registry.py`` keeps the two equal. Importing this module registers whatever the entry points
+did not; ``shearing.train`` imports it. A yaml swaps a piece by naming another registered entry:
+``model.name`` (default ``shearing_llama``), ``pruning.algorithm`` (default ``lagrangian_pruning``), a
+loader's ``name``, a ``callbacks:`` / ``loggers:`` key. Foundry's own entries (``text`` loader,
 ``lr_monitor``, ``speed_monitor``, ``gradient_clipping`` ...) stay available next to ours.
 """
 
@@ -12,6 +18,12 @@ import importlib
 from llmfoundry import registry
 
 # name -> "module:attribute" of what each registered name builds.
+MODELS = {
+    "shearing_llama": "shearing.models.builder:build_sheared_llama",
+}
+ALGORITHMS = {
+    "lagrangian_pruning": "shearing.callbacks.pruning:LagrangianPruning",
+}
 DATALOADERS = {
     "domain_mixture": "shearing.data.dataloader:build_domain_mixture_dataloader",
     "domain_eval": "shearing.data.dataloader:build_domain_eval_dataloader",
@@ -29,16 +41,22 @@ def _resolve(target: str):
     return getattr(importlib.import_module(module), attribute)
 
 
+# llm-foundry registry -> our table (the entry-point group is ``llmfoundry_<registry>``).
+TABLES = {
+    "models": MODELS,
+    "algorithms": ALGORITHMS,
+    "dataloaders": DATALOADERS,
+    "callbacks": CALLBACKS,
+    "loggers": LOGGERS,
+}
+
+
 def register_all() -> None:
-    for name, target in DATALOADERS.items():
-        if name not in registry.dataloaders:
-            registry.dataloaders.register(name, func=_resolve(target))
-    for name, target in CALLBACKS.items():
-        if name not in registry.callbacks:
-            registry.callbacks.register(name, func=_resolve(target))
-    for name, target in LOGGERS.items():
-        if name not in registry.loggers:
-            registry.loggers.register(name, func=_resolve(target))
+    for registry_name, table in TABLES.items():
+        target_registry = getattr(registry, registry_name)
+        for name, target in table.items():
+            if name not in target_registry:  # an installed package's entry point counts as registered
+                target_registry.register(name, func=_resolve(target))
 
 
 register_all()

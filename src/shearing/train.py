@@ -26,18 +26,18 @@ from llmfoundry.utils.builders import build_algorithm, build_callback, build_sch
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
 from shearing.callbacks.export import build_export_callback, check_export_config
 from shearing.callbacks.guard import NonFiniteGuard
-from shearing.callbacks.pruning import LagrangianPruning
 from shearing.checkpoints import check_save_folder, recover_latest_checkpoint
 from shearing.config import OptimizerConfig, RunConfig, load_config
 from shearing.data.compat import check_run_data
+from shearing.data.dataloader import loader_domains
 from shearing.data.manifest import load_manifest
 from shearing.loggers import build_loggers
+from shearing.models.builder import tokenizer_path
 from shearing.models.composer_model import ComposerShearedLlama
-from shearing.models.hf_io import load_source_model
-from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape, resolve_target_shape
+from shearing.models.shapes import resolve_source_shape
 from shearing.parallelism import build_parallelism_config
 from shearing.progress import announce_outputs, setup_console_logging
-from shearing.pruning.l0 import L0Module, plan_families
+from shearing.pruning.plan import PruningPlan
 from shearing.run_folder import check_run_record, finish_run, hold_save_folder, run_is_finished
 from shearing.trainer import ShearingTrainer
 from shearing.validation import validate_config
@@ -53,8 +53,7 @@ def validate_run(cfg: RunConfig, tokenizer=None) -> None:
     source = resolve_source_shape(cfg.model.source, cfg.model.source_shape, need_checkpoint=True)
     check_export_config(cfg)  # export.folder must never be (or contain) the run folder
     if cfg.pruning is not None:
-        target = resolve_target_shape(source, cfg.pruning.target)
-        plan_families(source, target, cfg.pruning.families)
+        PruningPlan.from_config(cfg, need_checkpoint=True)  # shapes and mask families are consistent
     for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
         if not loader:
             continue
@@ -79,12 +78,6 @@ def validate_run(cfg: RunConfig, tokenizer=None) -> None:
     validate_config(cfg)
 
 
-def tokenizer_path(cfg: RunConfig) -> str | None:
-    """``model.tokenizer``, else the source checkpoint directory, else none (random-init sources)."""
-    path = cfg.model.tokenizer or (cfg.model.source if is_checkpoint_dir(cfg.model.source) else None)
-    return str(Path(path).resolve()) if path else None
-
-
 def build_tokenizer(cfg: RunConfig):
     path = tokenizer_path(cfg)
     if path is None:
@@ -100,37 +93,18 @@ def build_tokenizer(cfg: RunConfig):
 
 
 def build_model(cfg: RunConfig) -> ComposerShearedLlama:
-    llama, hf_config = load_source_model(cfg.model.source, attn_impl=cfg.model.attn_impl, seed=cfg.seed)
-    llama.activation_checkpointing = cfg.model.activation_checkpointing
-    metadata: dict[str, Any] = {
-        "hf_config": hf_config.to_dict(),
-        "source": str(cfg.model.source),
-        "tokenizer": tokenizer_path(cfg),
-        "target": None,
-        "families": None,
-    }
-    l0 = None
-    if cfg.pruning is not None:
-        source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
-        target = resolve_target_shape(source, cfg.pruning.target)
-        l0 = L0Module(source, target, cfg.pruning.families, seed=cfg.seed)
-        l0.use_final_masks = cfg.pruning.eval_masks == "final"
-        metadata.update(target=target.prunable(), families=list(cfg.pruning.families))
-    return ComposerShearedLlama(llama, l0=l0, metadata=metadata)
+    """The run's Composer model, built by the registry entry ``model.name`` (default ``shearing_llama``)."""
+    from llmfoundry import registry
+
+    return registry.models.get(cfg.model.name)(cfg)
 
 
 def build_optimizer(model: ComposerShearedLlama, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """DecoupledAdamW over three groups: model weights (lr), mask logits (mask_lr), multipliers (lambda_lr)."""
     if cfg.name != "decoupled_adamw":
         raise ValueError(f"optimizer.name {cfg.name!r} is not supported; use decoupled_adamw")
-    weights, masks, lambdas = [], [], []
-    for name, param in model.named_parameters():
-        if name.startswith("l0.lambdas."):
-            lambdas.append(param)
-        elif name.startswith("l0."):
-            masks.append(param)
-        else:
-            weights.append(param)
+    parts = model.parameter_groups()
+    weights, masks, lambdas = parts["weights"], parts["masks"], parts["multipliers"]
     groups: list[dict[str, Any]] = [{"params": weights}]
     if masks:
         groups.append({"params": masks, "lr": cfg.mask_lr})
@@ -160,9 +134,13 @@ def build_evaluators(cfg: RunConfig, tokenizer) -> list[Evaluator]:
 
 
 def build_algorithms(cfg: RunConfig) -> list:
+    """The yaml's ``algorithms:`` plus, for a pruning run, ``pruning.algorithm`` (default
+    ``lagrangian_pruning``), all built through llm-foundry's algorithm registry."""
     algorithms = [build_algorithm(name, kwargs or {}) for name, kwargs in cfg.algorithms.items()]
     if cfg.pruning is not None:
-        algorithms.append(LagrangianPruning(cfg.pruning.lagrangian_warmup))
+        algorithms.append(
+            build_algorithm(cfg.pruning.algorithm, {"lagrangian_warmup": cfg.pruning.lagrangian_warmup})
+        )
     return algorithms
 
 
@@ -243,8 +221,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     prepare_save_folder(cfg, model)
     device_batch_size = cfg.global_train_batch_size // dist.get_world_size()
     train_loader = build_loader(cfg.train_loader, tokenizer, device_batch_size)
-    dataset = getattr(getattr(train_loader, "dataloader", train_loader), "dataset", None)
-    domains = list(getattr(dataset, "domains", []) or [])
+    domains = loader_domains(train_loader)
     if domains:
         model.set_domains(domains)
     evaluators = build_evaluators(cfg, tokenizer)

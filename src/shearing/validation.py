@@ -17,7 +17,8 @@ fix. The checks, in order:
    anything and is not checked.
 3. Enumerated values (``check_choices``): precision (Composer 0.32: fp32, amp_bf16, amp_fp16, amp_fp8;
    plain ``bf16`` is not one), ``model.attn_impl``, ``export.dtype``, ``optimizer.name``,
-   ``scheduler.name`` (foundry's scheduler registry), ``pruning.eval_masks``,
+   ``scheduler.name`` (foundry's scheduler registry), ``model.name`` / ``pruning.algorithm`` (foundry's
+   models / algorithms registries), ``pruning.eval_masks``,
    ``callbacks.dynamic_loading.update``.
 4. Cross-field (``check_domains``, ``check_context_length``): with dynamic loading, the train and eval
    loaders read the same domains in the same order (their ``domains:`` lists, else the manifests'), a
@@ -74,8 +75,8 @@ def validate_config(cfg: RunConfig, local: bool = True) -> None:
     check_loader_keys(cfg)
     check_registry_kwargs(cfg)
     check_dynamic_loading(cfg, local=local)
-    check_domains(cfg, local=local)
     check_distillation(cfg, local=local)
+    check_domains(cfg, local=local)
     check_context_length(cfg, local=local)
     if local:
         check_source_files(cfg)
@@ -273,8 +274,17 @@ def check_choices(cfg: RunConfig, local: bool = True) -> None:
     _choice("export.dtype", cfg.export.dtype, list(DTYPES))
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _choice("scheduler.name", cfg.scheduler.name, sorted(registry.schedulers.get_all()))
+    _choice(
+        "model.name", cfg.model.name, sorted(registry.models.get_all()), " (llm-foundry's models registry)"
+    )
     if cfg.pruning is not None:
         _choice("pruning.eval_masks", cfg.pruning.eval_masks, EVAL_MASKS)
+        _choice(
+            "pruning.algorithm",
+            cfg.pruning.algorithm,
+            sorted(registry.algorithms.get_all()),
+            " (llm-foundry's algorithms registry)",
+        )
     options = (cfg.callbacks or {}).get("dynamic_loading") or {}
     if "update" in options:
         _choice("callbacks.dynamic_loading.update", options["update"], UPDATES)

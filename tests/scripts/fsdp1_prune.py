@@ -32,7 +32,7 @@ def run(rank: int, out: Path, use_orig_params: bool, steps: int, port: int) -> N
         from shearing.callbacks.pruning import find_l0
         from shearing.config import OptimizerConfig
         from shearing.models.llama import MaskedDecoderLayer
-        from shearing.pruning.l0 import L0Module
+        from shearing.pruning.l0 import L0Module, PruningClock
         from shearing.train import build_optimizer
 
         model = tiny_pruning_model()
@@ -50,11 +50,10 @@ def run(rank: int, out: Path, use_orig_params: bool, steps: int, port: int) -> N
         gen = torch.Generator().manual_seed(rank)
         stored_max = []
         for step in range(steps):
-            l0.step, l0.micro_batch, l0.progress = step, 0, min(1.0, step / 5)
+            model.module.pruning_clock = PruningClock(step=step, progress=min(1.0, step / 5))
             ids = torch.randint(0, source.vocab_size, (2, 32), generator=gen)
             batch = {"input_ids": ids, "labels": ids}
-            loss = model.loss(model(batch), batch) + l0.pending_lagrangian
-            l0.pending_lagrangian = None
+            loss = model.loss(model(batch), batch)["total"]  # LM loss + the Lagrangian term
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -38,7 +38,7 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
 
         from shearing.config import OptimizerConfig
         from shearing.parallelism import keep_fp32
-        from shearing.pruning.l0 import L0Module
+        from shearing.pruning.l0 import L0Module, PruningClock
         from shearing.train import build_optimizer
 
         model = tiny_pruning_model()
@@ -60,9 +60,9 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
                 record["lambda_dtype"][name] = str(p.dtype)
             seen.append(record)
 
-        def outputs_of_forward(module, args, masks):
-            seen[-1]["mask_dtype"] = {name: str(z.dtype) for name, z in masks.items()}
-            seen[-1]["lagrangian_dtype"] = str(module.pending_lagrangian.dtype)
+        def outputs_of_forward(module, args, out):
+            seen[-1]["mask_dtype"] = {name: str(z.dtype) for name, z in out.masks.items()}
+            seen[-1]["lagrangian_dtype"] = str(out.lagrangian.dtype)
 
         def layer_weight_dtype(module, args, kwargs):
             seen[-1]["decoder_weight_dtype"] = str(next(module.parameters()).dtype)
@@ -74,13 +74,12 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
         gen = torch.Generator().manual_seed(rank)
         for step in range(steps):
             stored = {name: p.detach().full_tensor().float() for name, p in l0.log_alphas.items()}
-            l0.step, l0.micro_batch, l0.progress = step, 0, min(1.0, (step + 1) / 2)
+            model.pruning_clock = PruningClock(step=step, progress=min(1.0, (step + 1) / 2))
             ids = torch.randint(0, source.vocab_size, (2, 32), generator=gen)
             batch = {"input_ids": ids, "labels": ids}
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 outputs = model(batch)
-            loss = model.loss(outputs, batch) + l0.pending_lagrangian
-            l0.pending_lagrangian = None
+            loss = model.loss(outputs, batch)["total"]  # LM loss + the Lagrangian term
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -40,8 +40,8 @@ if __name__ == "__main__":
     ]
     ids = torch.randint(0, composer_model.model.config.vocab_size, (2, 16))
     with torch.no_grad():
-        trainer.state.model({"input_ids": ids, "labels": ids})
-    seen["lagrangian"] = str(l0.pending_lagrangian.dtype)
+        outputs = trainer.state.model({"input_ids": ids, "labels": ids})
+    seen["lagrangian"] = str(outputs.lagrangian.dtype)
     for hook in hooks:
         hook.remove()
     (out / f"forward_dtypes_rank{dist.get_global_rank()}.json").write_text(json.dumps(seen, indent=1))

@@ -32,17 +32,13 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from shearing.models.composer_model import composer_model
 from shearing.pruning.gate import ExportRefused, GateThresholds
 from shearing.pruning.l0 import L0Module
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-
-def _composer_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``ComposerShearedLlama`` inside a DDP wrapper (FSDP keeps the module itself)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def find_l0(model: torch.nn.Module) -> L0Module | None:
@@ -66,7 +62,7 @@ def measure_mask_losses(state: State, l0: L0Module, max_batches: int) -> dict[st
     count = torch.tensor([n], dtype=torch.int64, device=device)
     dist.all_reduce(count, reduce_operation="MIN")  # every rank must run the same number of forwards
     n = int(count.item())
-    model = _composer_model(state.model)
+    model = composer_model(state.model)
     was_training, was_final = model.training, l0.use_final_masks
     losses = {}
     try:
@@ -119,7 +115,7 @@ class ExportOnFitEnd(Callback):
     def fit_end(self, state: State, logger: Logger) -> None:
         from shearing.export import export_model_state
 
-        l0 = find_l0(_composer_model(state.model))
+        l0 = find_l0(composer_model(state.model))
         eval_loss = measure_mask_losses(state, l0, self.eval_batches) if l0 is not None else None
         model_state = state.get_model_state_dict()  # collective under FSDP: every rank calls it
         outcome: list[Any] = [None]

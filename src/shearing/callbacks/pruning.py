@@ -1,14 +1,14 @@
-"""Composer glue for stage 1: the Lagrangian constraint, its logging, and the export at the end.
+"""Composer glue for stage 1: the pruning clock and the logging of the mask statistics.
 
-``LagrangianPruning`` (an ``Algorithm``) adds, after every micro-batch loss, the constraint term
-sum_m mean_rows[lambda1_m (s_m - t_m) + lambda2_m (s_m - t_m)^2] (``L0Module.lagrangian``), where the
-target t_m ramps linearly from 0 over ``lagrangian_warmup``. The term is computed inside the model's
-forward (``L0Module.forward``), where FSDP has the mask parameters materialised; the algorithm sets
-the warmup progress before each batch and moves the term into the loss. The masks and weights descend on the
-total; the multipliers ascend because their optimizer group has a negative learning rate (the max
-player of the min-max problem). The loss becomes ``{"total", "lm_loss", "lagrangian"}`` so the
-plain LM loss is logged on its own. Every batch it logs the expected sparsity and current target per
-family, the multipliers and the expected parameter count.
+``LagrangianPruning`` (an ``Algorithm``) sets the model's ``PruningClock`` before every batch: the step and
+the warmup progress, with which the target t_m of every family ramps linearly from 0 over
+``lagrangian_warmup``. Everything else happens in the model: the L0 module's clocked forward returns the
+masks, the constraint term sum_m mean_rows[lambda1_m (s_m - t_m) + lambda2_m (s_m - t_m)^2] and its stats,
+and ``ComposerShearedLlama.loss`` returns ``{"total", "lm_loss", "lagrangian"}``. The masks and weights
+descend on the total; the multipliers ascend because their optimizer group has a negative learning rate
+(the max player of the min-max problem). After every batch this logs the stats of the batch's last
+forward (``state.outputs``): expected sparsity and current target per family, the multipliers and the
+expected parameter count.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
-from shearing.pruning.l0 import L0Module, warmup_progress
+from shearing.models.composer_model import composer_model
+from shearing.pruning.l0 import L0Module, PruningClock, warmup_progress
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class LagrangianPruning(Algorithm):
         self.warmup_batches: int | None = None
 
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.BATCH_START, Event.AFTER_LOSS, Event.BATCH_END)
+        return event in (Event.BATCH_START, Event.BATCH_END)
 
     def progress(self, state: State) -> float:
         if self.warmup_batches is None:
@@ -61,19 +62,14 @@ class LagrangianPruning(Algorithm):
         return warmup_progress(int(state.timestamp.batch), self.warmup_batches)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        l0 = find_l0(state.model)
         if event == Event.BATCH_START:
-            l0.progress = self.progress(state)
-            l0.step = int(state.timestamp.batch)
-            l0.micro_batch = 0
-        elif event == Event.AFTER_LOSS:
-            term = l0.pending_lagrangian
-            if term is None:
-                raise RuntimeError(
-                    "the L0 module computed no Lagrangian term: was the model run in training mode?"
-                )
-            l0.pending_lagrangian = None
-            lm_loss = state.loss["total"] if isinstance(state.loss, dict) else state.loss
-            state.loss = {"total": lm_loss + term, "lm_loss": lm_loss.detach(), "lagrangian": term.detach()}
+            model = composer_model(state.model)
+            find_l0(model)  # a clear error for a run without an L0 module
+            model.pruning_clock = PruningClock(step=int(state.timestamp.batch), progress=self.progress(state))
         elif event == Event.BATCH_END:
-            logger.log_metrics({name: float(value) for name, value in l0.last_stats.items()})
+            stats = getattr(state.outputs, "pruning_stats", None)
+            if stats is None:
+                raise RuntimeError(
+                    "the model's training forward returned no pruning stats: was it run in training mode?"
+                )
+            logger.log_metrics({name: float(value) for name, value in stats.items()})

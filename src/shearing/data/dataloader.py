@@ -574,3 +574,9 @@ def build_domain_eval_dataloader(
             ds, ds.device_batch_size, num_workers, prefetch_factor, pin_memory, persistent_workers, timeout
         )
     )
+
+
+def loader_domains(loader: Any) -> list[str]:
+    """The domain names of a built train loader (a ``DataSpec`` or a ``DataLoader``); [] for plain text."""
+    dataset = getattr(getattr(loader, "dataloader", loader), "dataset", None)
+    return list(getattr(dataset, "domains", []) or [])

@@ -7,9 +7,13 @@ the L0 unit gathers and reduces in fp32 while the LLaMA computes in bf16 (``shea
 applied at the first forward, before FSDP2's lazy initialisation of the unit).
 
 Batches carry ``input_ids`` and ``labels`` (HF convention: labels are the inputs, the model shifts;
--100 is ignored), and optionally ``domain_idx`` for per-domain metrics. The loss is the token-level
-cross-entropy; the Lagrangian constraint is added to it by the ``LagrangianPruning`` algorithm, not
-here, so the model's loss stays the plain LM loss.
+-100 is ignored), and optionally ``domain_idx`` for per-domain metrics.
+
+The loss is assembled from parts. A training ``forward`` returns a ``ModelOutput``: the logits, plus every
+term that needs parameters — the Lagrangian constraint of the L0 module at the current ``PruningClock``
+(set once per batch by the ``LagrangianPruning`` algorithm) — computed inside forward, where FSDP has the
+parameters materialised. ``loss()`` only combines: the token-level cross-entropy alone for continued
+pre-training, ``{"total", "lm_loss", "lagrangian"}`` when pruning, so the plain LM loss is logged on its own.
 
 Run metadata (source config, target shape, mask families, tokenizer) is kept in the module's
 ``extra_state``, so a Composer checkpoint alone is enough to export the model later.
@@ -17,7 +21,7 @@ Run metadata (source config, target shape, mask families, tokenizer) is kept in 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,7 @@ from torchmetrics import Metric
 
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.parallelism import keep_fp32
-from shearing.pruning.l0 import L0Module
+from shearing.pruning.l0 import L0Module, L0Output, PruningClock
 
 IGNORE_INDEX = -100
 METADATA_VERSION = 1
@@ -36,6 +40,23 @@ METADATA_VERSION = 1
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Targets aligned with the logits: position t predicts labels[t + 1]; the last position is ignored."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+class ModelOutput(NamedTuple):
+    """A forward's result: the logits and the loss terms computed with them (a tuple: FSDP/DDP see its tensors)."""
+
+    logits: torch.Tensor
+    lagrangian: torch.Tensor | None = None  # the L0 constraint term (training forwards of a pruning run)
+    pruning_stats: dict[str, torch.Tensor] | None = None  # detached mask statistics to log
+
+
+def composer_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ``ComposerShearedLlama`` inside a DDP wrapper (FSDP wraps in place)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    return outputs.logits if isinstance(outputs, ModelOutput) else outputs
 
 
 class ComposerShearedLlama(ComposerModel):
@@ -50,28 +71,56 @@ class ComposerShearedLlama(ComposerModel):
         self.model = model
         self.l0 = l0
         self.metadata = dict(metadata or {})
+        self.pruning_clock = PruningClock()  # set before each batch by LagrangianPruning
         self.train_metrics: dict[str, Metric] = {}
         self.eval_metrics: dict[str, Metric] = {}
         self.set_domains(domains or [])
 
     # ------------------------------------------------------------------------- Composer API
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.l0 is not None:
-            keep_fp32(self.l0)  # under FSDP2 mixed precision the masks stay fp32 (see shearing.parallelism)
-        masks = self.l0() if self.l0 is not None else None
-        return self.model(batch["input_ids"], masks=masks)
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput | torch.Tensor:
+        """Logits in eval mode; a ``ModelOutput`` in training mode."""
+        if self.l0 is None:
+            logits = self.model(batch["input_ids"])
+            return ModelOutput(logits) if self.training else logits
+        keep_fp32(self.l0)  # under FSDP2 mixed precision the masks stay fp32 (see shearing.parallelism)
+        if not self.training:
+            return self.model(batch["input_ids"], masks=self.l0())
+        pruning: L0Output = self.l0(self.pruning_clock)
+        logits = self.model(batch["input_ids"], masks=pruning.masks)
+        return ModelOutput(logits, pruning.lagrangian, pruning.stats)
 
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, outputs: ModelOutput | torch.Tensor, batch: dict[str, torch.Tensor]) -> Any:
+        lm_loss = self.lm_loss(logits_of(outputs), batch)
+        lagrangian = outputs.lagrangian if isinstance(outputs, ModelOutput) else None
+        if lagrangian is None:
+            return lm_loss
+        return {"total": lm_loss + lagrangian, "lm_loss": lm_loss.detach(), "lagrangian": lagrangian.detach()}
+
+    @staticmethod
+    def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         targets = shift_labels(batch["labels"])
-        return F.cross_entropy(outputs.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> torch.Tensor:
-        return outputs if outputs is not None else self.forward(batch)
+        return logits_of(outputs) if outputs is not None else logits_of(self.forward(batch))
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Trainable parameters by optimizer group: model weights, mask logits, Lagrange multipliers."""
+        groups: dict[str, list[torch.nn.Parameter]] = {
+            "weights": [p for p in self.model.parameters() if p.requires_grad],
+            "masks": [],
+            "multipliers": [],
+        }
+        if self.l0 is not None:
+            groups["masks"] = self.l0.mask_parameters()
+            groups["multipliers"] = self.l0.multiplier_parameters()
+        return groups
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
         return self.train_metrics if is_train else self.eval_metrics
 
-    def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric: Metric) -> None:
+    def update_metric(self, batch: dict[str, torch.Tensor], outputs: Any, metric: Metric) -> None:
+        outputs = logits_of(outputs)
         targets = shift_labels(batch["labels"])
         if getattr(metric, "per_domain", False):
             metric.update(outputs, batch["labels"], batch["domain_idx"])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,109 +45,37 @@ from torch import nn
 from shearing.models.shapes import LlamaShape, count_params
 from shearing.pruning import hard_concrete as hc
 from shearing.pruning.masks import count_masked_params
-
-USER_FAMILIES = ("hidden", "head", "intermediate", "layer", "head_layer", "mlp")
-DEFAULT_FAMILIES = ("hidden", "head", "intermediate", "layer")
+from shearing.pruning.plan import DEFAULT_FAMILIES, USER_FAMILIES, FamilySpec, PruningPlan, plan_families
 
 
 @dataclass(frozen=True)
-class FamilySpec:
-    """One mask family: the shape of its logits and how many units each row keeps at the end."""
+class PruningClock:
+    """Where a training forward is in the run: the optimizer step and the Lagrangian warmup progress (0 -> 1)."""
 
-    name: str
-    shape: tuple[int, ...]
-    keep: int  # units kept per row (per group for a grouped ``head`` family)
-    group: int = 0  # > 0: the final top-k of a row is taken per block of ``group`` units
-
-    @property
-    def row_size(self) -> int:
-        return self.shape[-1]
-
-    @property
-    def kept_per_row(self) -> int:
-        return self.keep * (self.row_size // self.group) if self.group else self.keep
-
-    @property
-    def target_sparsity(self) -> float:
-        if self.group:
-            return 1.0 - self.keep / self.group
-        return 1.0 - self.keep / self.row_size
+    step: int = 0
+    progress: float = 0.0
 
 
-def plan_families(
-    source: LlamaShape, target: LlamaShape, families: Sequence[str] = DEFAULT_FAMILIES
-) -> list[FamilySpec]:
-    """The mask families a pruning run from ``source`` to ``target`` needs, given the allowed ``families``."""
-    unknown = [name for name in families if name not in USER_FAMILIES]
-    if unknown:
-        raise ValueError(f"pruning.families has unknown name(s) {unknown}; choose from {list(USER_FAMILIES)}")
-    if "layer" in families and ({"head_layer", "mlp"} & set(families)):
-        raise ValueError("pruning.families: use either 'layer' or the 'head_layer'/'mlp' pair, not both")
-    if ("head_layer" in families) != ("mlp" in families):
-        raise ValueError(
-            "pruning.families: 'head_layer' and 'mlp' go together (they drop whole layers together)"
-        )
+class L0Output(NamedTuple):
+    """What a clocked ``L0Module`` forward returns (a tuple, so FSDP/DDP see its tensors)."""
 
-    L, H, G = source.num_hidden_layers, source.num_attention_heads, source.num_key_value_heads
-    specs: list[FamilySpec] = []
-
-    def need(family: str, field: str) -> bool:
-        if getattr(target, field) == getattr(source, field):
-            return False
-        if family not in families:
-            raise ValueError(
-                f"the target changes {field} ({getattr(source, field)} -> {getattr(target, field)}) but "
-                f"pruning.families {list(families)} has no '{family}' mask to do it: add '{family}'"
-            )
-        return True
-
-    if need("hidden", "hidden_size"):
-        specs.append(FamilySpec("hidden", (source.hidden_size,), target.hidden_size))
-    if source.group_size == 1:
-        if need("head", "num_attention_heads"):
-            specs.append(FamilySpec("head", (L, H), target.num_attention_heads))
-    else:
-        if target.num_key_value_heads < G:
-            if "head" not in families:
-                raise ValueError(
-                    f"the target changes num_key_value_heads ({G} -> {target.num_key_value_heads}) but "
-                    f"pruning.families {list(families)} has no 'head' mask to do it: add 'head'"
-                )
-            specs.append(FamilySpec("kv_group", (L, G), target.num_key_value_heads))
-        per_group = target.num_attention_heads // target.num_key_value_heads
-        if per_group < source.group_size:
-            if "head" not in families:
-                raise ValueError(
-                    f"the target keeps {per_group} of {source.group_size} query heads per KV group but "
-                    f"pruning.families {list(families)} has no 'head' mask to do it: add 'head'"
-                )
-            specs.append(FamilySpec("head", (L, H), per_group, group=source.group_size))
-    if need("intermediate", "intermediate_size"):
-        specs.append(FamilySpec("intermediate", (L, source.intermediate_size), target.intermediate_size))
-    if target.num_hidden_layers < L:
-        if "layer" in families:
-            specs.append(FamilySpec("layer", (L,), target.num_hidden_layers))
-        elif "head_layer" in families:
-            specs.append(FamilySpec("head_layer", (L,), target.num_hidden_layers))
-            specs.append(FamilySpec("mlp", (L,), target.num_hidden_layers))
-        else:
-            raise ValueError(
-                f"the target changes num_hidden_layers ({L} -> {target.num_hidden_layers}) but pruning.families "
-                f"{list(families)} has no 'layer' (or 'head_layer' + 'mlp') mask to do it: add 'layer'"
-            )
-    return specs
+    masks: dict[str, torch.Tensor]  # "<family>_z" -> mask (a sample in training, deterministic in eval)
+    lagrangian: torch.Tensor  # the constraint term to add to the loss (differentiable)
+    stats: dict[str, torch.Tensor]  # detached values to log (``mask_stats``)
 
 
 class L0Module(nn.Module):
-    """Mask logits and Lagrange multipliers for one pruning run.
+    """Mask logits and Lagrange multipliers for one pruning run (one ``PruningPlan``).
 
-    ``forward()`` returns the masks for the model: a fresh hard-concrete sample in training mode,
-    deterministic masks in eval mode (expected number of zeros, or the exact target when
-    ``use_final_masks`` is set). Keys are ``<family>_z``.
+    ``l0()`` returns deterministic masks (keys ``<family>_z``): the expected number of zeros per row, or
+    the exact target when ``use_final_masks`` is set. ``l0(clock)`` returns an ``L0Output``: the masks (a
+    fresh hard-concrete sample in training mode), the Lagrangian term at ``clock.progress`` and the stats
+    to log. Both run inside ``forward`` so FSDP has the parameters materialised.
 
     The sampling noise comes from a generator seeded by (seed, step, rank, micro-batch), not from the
     global RNG: a resumed run draws exactly the masks the uninterrupted run drew, whatever else consumed
     random numbers in between (Composer does not restore the global RNG when the dataset resumes itself).
+    The micro-batch index counts the clocked training forwards of one step.
     """
 
     def __init__(
@@ -157,8 +86,9 @@ class L0Module(nn.Module):
         seed: int = 17,
     ):
         super().__init__()
+        self.plan = PruningPlan.build(source, target, families)
         self.source, self.target = source, target
-        self.specs = {spec.name: spec for spec in plan_families(source, target, families)}
+        self.specs = self.plan.spec_by_name
         self.log_alphas = nn.ParameterDict(
             {name: nn.Parameter(torch.empty(spec.shape)) for name, spec in self.specs.items()}
         )
@@ -168,15 +98,12 @@ class L0Module(nn.Module):
             self.lambdas[f"{name}_2"] = nn.Parameter(torch.zeros(1))
         self.use_final_masks = False
         self.seed = seed
-        # Set by the LagrangianPruning algorithm before each batch; read by forward().
-        self.progress = 0.0
-        self.step = 0
-        self.micro_batch = 0
-        # Written by every training forward, while the parameters are materialised (under FSDP they are
-        # sharded outside forward): the constraint term to add to the loss and detached stats to log.
-        self.pending_lagrangian: torch.Tensor | None = None
-        self.last_stats: dict[str, torch.Tensor] = {}
+        self._noise_step, self._micro_batch = -1, 0
         self.reset_parameters()
+
+    @classmethod
+    def from_plan(cls, plan: PruningPlan, seed: int = 17) -> L0Module:
+        return cls(plan.source, plan.target, plan.families, seed=seed)
 
     def reset_parameters(self) -> None:
         for log_alpha in self.log_alphas.values():
@@ -184,16 +111,44 @@ class L0Module(nn.Module):
         for lam in self.lambdas.values():
             nn.init.zeros_(lam)
 
+    @torch.no_grad()
+    def init_log_alphas_(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Start from given logits (e.g. ``pruning.init: importance``): family name -> tensor of its shape,
+        copied in and clamped to the logit range. Families not named keep their current values."""
+        unknown = sorted(set(values) - set(self.log_alphas))
+        if unknown:
+            raise ValueError(
+                f"initial mask logits for {unknown}, but this run's families are {sorted(self.specs)}"
+            )
+        for name, value in values.items():
+            log_alpha = self.log_alphas[name]
+            if tuple(value.shape) != tuple(log_alpha.shape):
+                raise ValueError(
+                    f"initial mask logits for {name} have shape {tuple(value.shape)}, the family has "
+                    f"{tuple(log_alpha.shape)}"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"initial mask logits for {name} are not finite")
+            log_alpha.copy_(value.to(log_alpha.dtype))
+            hc.clamp_log_alpha_(log_alpha)
+
     # ----------------------------------------------------------------------------------- masks
-    def forward(self) -> dict[str, torch.Tensor]:
+    def forward(self, clock: PruningClock | None = None) -> dict[str, torch.Tensor] | L0Output:
+        if clock is None:
+            if self.training:
+                return self._sample_masks(PruningClock())
+            return self.deterministic_masks(exact=self.use_final_masks)
+        lagrangian, expected = self.lagrangian(clock.progress)
+        stats = mask_stats(self, clock.progress, expected)
         if self.training:
-            self.pending_lagrangian, expected = self.lagrangian(self.progress)
-            self.last_stats = mask_stats(self, self.progress, expected)
-            generator = self._noise_generator()
-            return {
-                f"{name}_z": hc.sample_gates(la, generator) for name, la in self.clamped_log_alphas().items()
-            }
-        return self.deterministic_masks(exact=self.use_final_masks)
+            masks = self._sample_masks(clock)
+        else:
+            masks = self.deterministic_masks(exact=self.use_final_masks)
+        return L0Output(masks, lagrangian, stats)
+
+    def _sample_masks(self, clock: PruningClock) -> dict[str, torch.Tensor]:
+        generator = self._noise_generator(clock.step)
+        return {f"{name}_z": hc.sample_gates(la, generator) for name, la in self.clamped_log_alphas().items()}
 
     def clamped_log_alphas(self) -> dict[str, torch.Tensor]:
         """Every family's logits clamped to [ln 0.01, ln 100] out of place (see ``hard_concrete``): the
@@ -211,16 +166,24 @@ class L0Module(nn.Module):
         The logits are looked up at each step, so this holds for the parameters FSDP installs later."""
         return hc.register_log_alpha_clamp(optimizer, lambda: self.log_alphas.values())
 
-    def _noise_generator(self) -> torch.Generator:
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The mask logits (the optimizer's ``mask_lr`` group)."""
+        return list(self.log_alphas.values())
+
+    def multiplier_parameters(self) -> list[nn.Parameter]:
+        """The Lagrange multipliers (the optimizer's ``lambda_lr`` group, ascended)."""
+        return list(self.lambdas.values())
+
+    def _noise_generator(self, step: int) -> torch.Generator:
         from composer.utils import dist
 
+        if step != self._noise_step:
+            self._noise_step, self._micro_batch = step, 0
         device = next(iter(self.log_alphas.values())).device
         generator = torch.Generator(device=device)
-        key = (
-            (self.seed * 1_000_003 + self.step) * 10_007 + dist.get_global_rank()
-        ) * 1_009 + self.micro_batch
+        key = ((self.seed * 1_000_003 + step) * 10_007 + dist.get_global_rank()) * 1_009 + self._micro_batch
         generator.manual_seed(key % (2**63 - 1))
-        self.micro_batch += 1
+        self._micro_batch += 1
         return generator
 
     @torch.no_grad()
@@ -315,8 +278,12 @@ def warmup_progress(step: int, warmup_steps: int) -> float:
 
 __all__ = [
     "DEFAULT_FAMILIES",
+    "USER_FAMILIES",
     "FamilySpec",
     "L0Module",
+    "L0Output",
+    "PruningClock",
+    "PruningPlan",
     "count_masked_params",
     "mask_stats",
     "plan_families",
