@@ -47,22 +47,25 @@ def write_raw_corpus(root: Path, budget: int = 150_000) -> Path:
     return root
 
 
+# The tiny random HF checkpoints' config (named shape tiny_gqa, 256 positions).
+TINY_HF_FIELDS = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    intermediate_size=176,
+    vocab_size=VOCAB,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+
+
 def make_hf_llama(out: Path, tokenizer_dir: Path | None = None, seed: int = 0, **fields) -> Path:
     """Save a random tiny ``LlamaForCausalLM`` (and the tokenizer) as an HF directory."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    defaults = dict(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        intermediate_size=176,
-        vocab_size=VOCAB,
-        head_dim=16,
-        max_position_embeddings=256,
-    )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**defaults, **fields}))
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_HF_FIELDS, **fields}))
     model.save_pretrained(out)
     if tokenizer_dir is not None:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
@@ -105,3 +108,23 @@ def unit_masks(config) -> dict[str, torch.Tensor]:
         "intermediate_z": torch.ones(L, config.intermediate_size),
         "layer_z": torch.ones(L),
     }
+
+
+def make_hf_family(
+    out: Path, model_type: str, tokenizer_dir: Path | None = None, seed: int = 0, **fields
+) -> Path:
+    """Save a random tiny stock HF model of ``model_type`` (``llama``, ``mistral``, ``qwen2``) as an HF
+    directory (``TINY_HF_FIELDS`` unless overridden). Biases, which HF initialises to zero, are drawn at
+    random so that tests see them."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY_HF_FIELDS, **fields}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(out)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out

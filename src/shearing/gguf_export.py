@@ -209,7 +209,10 @@ def write_gguf(
     from gguf import GGUFWriter, LlamaFileType
 
     if getattr(config, "model_type", "llama") != "llama":
-        raise ValueError(f"--gguf writes LLaMA models; this one is {config.model_type!r}")
+        raise ValueError(
+            f"--gguf writes llama-architecture GGUF files; model_type {config.model_type!r} is not supported: "
+            "export without --gguf (export.gguf: null); the HF folder loads with its stock class"
+        )
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16 for --gguf, got {dtype!r}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):

@@ -1,4 +1,5 @@
-"""Reading source models: a local Hugging Face LLaMA checkpoint (strictly) or a named shape (random init).
+"""Reading source models: a local Hugging Face checkpoint of a LLaMA-layout family (strictly) or a named
+shape (random init, LLaMA).
 
 Loads are strict: a key missing from the checkpoint or a key the model does not have is an error
 listing them, never a silent partial load. The only keys tolerated are ones that carry no weights:
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import LlamaConfig
+from transformers import PretrainedConfig
 
+from shearing.models.family import FAMILIES, ModelFamily, family_of
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import (
     NAMED_CONFIG_EXTRAS,
@@ -44,8 +46,14 @@ from shearing.models.shapes import (
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def config_from_shape(shape: LlamaShape, **extra) -> LlamaConfig:
-    """An HF ``LlamaConfig`` of this shape (``head_dim`` always written explicitly)."""
+def config_from_shape(shape: LlamaShape, family: ModelFamily | str = "llama", **extra) -> PretrainedConfig:
+    """An HF config of this shape in ``family``'s config class (``LlamaConfig`` by default; ``head_dim``
+    always written explicitly)."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    if shape.qkv_bias != family.qkv_bias:
+        raise ValueError(
+            f"shape has qkv_bias={shape.qkv_bias} but family {family.name} has qkv_bias={family.qkv_bias}"
+        )
     fields = dict(
         hidden_size=shape.hidden_size,
         num_hidden_layers=shape.num_hidden_layers,
@@ -57,14 +65,20 @@ def config_from_shape(shape: LlamaShape, **extra) -> LlamaConfig:
         tie_word_embeddings=shape.tie_word_embeddings,
     )
     fields.update(extra)
-    return LlamaConfig(**fields)
+    return family.config_class(**fields)
 
 
-def read_hf_config(path: str | os.PathLike) -> LlamaConfig:
-    config = LlamaConfig.from_dict(read_config_json(path))
+def config_from_dict(raw: Mapping[str, Any]) -> PretrainedConfig:
+    """An HF config of its family's class (``Qwen2Config`` for model_type qwen2, ...) from a config dict;
+    ``head_dim`` set explicitly when the dict lacks it."""
+    config = family_of(raw).config_class.from_dict(dict(raw))
     if getattr(config, "head_dim", None) is None:
         config.head_dim = config.hidden_size // config.num_attention_heads
     return config
+
+
+def read_hf_config(path: str | os.PathLike) -> PretrainedConfig:
+    return config_from_dict(read_config_json(path))
 
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -165,7 +179,8 @@ def load_state_dict_strict(model: MaskedLlamaForCausalLM, state: dict[str, torch
         raise ValueError(
             f"checkpoint {where} does not match the model: missing keys {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}. Is it a LlamaForCausalLM checkpoint of this config?"
+            f"{' ...' if len(unexpected) > 8 else ''}. Is it a {family_of(model.config).architecture} checkpoint "
+            "of this config?"
         )
     own = model.state_dict()
     for key, tensor in state.items():
@@ -178,7 +193,7 @@ def load_state_dict_strict(model: MaskedLlamaForCausalLM, state: dict[str, torch
 
 def load_source_model(
     spec: str | os.PathLike | Mapping[str, Any], attn_impl: str = "sdpa", seed: int = 17
-) -> tuple[MaskedLlamaForCausalLM, LlamaConfig]:
+) -> tuple[MaskedLlamaForCausalLM, PretrainedConfig]:
     """The source model: an HF checkpoint directory (strict load), or a named shape or a mapping of shape
     fields (random init, seeded)."""
     if is_checkpoint_dir(spec):

@@ -1,4 +1,4 @@
-"""A mask-aware LLaMA decoder with Hugging Face parameter names.
+"""A mask-aware LLaMA-layout decoder (LLaMA, Mistral, Qwen2) with Hugging Face parameter names.
 
 Legend: B batch, T sequence, D hidden, H query heads, G key/value heads, K head_dim, F MLP width,
 L layers, V vocabulary.
@@ -7,9 +7,15 @@ The module tree and parameter names are those of ``transformers.LlamaForCausalLM
 (``model.embed_tokens``, ``model.layers.N.self_attn.q_proj``, ``model.layers.N.mlp.down_proj``,
 ``model.norm``, ``lm_head``), so an HF checkpoint loads strictly and a state dict minus the masks *is*
 an HF state dict. Rotary embeddings (every ``rope_scaling`` type) come from ``transformers`` itself.
+The family (``shearing.models.family``, from ``config.model_type``) decides which projections carry
+biases (Qwen2: ``self_attn.{q,k,v}_proj.bias``); everything else is the same layout.
 
-Masks are optional keyword arguments of ``forward`` (SPEC §1); with none given this computes exactly
-what HF's model computes. Where they multiply:
+``hidden_states(input_ids, masks)`` is the final norm's output [B, T, D]; ``forward`` is the LM head over
+it (a caller can apply the head chunk by chunk, e.g. for distillation).
+
+Masks are an optional ``Masks`` value (or an L0 family dict, resolved by ``Masks.from_families``) given
+to ``forward`` (SPEC §1); with none given this computes exactly what HF's model computes. Where they
+multiply:
 
 - embeddings output × hidden_z;
 - attention: per-head context × head_z (× the head's kv_group_z) before ``o_proj``;
@@ -31,9 +37,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig
+from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from shearing.models.family import family_of
 from shearing.pruning.masks import Masks
 
 ATTN_IMPLS = ("sdpa", "flash", "eager")
@@ -66,17 +73,18 @@ class MaskedRMSNorm(nn.Module):
 
 
 class MaskedAttention(nn.Module):
-    def __init__(self, config: LlamaConfig, attn_impl: str):
+    def __init__(self, config: PretrainedConfig, attn_impl: str):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.attn_impl = attn_impl
         d, hk, gk = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d, hk, bias=False)
-        self.k_proj = nn.Linear(d, gk, bias=False)
-        self.v_proj = nn.Linear(d, gk, bias=False)
-        self.o_proj = nn.Linear(hk, d, bias=False)
+        family = family_of(config)
+        self.q_proj = nn.Linear(d, hk, bias=family.projection_bias("q_proj"))
+        self.k_proj = nn.Linear(d, gk, bias=family.projection_bias("k_proj"))
+        self.v_proj = nn.Linear(d, gk, bias=family.projection_bias("v_proj"))
+        self.o_proj = nn.Linear(hk, d, bias=family.projection_bias("o_proj"))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_z: torch.Tensor | None):
         B, T, _ = x.shape
@@ -109,7 +117,7 @@ class MaskedAttention(nn.Module):
 
 
 class MaskedMLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
         self.gate_proj = nn.Linear(d, f, bias=False)
@@ -131,7 +139,7 @@ def _scale(x: torch.Tensor, *gates: torch.Tensor | None) -> torch.Tensor:
 
 
 class MaskedDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, attn_impl: str):
+    def __init__(self, config: PretrainedConfig, attn_impl: str):
         super().__init__()
         self.self_attn = MaskedAttention(config, attn_impl)
         self.mlp = MaskedMLP(config)
@@ -156,7 +164,7 @@ class MaskedDecoderLayer(nn.Module):
 
 
 class MaskedLlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig, attn_impl: str):
+    def __init__(self, config: PretrainedConfig, attn_impl: str):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
@@ -169,7 +177,7 @@ class MaskedLlamaModel(nn.Module):
 class MaskedLlamaForCausalLM(nn.Module):
     """``LlamaForCausalLM`` with optional structured masks (see the module docstring)."""
 
-    def __init__(self, config: LlamaConfig, attn_impl: str = "sdpa"):
+    def __init__(self, config: PretrainedConfig, attn_impl: str = "sdpa"):
         super().__init__()
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"model.attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
@@ -198,6 +206,8 @@ class MaskedLlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids: torch.Tensor, masks: Masks | Mapping[str, torch.Tensor] | None = None):
         """The final norm's output [B, T, D] under ``masks`` (hidden_z applied once): what the LM head

@@ -2,7 +2,8 @@
 
 A *shape* is everything about a decoder that decides its parameter count. Five fields can be pruned
 (hidden size, layers, query heads, key/value heads, MLP width); the rest (vocabulary, ``head_dim``,
-tied embeddings) are inherited from the source, because structured pruning never changes them.
+tied embeddings, q/k/v biases) are inherited from the source, because structured pruning never changes
+them. Named shapes are LLaMA; a checkpoint's family (``shearing.models.family``) sets ``qkv_bias``.
 
 Shape legend used across the package: D hidden, L layers, H query heads, G key/value heads (groups),
 K head_dim, F MLP width (intermediate), V vocabulary.
@@ -11,6 +12,8 @@ Parameter count of a LLaMA decoder (no biases)::
 
     embeddings V·D  (+ LM head V·D when untied)  + final norm D
     + L · [ q D·H·K + k,v 2·D·G·K + o H·K·D + MLP 3·D·F + two norms 2·D ]
+
+plus, for a family with q/k/v biases (Qwen2), L · (H·K + 2·G·K).
 
 LLaMA2-7B gives 6,738,415,616; its 2.7B and 1.3B targets 2,701,560,320 and 1,345,423,360.
 """
@@ -24,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from shearing.models.family import FAMILIES, check_family_config, family_of, qkv_bias_params
 
 PRUNABLE_FIELDS = (
     "hidden_size",
@@ -82,7 +87,7 @@ def layer_params(
     """Parameters of one decoder layer: q/o and k/v projections (plus q/k/v biases when the family has
     them), the MLP, its two norms."""
     d, k = hidden_size, head_dim
-    bias = (heads + 2 * kv_heads) * k if qkv_bias else 0
+    bias = qkv_bias_params(heads, kv_heads, k) if qkv_bias else 0
     return d * heads * k * 2 + d * kv_heads * k * 2 + 3 * d * intermediate_size + 2 * d + bias
 
 
@@ -147,18 +152,19 @@ NAMED_CONFIG_EXTRAS: dict[str, dict[str, Any]] = {
 
 def source_max_positions(spec: Any) -> int:
     """``max_position_embeddings`` of a source: its config.json, a shape mapping's field, a named shape's
-    extras, else ``LlamaConfig``'s default (what ``load_source_model`` builds)."""
+    extras, else its family config class's default (``LlamaConfig``'s for named shapes and mappings, what
+    ``load_source_model`` builds)."""
+    family = FAMILIES["llama"]
     if is_checkpoint_dir(spec):
         raw = read_config_json(spec)
+        family = family_of(raw)
     elif isinstance(spec, Mapping):
         raw = dict(spec)
     else:
         raw = NAMED_CONFIG_EXTRAS.get(str(spec), {})
     if "max_position_embeddings" in raw:
         return int(raw["max_position_embeddings"])
-    from transformers import LlamaConfig
-
-    return int(LlamaConfig().max_position_embeddings)
+    return int(family.config_class().max_position_embeddings)
 
 
 def named_shape(name: str) -> LlamaShape:
@@ -172,7 +178,8 @@ def named_shape(name: str) -> LlamaShape:
 
 
 def shape_from_hf_config(config: Any) -> LlamaShape:
-    """The shape of a ``transformers`` LLaMA-family config (``LlamaConfig`` or a dict of its fields)."""
+    """The shape of a ``transformers`` config of a known family (``LlamaConfig``, ``Qwen2Config``, ... or a
+    dict of its fields); ``qkv_bias`` comes from the family."""
     get = (
         config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
     )
@@ -187,6 +194,7 @@ def shape_from_hf_config(config: Any) -> LlamaShape:
         vocab_size=get("vocab_size"),
         head_dim=head_dim,
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        qkv_bias=family_of(config).qkv_bias,
     )
 
 
@@ -250,7 +258,8 @@ def resolve_source_shape(
 
 
 def read_config_json(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of an HF checkpoint directory, checked to be a LLaMA-family model we can prune."""
+    """The ``config.json`` of an HF checkpoint directory, checked to be a LLaMA-layout model we can prune
+    (a row of ``shearing.models.family.FAMILIES``; ``check_family_config`` says why not)."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise ValueError(
@@ -266,28 +275,8 @@ def read_config_json(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object of config fields, got {type(raw).__name__}")
-    check_llama_family(raw, where=str(path))
+    check_family_config(raw, where=str(path))
     return raw
-
-
-def check_llama_family(raw_config: Mapping[str, Any], where: str) -> None:
-    """Reject configs this implementation cannot prune faithfully, with the reason."""
-    model_type = raw_config.get("model_type")
-    archs = raw_config.get("architectures") or []
-    if model_type not in ("llama", "mistral") and "LlamaForCausalLM" not in archs:
-        raise ValueError(
-            f"{where}: model_type {model_type!r} is not a LLaMA-family checkpoint; shearing prunes "
-            "LlamaForCausalLM-compatible models (LLaMA 1/2/3, Mistral-style GQA with the LLaMA layout)"
-        )
-    for flag in ("attention_bias", "mlp_bias"):
-        if raw_config.get(flag):
-            raise ValueError(f"{where}: {flag}=true is not supported yet (bias terms are not pruned)")
-    if raw_config.get("hidden_act", "silu") != "silu":
-        raise ValueError(
-            f"{where}: hidden_act {raw_config.get('hidden_act')!r} is not supported (expected silu)"
-        )
-    if raw_config.get("sliding_window") not in (None, 0) and raw_config.get("use_sliding_window", True):
-        raise ValueError(f"{where}: sliding-window attention is not supported")
 
 
 def resolve_target_shape(source: LlamaShape, target: str | Mapping[str, Any]) -> LlamaShape:

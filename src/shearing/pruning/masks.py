@@ -34,6 +34,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from shearing.models.family import qkv_bias_params
 from shearing.models.shapes import LlamaShape
 
 FAMILY_NAMES = ("hidden", "head", "kv_group", "intermediate", "layer", "head_layer", "mlp")
@@ -135,7 +136,7 @@ def count_masked_params(source: LlamaShape, keep: Masks | Mapping[str, torch.Ten
     ffn = keep.intermediate.sum(-1) if keep.intermediate is not None else ones * source.intermediate_size
     attention = d * K * (2 * q_heads + 2 * kv_heads) + d  # + input_layernorm
     if source.qkv_bias:
-        attention = attention + K * (q_heads + 2 * kv_heads)
+        attention = attention + qkv_bias_params(q_heads, kv_heads, K)
     mlp = 3 * d * ffn + d  # + post_attention_layernorm
     attn_gate = keep.attn if keep.attn is not None else torch.ones(L, device=device)
     mlp_gate = keep.mlp if keep.mlp is not None else torch.ones(L, device=device)

@@ -1,20 +1,26 @@
 """Physical pruning: fold the kept mask values into the weights, slice, drop dead layers, renumber.
 
-``prune_model(model, masks)`` turns a mask-aware model plus its final deterministic masks into a plain
-model of the target shape that computes the same logits. Each gate is folded into exactly one place:
+Legend: D hidden, L layers, H query heads, G key/value heads, K head_dim, F MLP width.
 
-- heads (head_z × kv_group_z), and the attention-block gate (layer_z / head_layer_z):
+``prune_model(model, masks)`` turns a mask-aware model plus its final deterministic masks (a ``Masks``
+or an L0 family dict) into a plain model of the target shape that computes the same logits. Each gate
+is folded into exactly one place:
+
+- heads (head × its KV group's gate), and the attention-block gate (layer / head_layer):
   ``o_proj`` input columns of each kept head;
-- MLP channels (intermediate_z) and the MLP-block gate (layer_z / mlp_z): ``down_proj`` columns;
-- hidden channels (hidden_z): ``embed_tokens`` columns, the rows of ``o_proj`` and ``down_proj``
+- MLP channels (intermediate) and the MLP-block gate (layer / mlp): ``down_proj`` columns;
+- hidden channels (hidden): ``embed_tokens`` columns, the rows of ``o_proj`` and ``down_proj``
   (block outputs), the weights of each layer's two norms, and the LM head's columns — the final
   norm's gate lives in the LM head, so with tied embeddings the shared matrix carries it once for
   both uses (the reference code applied it twice: a known bug).
 
-Pruned units are then sliced out: q/k/v rows and ``o_proj`` columns by head (``head_dim`` blocks),
-gate/up rows and ``down_proj`` columns by channel, every hidden-sized axis by the kept channels.
+Each layer projection follows one row of ``PROJECTIONS``: which index slices its rows (output axis)
+and its columns (input axis) — query-head rows (``head_dim`` blocks), KV-head rows, MLP channels, or
+hidden channels — and which gates fold into it. A bias (Qwen2's q/k/v, per ``ModelFamily``) is sliced
+with its rows. The unit axis is sliced first, the gates multiplied, then the hidden axis sliced.
 Layers whose gate is zero are dropped and the rest renumbered. KV heads follow their group (GQA) or
-their query head (MHA).
+their query head (MHA). The pruned config is the source family's config class with the shape and the
+inherited fields (``INHERITED_FIELDS`` plus the family's own, e.g. ``sliding_window``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shearing.models.family import family_of
 from shearing.models.hf_io import config_from_shape
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import LlamaShape, shape_from_hf_config
@@ -37,6 +44,31 @@ class PruneResult:
     kept: dict = field(default_factory=dict)  # kept indices: layers, hidden, and per kept layer heads/kv/mlp
 
 
+@dataclass(frozen=True)
+class ProjectionRule:
+    """How one layer projection is cut: ``rows``/``cols`` name the index that slices each axis (``q``
+    query-head rows, ``kv`` KV-head rows, ``channels`` MLP channels, ``hidden`` hidden channels);
+    ``col_gate`` the per-column gate folded in (``head``: head × attention-block gate, ``mlp``: channel ×
+    MLP-block gate); ``hidden_rows``: hidden_z folded into the rows (a block output)."""
+
+    name: str
+    rows: str
+    cols: str
+    col_gate: str | None = None
+    hidden_rows: bool = False
+
+
+PROJECTIONS = (
+    ProjectionRule("self_attn.q_proj", rows="q", cols="hidden"),
+    ProjectionRule("self_attn.k_proj", rows="kv", cols="hidden"),
+    ProjectionRule("self_attn.v_proj", rows="kv", cols="hidden"),
+    ProjectionRule("self_attn.o_proj", rows="hidden", cols="q", col_gate="head", hidden_rows=True),
+    ProjectionRule("mlp.gate_proj", rows="channels", cols="hidden"),
+    ProjectionRule("mlp.up_proj", rows="channels", cols="hidden"),
+    ProjectionRule("mlp.down_proj", rows="hidden", cols="channels", col_gate="mlp", hidden_rows=True),
+)
+
+
 def _nonzero(z: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(z != 0, as_tuple=True)[0]
 
@@ -45,11 +77,38 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
+def _cut(
+    rule: ProjectionRule,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: dict[str, torch.Tensor],
+    gates: dict[str, torch.Tensor],
+    hidden_z: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One projection's weight (and bias) cut by ``rule``: unit axis sliced, gates folded, hidden sliced."""
+    assert bias is None or not rule.hidden_rows, f"{rule.name}: a gated block-output bias is not supported"
+    if rule.rows != "hidden":
+        weight = weight[index[rule.rows]]
+        bias = None if bias is None else bias[index[rule.rows]]
+    if rule.cols != "hidden":
+        weight = weight[:, index[rule.cols]]
+    if rule.col_gate is not None:
+        weight = weight * gates[rule.col_gate][None, :]
+    if rule.hidden_rows:
+        weight = weight * hidden_z[:, None]
+    if rule.rows == "hidden":
+        weight = weight[index["hidden"]]
+    if rule.cols == "hidden":
+        weight = weight[:, index["hidden"]]
+    return weight, bias
+
+
 @torch.no_grad()
 def prune_model(model: MaskedLlamaForCausalLM, masks: Masks | Mapping[str, torch.Tensor]) -> PruneResult:
     """A plain model of the shape the (final, deterministic) ``masks`` select (a ``Masks`` or an L0 family
     dict); see the module docstring."""
     config = model.config
+    family = family_of(config)
     source = shape_from_hf_config(config)
     L, H, G, K = (
         source.num_hidden_layers,
@@ -94,23 +153,25 @@ def prune_model(model: MaskedLlamaForCausalLM, masks: Masks | Mapping[str, torch
                     f"layer {old}: kept query heads are uneven across KV groups ({per_group.tolist()})"
                 )
         channels = _nonzero(intermediate_z[old])
-        q_rows, kv_rows = _head_rows(heads, K), _head_rows(kv_heads, K)
-        head_gate = (head_z[old][heads] * attn_z[old]).repeat_interleave(K)
+        index = {
+            "q": _head_rows(heads, K),
+            "kv": _head_rows(kv_heads, K),
+            "channels": channels,
+            "hidden": hidden,
+        }
+        gates = {
+            "head": (head_z[old][heads] * attn_z[old]).repeat_interleave(K),
+            "mlp": intermediate_z[old][channels] * mlp_z[old],
+        }
 
-        new[dst + "input_layernorm.weight"] = (state[src + "input_layernorm.weight"] * hidden_z)[hidden]
-        new[dst + "post_attention_layernorm.weight"] = (
-            state[src + "post_attention_layernorm.weight"] * hidden_z
-        )[hidden]
-        new[dst + "self_attn.q_proj.weight"] = state[src + "self_attn.q_proj.weight"][q_rows][:, hidden]
-        new[dst + "self_attn.k_proj.weight"] = state[src + "self_attn.k_proj.weight"][kv_rows][:, hidden]
-        new[dst + "self_attn.v_proj.weight"] = state[src + "self_attn.v_proj.weight"][kv_rows][:, hidden]
-        o = state[src + "self_attn.o_proj.weight"][:, q_rows] * head_gate[None, :] * hidden_z[:, None]
-        new[dst + "self_attn.o_proj.weight"] = o[hidden]
-        new[dst + "mlp.gate_proj.weight"] = state[src + "mlp.gate_proj.weight"][channels][:, hidden]
-        new[dst + "mlp.up_proj.weight"] = state[src + "mlp.up_proj.weight"][channels][:, hidden]
-        down = state[src + "mlp.down_proj.weight"][:, channels]
-        down = down * (intermediate_z[old][channels] * mlp_z[old])[None, :] * hidden_z[:, None]
-        new[dst + "mlp.down_proj.weight"] = down[hidden]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            new[dst + f"{norm}.weight"] = (state[src + f"{norm}.weight"] * hidden_z)[hidden]
+        for rule in PROJECTIONS:
+            bias = state.get(src + rule.name + ".bias")
+            weight, bias = _cut(rule, state[src + rule.name + ".weight"], bias, index, gates, hidden_z)
+            new[dst + rule.name + ".weight"] = weight
+            if bias is not None:
+                new[dst + rule.name + ".bias"] = bias
 
         head_counts.add(len(heads))
         kv_counts.add(len(kv_heads))
@@ -145,8 +206,9 @@ def prune_model(model: MaskedLlamaForCausalLM, masks: Masks | Mapping[str, torch
         vocab_size=source.vocab_size,
         head_dim=K,
         tie_word_embeddings=source.tie_word_embeddings,
+        qkv_bias=source.qkv_bias,
     )
-    new_config = config_from_shape(shape, **_inherited_fields(config))
+    new_config = config_from_shape(shape, family, **_inherited_fields(config))
     pruned = MaskedLlamaForCausalLM(new_config, attn_impl=model.model.layers[0].self_attn.attn_impl)
     missing, unexpected = pruned.load_state_dict(new, strict=False)
     expected_missing = ["lm_head.weight"] if config.tie_word_embeddings else []
@@ -155,7 +217,8 @@ def prune_model(model: MaskedLlamaForCausalLM, masks: Masks | Mapping[str, torch
     return PruneResult(model=pruned, shape=shape, kept=kept)
 
 
-# Config fields that are not part of the shape and carry over to the pruned model unchanged.
+# Config fields that are not part of the shape and carry over to the pruned model unchanged (plus each
+# family's ``extra_fields``, e.g. Qwen2's sliding_window / use_sliding_window / max_window_layers).
 INHERITED_FIELDS = (
     "rms_norm_eps",
     "rope_theta",
@@ -172,4 +235,5 @@ INHERITED_FIELDS = (
 
 
 def _inherited_fields(config) -> dict:
-    return {name: getattr(config, name) for name in INHERITED_FIELDS if hasattr(config, name)}
+    names = (*INHERITED_FIELDS, *family_of(config).extra_fields)
+    return {name: getattr(config, name) for name in names if hasattr(config, name)}

@@ -1,0 +1,142 @@
+"""Model families as data: the HF decoders with the LLaMA layout that shearing prunes.
+
+Legend: D hidden, L layers, H query heads, G key/value heads, K head_dim, F MLP width.
+
+Every family here computes exactly what ``transformers.LlamaForCausalLM`` computes (RMSNorm, RoPE from
+``rope_theta``/``rope_scaling``, SwiGLU MLP, GQA attention, optionally tied embeddings), up to:
+
+- **biases**: Qwen2's q/k/v projections carry biases (``o_proj`` and the MLP do not); each adds H·K
+  (q) + 2·G·K (k, v) parameters per layer, and a bias is pruned with its projection's rows;
+- **sliding-window attention** (Mistral's ``sliding_window``; Qwen2's ``sliding_window`` with
+  ``use_sliding_window`` / ``max_window_layers``): the masked model has no window, so a config is accepted
+  only where the window never takes effect: ``sliding_window`` is null or at least
+  ``max_position_embeddings`` (HF 4.51 builds Qwen2's causal mask from ``sliding_window`` even with
+  ``use_sliding_window: false``, so that flag alone does not make a short window safe).
+
+Adding a family is one row of ``FAMILIES`` (plus its parity tests): its HF ``model_type``, config
+class, causal-LM class name, whether q/k/v have biases, and the config fields that carry over to a
+pruned model unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import transformers
+from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One HF decoder family with the LLaMA layout (see the module docstring)."""
+
+    name: str
+    model_type: str  # config.json's model_type
+    config_class: type[PretrainedConfig]
+    architecture: str  # the HF causal-LM class, written to config.architectures
+    qkv_bias: bool = False  # q/k/v projections have biases (o_proj and the MLP never do here)
+    sliding_window: bool = False  # configs may carry sliding_window (accepted only where it never applies)
+    extra_fields: tuple[str, ...] = ()  # family config fields a pruned model inherits unchanged
+
+    @property
+    def causal_lm_class(self) -> type:
+        return getattr(transformers, self.architecture)
+
+    def projection_bias(self, projection: str) -> bool:
+        """Whether ``self_attn.<projection>`` / ``mlp.<projection>`` (e.g. ``q_proj``) has a bias."""
+        return self.qkv_bias and projection in ("q_proj", "k_proj", "v_proj")
+
+    def layer_bias_params(self, heads, kv_heads, head_dim):
+        """Bias parameters of one layer (H·K + 2·G·K with q/k/v biases, else 0); works on tensors of
+        expected head counts too."""
+        return qkv_bias_params(heads, kv_heads, head_dim) if self.qkv_bias else 0
+
+
+def qkv_bias_params(heads, kv_heads, head_dim):
+    """Parameters of one layer's q/k/v biases: H·K + 2·G·K (ints or tensors of expected counts)."""
+    return head_dim * (heads + 2 * kv_heads)
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "llama": ModelFamily("llama", "llama", LlamaConfig, "LlamaForCausalLM"),
+    "mistral": ModelFamily(
+        "mistral",
+        "mistral",
+        MistralConfig,
+        "MistralForCausalLM",
+        sliding_window=True,
+        extra_fields=("sliding_window",),
+    ),
+    "qwen2": ModelFamily(
+        "qwen2",
+        "qwen2",
+        Qwen2Config,
+        "Qwen2ForCausalLM",
+        qkv_bias=True,
+        sliding_window=True,
+        extra_fields=("sliding_window", "use_sliding_window", "max_window_layers"),
+    ),
+}
+
+
+def _getter(config: Any):
+    if isinstance(config, Mapping):
+        return config.get
+    return lambda key, default=None: getattr(config, key, default)
+
+
+def family_of(config: Any) -> ModelFamily:
+    """The family of an HF config (a ``PretrainedConfig`` or a raw config.json dict), by ``model_type``;
+    a config without a known model_type is LLaMA when its architectures name ``LlamaForCausalLM``."""
+    if isinstance(config, ModelFamily):
+        return config
+    if isinstance(config, str):
+        config = {"model_type": config}
+    get = _getter(config)
+    model_type = get("model_type")
+    for family in FAMILIES.values():
+        if family.model_type == model_type:
+            return family
+    if "LlamaForCausalLM" in (get("architectures") or []):
+        return FAMILIES["llama"]
+    known = ", ".join(sorted(f.model_type for f in FAMILIES.values()))
+    raise ValueError(
+        f"model_type {model_type!r} is not a LLaMA-family checkpoint; shearing prunes the LLaMA layout of "
+        f"model_type {known} (LLaMA 1/2/3, Mistral, Qwen2)"
+    )
+
+
+def check_family_config(raw_config: Mapping[str, Any], where: str) -> ModelFamily:
+    """The family of a raw config.json dict, after refusing what it cannot prune faithfully (with why)."""
+    try:
+        family = family_of(raw_config)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw_config.get(flag):
+            raise ValueError(
+                f"{where}: {flag}=true is not supported for {family.name} (those bias terms are not pruned); "
+                "only Qwen2-style q/k/v biases are (model_type qwen2)"
+            )
+    if raw_config.get("hidden_act", "silu") != "silu":
+        raise ValueError(
+            f"{where}: hidden_act {raw_config.get('hidden_act')!r} is not supported (expected silu)"
+        )
+    window = raw_config.get("sliding_window")
+    if window is not None and not family.sliding_window:
+        raise ValueError(
+            f"{where}: sliding_window={window!r} in a {family.name} config ({family.architecture} has no "
+            "sliding window): is model_type right? Set sliding_window to null if the model has no window"
+        )
+    if window is not None:
+        positions = raw_config.get("max_position_embeddings", family.config_class().max_position_embeddings)
+        if not isinstance(window, int) or window < positions:
+            raise ValueError(
+                f"{where}: sliding_window={window!r} takes effect within max_position_embeddings={positions}: "
+                "sliding-window attention is not supported. A config is accepted when sliding_window is null "
+                "or >= max_position_embeddings (the window never applies); if the model was not trained with "
+                "a window, set sliding_window to null in config.json"
+            )
+    return family

@@ -1,0 +1,212 @@
+"""Model families (Qwen2, Mistral) at the three parity levels, their parameter counts, and refused configs.
+
+(a) our model with no masks / unit masks == the stock HF class; (b) the masked model under exact-target
+final masks (random soft values) == ``prune_model``'s output; (c) that cut exported through
+``export_model_state`` loads strictly as the stock class with the same logits and ``count_params``
+parameters. Tiny random configs: Qwen2 (GQA, random q/k/v biases, tied and untied) and Mistral
+(GQA, sliding_window null or never in effect). The end-to-end test prunes a Qwen2 with prune_tiny.
+"""
+
+import json
+
+import pytest
+import torch
+from tiny import TINY_TARGET, make_hf_family, run_overrides, unit_masks
+from transformers import AutoModelForCausalLM, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from shearing.models.family import FAMILIES, family_of
+from shearing.models.hf_io import config_from_shape, load_source_model
+from shearing.models.shapes import count_params, named_shape, resolve_target_shape, shape_from_hf_config
+from shearing.pruning.l0 import L0Module
+from shearing.pruning.masks import Masks, count_masked_params
+from shearing.pruning.surgery import prune_model
+
+FAMILY_CASES = {
+    "qwen2_untied": ("qwen2", dict(num_key_value_heads=4)),
+    "qwen2_tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, sliding_window=None)),
+    "mistral_no_window": ("mistral", dict(num_key_value_heads=4, sliding_window=None)),
+    "mistral_long_window": ("mistral", dict(num_key_value_heads=2, sliding_window=256)),  # == max positions
+}
+STOCK = {"qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}
+FAMILIES_ALL = ["hidden", "head", "intermediate", "layer"]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CASES))
+def family_dir(request, tmp_path_factory):
+    model_type, fields = FAMILY_CASES[request.param]
+    path = make_hf_family(tmp_path_factory.mktemp(request.param), model_type, seed=3, **fields)
+    return model_type, path
+
+
+def _final_masks(source, target, seed=0):
+    l0 = L0Module(source, target, FAMILIES_ALL)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for log_alpha in l0.log_alphas.values():
+            log_alpha.copy_(torch.rand(log_alpha.shape, generator=gen) * 6 - 2)
+    return l0, l0.deterministic_masks(exact=True)
+
+
+def test_a_matches_stock_hf_without_and_with_unit_masks(family_dir):
+    model_type, path = family_dir
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(hf) is STOCK[model_type]
+    ours, config = load_source_model(path)  # strict: every HF tensor (biases included) loaded
+    ours.eval()
+    assert type(config) is FAMILIES[model_type].config_class
+    has_bias = ours.model.layers[0].self_attn.q_proj.bias is not None
+    assert has_bias == (model_type == "qwen2")
+    if has_bias:
+        assert float(ours.model.layers[0].self_attn.k_proj.bias.abs().sum()) > 0  # real biases, not zeros
+    ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    expected = _logits(hf, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), expected)
+        torch.testing.assert_close(ours(ids, masks=unit_masks(config)), expected)
+    shape = shape_from_hf_config(config)
+    assert shape.qkv_bias == (model_type == "qwen2")
+    assert sum(p.numel() for p in hf.parameters()) == count_params(shape)
+
+
+def test_b_c_masked_equals_pruned_equals_exported_stock_class(family_dir, tmp_path):
+    from shearing.export import export_model_state
+    from shearing.models.composer_model import ComposerShearedLlama
+
+    model_type, path = family_dir
+    model, config = load_source_model(path)
+    model.eval()
+    source = shape_from_hf_config(config)
+    target = resolve_target_shape(source, TINY_TARGET)  # 48 hidden, 3 layers, 4 heads over 2 groups, 96 MLP
+    l0, masks = _final_masks(source, target)
+    soft = [z for z in masks.values() if ((z != 0) & (z != 1)).any()]
+    assert soft, "the final masks should carry soft values to fold"
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        masked = model(ids, masks=masks)
+
+    # (b) the physical cut
+    result = prune_model(model, masks)
+    assert result.shape == target and result.shape.qkv_bias == (model_type == "qwen2")
+    assert sum(p.numel() for p in result.model.parameters()) == count_params(target)
+    kept = Masks.from_families({k: (v > 0).float() for k, v in masks.items()}, source.group_size)
+    assert float(count_masked_params(source, kept)) == count_params(target)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(ids), masked)
+
+    # (c) exported, loaded strictly by the stock class
+    meta = {
+        "hf_config": config.to_dict(),
+        "target": target.prunable(),
+        "families": FAMILIES_ALL,
+        "tokenizer": None,
+    }
+    state = ComposerShearedLlama(model, l0=l0, metadata=meta).state_dict()
+    summary = export_model_state(state, tmp_path / "hf", force=True)  # random logits: the gate would refuse
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["model_type"] == model_type
+    assert written["architectures"] == [FAMILIES[model_type].architecture]
+    assert written["sliding_window"] == config.sliding_window
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(hf) is STOCK[model_type]
+    n = sum(p.numel() for p in hf.parameters())
+    assert n == count_params(target) == summary["target"]["num_params"]
+    torch.testing.assert_close(_logits(hf.eval(), ids), masked)
+
+
+def test_qwen2_bias_count_and_family_rows():
+    shape = named_shape("tiny_gqa")
+    qwen = shape_from_hf_config(config_from_shape(shape).to_dict() | {"model_type": "qwen2"})
+    assert qwen.qkv_bias and not shape.qkv_bias
+    assert count_params(qwen) - count_params(shape) == 4 * (8 + 2 * 4) * 16
+    config = config_from_shape(qwen, "qwen2")
+    assert isinstance(config, Qwen2Config)
+    assert sum(p.numel() for p in Qwen2ForCausalLM(config).parameters()) == count_params(qwen)
+    with pytest.raises(ValueError, match="qkv_bias"):
+        config_from_shape(shape, "qwen2")
+    assert family_of({"architectures": ["LlamaForCausalLM"]}).name == "llama"
+    assert (
+        named_shape("llama2_7b").qkv_bias is False and count_params(named_shape("llama2_7b")) == 6_738_415_616
+    )
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, match",
+    [
+        ("mistral", dict(sliding_window=32), "sliding_window=32 takes effect"),
+        # Qwen2's HF causal mask applies sliding_window even with use_sliding_window false
+        ("qwen2", dict(sliding_window=128, use_sliding_window=False), "sliding_window=128 takes effect"),
+        ("llama", dict(sliding_window=4096), "sliding_window=4096 in a llama config"),
+        ("gpt2", dict(), "model_type 'gpt2' is not a LLaMA-family checkpoint"),
+        ("llama", dict(attention_bias=True), "attention_bias=true is not supported"),
+        ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    ],
+)
+def test_refused_configs(tmp_path, model_type, fields, match):
+    raw = {
+        **config_from_shape(named_shape("tiny_gqa")).to_dict(),
+        "max_position_embeddings": 256,
+        "model_type": model_type,
+        "architectures": [],
+        **fields,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        load_source_model(tmp_path)
+
+
+@pytest.mark.slow
+def test_qwen2_prune_run_exports_stock_qwen2(tmp_path, tokenizer_dir, tiny_data):
+    """End to end: prune_tiny from a tied Qwen2 source for a few steps, exported at fit end (forced: the
+    masks have not converged) as a Qwen2ForCausalLM of the exact target shape."""
+    from shearing.train import train_from_yaml
+
+    source = make_hf_family(
+        tmp_path / "qwen2", "qwen2", tokenizer_dir, seed=5, num_key_value_heads=4, tie_word_embeddings=True
+    )
+    run_dir = tmp_path / "run"
+    overrides = run_overrides(
+        source,
+        tiny_data,
+        run_dir,
+        "variables.max_duration=6ba",
+        "variables.save_interval=6ba",
+        "variables.eval_interval=6ba",
+        "export.on_fit_end=true",
+        "export.force=true",
+        "export.gate_eval_batches=1",
+    )
+    trainer = train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
+    hf, info = AutoModelForCausalLM.from_pretrained(run_dir / "hf", output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(hf) is Qwen2ForCausalLM and hf.config.tie_word_embeddings
+    for name, value in TINY_TARGET.items():
+        assert getattr(hf.config, name) == value
+    target = resolve_target_shape(
+        shape_from_hf_config(json.loads((source / "config.json").read_text())), TINY_TARGET
+    )
+    assert sum(p.numel() for p in hf.parameters()) == count_params(target)
+    l0 = trainer.state.model.l0
+    l0.eval()
+    masks = l0.deterministic_masks(exact=True)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = trainer.state.model.model.eval()(ids, masks=masks)
+    torch.testing.assert_close(_logits(hf.eval(), ids), masked)
+
+
+def test_gguf_refuses_non_llama_families_before_writing(tmp_path):
+    from shearing.gguf_export import write_gguf
+
+    config = config_from_shape(
+        shape_from_hf_config({**config_from_shape(named_shape("tiny_gqa")).to_dict(), "model_type": "qwen2"}),
+        "qwen2",
+    )
+    with pytest.raises(ValueError, match="model_type 'qwen2' is not supported: export without --gguf"):
+        write_gguf(config, {}, tmp_path, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
