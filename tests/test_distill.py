@@ -1,7 +1,11 @@
 """Distillation from a frozen teacher: the KD loss against a hand computation, its chunked form, the frozen
 teacher module, and (below) real CPT runs with a ``distillation:`` section."""
 
+import json
 import math
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,7 +96,7 @@ def tiny_llama(seed):
 
 
 def test_teacher_is_frozen_in_eval_mode_and_out_of_the_state_dict():
-    teacher = Teacher(tiny_llama(0), temperature=2.0, chunk_size=5)
+    teacher = Teacher(tiny_llama(0), alpha=0.3, temperature=2.0, chunk_size=5)
     holder = nn.Module()
     holder.student = tiny_llama(1)
     holder.teacher = teacher
@@ -181,3 +185,119 @@ def test_teacher_reference_losses_need_a_distillation_section(student_dir, tiny_
             ),
         )
     )
+
+
+# Real CPT runs (cpt_tiny: a 3-layer student distilling from the 4-layer tiny source) ------------------
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ["max_duration=40ba", "save_interval=10ba", "eval_interval=10ba"]
+
+
+def run_trace(out: Path, overrides: list[str]) -> dict[int, dict]:
+    from test_resume import read_trace, run
+
+    run(out, CPT, [*overrides, f"variables.save_folder={out / 'run'}"])
+    return read_trace(out / "trace.jsonl")
+
+
+@pytest.fixture(scope="module")
+def plain_and_alpha0(tmp_path_factory, student_dir, tiny_gqa_dir, tiny_data):
+    root = tmp_path_factory.mktemp("alpha0")
+    base = [*cpt_overrides(student_dir, tiny_data), *STEPS]
+    plain = run_trace(root / "plain", base)
+    alpha0 = run_trace(
+        root / "alpha0", [*base, "distillation.alpha=0", f"distillation.teacher={tiny_gqa_dir}"]
+    )
+    return plain, alpha0
+
+
+@pytest.mark.slow
+def test_alpha_zero_is_plain_cpt_bit_for_bit_with_the_kd_term_computed(plain_and_alpha0):
+    plain, alpha0 = plain_and_alpha0
+    assert sorted(plain) == sorted(alpha0) == list(range(1, 41))
+    for step in plain:
+        assert alpha0[step]["loss/train/total"] == plain[step]["loss/train/total"], step
+        # the KD term was computed (a different teacher: never 0) and logged, only weighted by 0
+        assert alpha0[step]["loss/train/kd_loss"] > 0.01, step
+        assert alpha0[step]["loss/train/lm_loss"] == plain[step]["loss/train/total"], step
+    assert "loss/train/kd_loss" not in plain[1]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, student_dir, tiny_gqa_dir, tiny_data):
+    """alpha=0.5 with reference_losses: teacher, killed at step 27 and resumed (tests/test_resume.py)."""
+    from test_resume import kill_and_resume
+
+    overrides = [
+        *cpt_overrides(student_dir, tiny_data, *STEPS),
+        "distillation.alpha=0.5",
+        "distillation.temperature=2.0",
+        "distillation.chunk_size=24",  # 64 positions: chunks of 24, 24, 16
+        f"distillation.teacher={tiny_gqa_dir}",
+        "variables.reference_losses=teacher",
+    ]
+    tmp = tmp_path_factory.mktemp("distilled")
+    return kill_and_resume(tmp, CPT, overrides)  # asserts the resumed trace equals the straight one
+
+
+@pytest.mark.slow
+def test_distillation_resumes_exactly_and_logs_its_loss_parts(distilled, plain_and_alpha0):
+    from test_resume import read_trace
+
+    straight, _ = distilled
+    trace = read_trace(straight / "trace.jsonl")
+    plain, _ = plain_and_alpha0
+    for step, record in trace.items():
+        parts = 0.5 * record["loss/train/kd_loss"] + 0.5 * record["loss/train/lm_loss"]
+        assert record["loss/train/total"] == pytest.approx(parts, rel=1e-5), step
+    assert trace[1]["loss/train/lm_loss"] == plain[1]["loss/train/total"]  # same start, same batch
+    assert any(trace[s]["loss/train/total"] != plain[s]["loss/train/total"] for s in trace)
+    assert trace[40]["loss/train/lm_loss"] != plain[40]["loss/train/total"]  # KD changed the weights
+    # The checkpoint holds no teacher weights (rebuilt from the source at start).
+    state = torch.load(straight / "run" / "ep0-ba40-rank0.pt", weights_only=False)["state"]["model"]
+    assert state and not any(".teacher." in k or k.startswith("teacher.") for k in state)
+
+
+@pytest.mark.slow
+def test_reference_losses_teacher_are_the_teachers_eval_losses(distilled, tiny_gqa_dir, tiny_data):
+    from shearing.models.hf_io import load_source_model
+    from shearing.reference_losses import domain_eval_losses
+
+    straight, _ = distilled
+    got = json.loads((straight / "run" / "dynamic_loading.json").read_text())["reference_losses"]
+    teacher, _ = load_source_model(tiny_gqa_dir)
+    want = domain_eval_losses(teacher, tiny_data / "eval", batch_size=8, max_seqs=16, progress=False)
+    assert got.keys() == want.keys()
+    for domain in want:
+        assert got[domain] == pytest.approx(want[domain], rel=1e-6), domain
+
+
+@pytest.mark.multiprocess
+def test_two_rank_fsdp2_distillation_shards_the_teacher(tmp_path, student_dir, tiny_gqa_dir, tiny_data):
+    from tiny import composer_two_ranks
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FSDP_VERSION", None)
+    cmd = [
+        *composer_two_ranks(tmp_path, REPO / "tests/scripts/distill_two_ranks.py"),
+        str(tmp_path),
+        str(REPO / CPT),
+        *cpt_overrides(student_dir, tiny_data, f"variables.save_folder={tmp_path / 'run'}"),
+        "max_duration=6ba",
+        "eval_interval=6ba",
+        "save_interval=6ba",
+        "distillation.alpha=0.5",
+        "distillation.chunk_size=16",
+        f"distillation.teacher={tiny_gqa_dir}",
+        "fsdp_config={sharding_strategy: FULL_SHARD, mixed_precision: DEFAULT, state_dict_type: full}",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.err")))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"layout_rank{rank}.json").read_text())
+        assert record["batch"] == 6 and record["loss"]["loss/train/kd_loss"] > 0
+        layer = record["teacher"]["model.model.layers.0.self_attn.q_proj.weight"]
+        assert layer["placements"] == ["S(0)"] and layer["local"][0] * 2 == layer["full"][0]
+        assert not any(p["requires_grad"] for p in record["teacher"].values())
+        assert record["teacher"]["model.lm_head.weight"]["placements"] == ["S(0)"]

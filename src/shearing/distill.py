@@ -134,15 +134,19 @@ def chunked_kd_loss(
 
 
 class Teacher(nn.Module):
-    """A frozen teacher LLaMA: always in eval mode, no gradients, kept out of checkpoints.
+    """A frozen teacher LLaMA and the KD settings (``alpha``, ``temperature``, ``chunk_size``): always in
+    eval mode, no gradients, kept out of checkpoints.
 
     ``forward(input_ids, student_logits, targets)`` returns the KD loss value and its gradient with
     respect to the student's logits (both without autograd history; ``attach_grad`` joins them).
     """
 
-    def __init__(self, model: MaskedLlamaForCausalLM, temperature: float = 1.0, chunk_size: int = 0):
+    def __init__(
+        self, model: MaskedLlamaForCausalLM, alpha: float = 0.5, temperature: float = 1.0, chunk_size: int = 0
+    ):
         super().__init__()
         self.model = model
+        self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.chunk_size = int(chunk_size)
         self.model.activation_checkpointing = False  # runs under no_grad: nothing to recompute
@@ -201,7 +205,12 @@ def _fill_own_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *
 
 
 def build_teacher(
-    spec: Any, attn_impl: str = "sdpa", seed: int = 17, temperature: float = 1.0, chunk_size: int = 0
+    spec: Any,
+    attn_impl: str = "sdpa",
+    seed: int = 17,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 0,
 ) -> Teacher:
     """Load the teacher (an HF checkpoint folder, or the source spec itself) and freeze it.
 
@@ -212,4 +221,4 @@ def build_teacher(
 
     with torch.random.fork_rng(devices=[]):
         model, _ = load_source_model(spec, attn_impl=attn_impl, seed=seed)
-    return Teacher(model, temperature=temperature, chunk_size=chunk_size)
+    return Teacher(model, alpha=alpha, temperature=temperature, chunk_size=chunk_size)

@@ -93,10 +93,30 @@ def build_tokenizer(cfg: RunConfig):
 
 
 def build_model(cfg: RunConfig) -> ComposerShearedLlama:
-    """The run's Composer model, built by the registry entry ``model.name`` (default ``shearing_llama``)."""
+    """The run's Composer model, built by the registry entry ``model.name`` (default ``shearing_llama``),
+    with the frozen distillation teacher as its ``teacher`` child when the yaml has ``distillation:``."""
     from llmfoundry import registry
 
-    return registry.models.get(cfg.model.name)(cfg)
+    model = registry.models.get(cfg.model.name)(cfg)
+    if cfg.distillation is not None:
+        model.teacher = build_teacher_model(cfg)
+    return model
+
+
+def build_teacher_model(cfg: RunConfig):
+    """``distillation.teacher`` (null: ``model.source``) loaded and frozen (``shearing.distill``)."""
+    from shearing.distill import build_teacher
+
+    d = cfg.distillation
+    spec = d.teacher if d.teacher is not None else cfg.model.source
+    return build_teacher(
+        spec,
+        attn_impl=cfg.model.attn_impl,
+        seed=cfg.seed,
+        alpha=d.alpha,
+        temperature=d.temperature,
+        chunk_size=d.chunk_size,
+    )
 
 
 def build_optimizer(model: ComposerShearedLlama, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -145,17 +165,23 @@ def build_algorithms(cfg: RunConfig) -> list:
 
 
 def resolve_reference_losses(cfg: RunConfig, model: ComposerShearedLlama) -> None:
-    """``dynamic_loading.reference_losses: source`` -> the source model's per-domain eval loss, computed now.
+    """``dynamic_loading.reference_losses: source`` -> the source model's per-domain eval loss, computed now;
+    ``teacher`` -> the distillation teacher's (already in memory), so the signal is the teacher-student gap.
 
     SPEC §3 option (b). It costs one pass over the eval split before training; for large models compute
     it once with ``python -m shearing.reference_losses --model ...`` and pass the JSON file instead.
     """
     options = cfg.callbacks.get("dynamic_loading")
-    if not options or options.get("reference_losses") != "source":
+    which = (options or {}).get("reference_losses")
+    if which not in ("source", "teacher"):
         return
     dataset = (cfg.eval_loader or {}).get("dataset") or {}
     if "local" not in dataset:
-        raise ValueError("dynamic_loading.reference_losses=source needs an eval_loader with dataset.local")
+        raise ValueError(f"dynamic_loading.reference_losses={which} needs an eval_loader with dataset.local")
+    if which == "teacher" and getattr(model, "teacher", None) is None:
+        raise ValueError(
+            "dynamic_loading.reference_losses=teacher needs a distillation: section (the teacher to evaluate)"
+        )
     from shearing.reference_losses import domain_eval_losses
 
     device = (
@@ -163,14 +189,15 @@ def resolve_reference_losses(cfg: RunConfig, model: ComposerShearedLlama) -> Non
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
+    evaluated = model.model if which == "source" else model.teacher.model
     losses = domain_eval_losses(
-        model.model.to(device),
+        evaluated.to(device),
         dataset["local"],
         batch_size=cfg.device_eval_batch_size,
         max_seqs=dataset.get("max_seqs_per_domain"),
         progress=dist.get_global_rank() == 0,
     )
-    log.info("reference losses from the source model: %s", losses)
+    log.info("reference losses from the %s model: %s", which, losses)
     options["reference_losses"] = losses
 
 
@@ -204,7 +231,7 @@ def prepare_save_folder(cfg: RunConfig, model: ComposerShearedLlama) -> None:
     """Rank 0: a writable folder with room for a checkpoint, and a readable latest checkpoint to resume."""
     if cfg.save_folder is None or dist.get_global_rank() != 0:
         return
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a frozen teacher is not saved
     check_save_folder(cfg.save_folder, checkpoint_bytes=params * 4 * 3)  # fp32 weights + two Adam moments
     if cfg.autoresume_enabled:
         recover_latest_checkpoint(cfg.save_folder)

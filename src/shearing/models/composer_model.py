@@ -14,6 +14,8 @@ term that needs parameters — the Lagrangian constraint of the L0 module at the
 (set once per batch by the ``LagrangianPruning`` algorithm) — computed inside forward, where FSDP has the
 parameters materialised. ``loss()`` only combines: the token-level cross-entropy alone for continued
 pre-training, ``{"total", "lm_loss", "lagrangian"}`` when pruning, so the plain LM loss is logged on its own.
+With a frozen ``teacher`` (``shearing.distill.Teacher``, a child module so FSDP shards it with the student)
+the total mixes in its KD term, ``alpha · kd + (1 - alpha) · lm_loss``, and ``kd_loss`` is logged too.
 
 Run metadata (source config, target shape, mask families, tokenizer) is kept in the module's
 ``extra_state``, so a Composer checkpoint alone is enough to export the model later.
@@ -29,6 +31,7 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
+from shearing.distill import Teacher, mix_losses
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.parallelism import keep_fp32
 from shearing.pruning.l0 import L0Module, L0Output, PruningClock
@@ -66,10 +69,12 @@ class ComposerShearedLlama(ComposerModel):
         l0: L0Module | None = None,
         metadata: dict[str, Any] | None = None,
         domains: list[str] | None = None,
+        teacher: Teacher | None = None,
     ):
         super().__init__()
         self.model = model
         self.l0 = l0
+        self.teacher = teacher  # frozen, out of the state dict (shearing.distill)
         self.metadata = dict(metadata or {})
         self.pruning_clock = PruningClock()  # set before each batch by LagrangianPruning
         self.train_metrics: dict[str, Metric] = {}
@@ -90,11 +95,20 @@ class ComposerShearedLlama(ComposerModel):
         return ModelOutput(logits, pruning.lagrangian, pruning.stats)
 
     def loss(self, outputs: ModelOutput | torch.Tensor, batch: dict[str, torch.Tensor]) -> Any:
-        lm_loss = self.lm_loss(logits_of(outputs), batch)
+        logits = logits_of(outputs)
+        lm_loss = self.lm_loss(logits, batch)
         lagrangian = outputs.lagrangian if isinstance(outputs, ModelOutput) else None
-        if lagrangian is None:
+        if lagrangian is None and self.teacher is None:
             return lm_loss
-        return {"total": lm_loss + lagrangian, "lm_loss": lm_loss.detach(), "lagrangian": lagrangian.detach()}
+        total, parts = lm_loss, {"lm_loss": lm_loss.detach()}
+        if self.teacher is not None:
+            kd = self.teacher.kd_loss(batch["input_ids"], logits, shift_labels(batch["labels"]))
+            total = mix_losses(lm_loss, kd, self.teacher.alpha)
+            parts["kd_loss"] = kd.detach()
+        if lagrangian is not None:
+            total = total + lagrangian
+            parts["lagrangian"] = lagrangian.detach()
+        return {"total": total, **parts}
 
     @staticmethod
     def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
