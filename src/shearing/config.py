@@ -58,6 +58,8 @@ class PruningConfig:
     lagrangian_warmup: str = "0.2dur"  # target sparsity ramps 0 -> final over this many steps
     eval_masks: str = "expected"  # expected: expected number of zeros per row | final: exact target
     algorithm: str = "lagrangian_pruning"  # the llm-foundry algorithms-registry entry that clocks the masks
+    init: str = "constant"  # constant: the paper's all-on logits | importance: one-shot activation importance
+    calibration_sequences: int = 256  # train sequences the importance init reads (init: importance)
 
 
 @dataclass

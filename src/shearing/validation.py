@@ -18,7 +18,7 @@ fix. The checks, in order:
 3. Enumerated values (``check_choices``): precision (Composer 0.32: fp32, amp_bf16, amp_fp16, amp_fp8;
    plain ``bf16`` is not one), ``model.attn_impl``, ``export.dtype``, ``optimizer.name``,
    ``scheduler.name`` (foundry's scheduler registry), ``model.name`` / ``pruning.algorithm`` (foundry's
-   models / algorithms registries), ``pruning.eval_masks``,
+   models / algorithms registries), ``pruning.eval_masks``, ``pruning.init``,
    ``callbacks.dynamic_loading.update``.
 4. Cross-field (``check_domains``, ``check_context_length``): with dynamic loading, the train and eval
    loaders read the same domains in the same order (their ``domains:`` lists, else the manifests'), a
@@ -26,6 +26,8 @@ fix. The checks, in order:
    ``max_position_embeddings``.
    ``distillation:`` (``check_distillation``): alpha in [0, 1], temperature > 0, chunk_size >= 0, a teacher
    folder with the source's vocabulary and room for max_seq_len; ``reference_losses: teacher`` needs it.
+   ``pruning.init: importance`` (``check_importance_init``): a positive ``calibration_sequences`` read from
+   a ``domain_mixture`` train loader whose train split holds that many sequences.
 5. Files (``check_source_files``, and the manifests read by 4): a damaged ``manifest.json``,
    ``config.json`` or safetensors file is an error naming the file; safetensors are checked by their
    headers only (``hf_io.check_safetensors_file``), so this costs no weight reads.
@@ -48,6 +50,7 @@ from shearing.config import RunConfig
 DOMAIN_LOADERS = ("domain_mixture", "domain_eval")
 INFINITE_TRAIN_LOADERS = ("domain_mixture",)
 EVAL_MASKS = ("expected", "final")
+PRUNING_INITS = ("constant", "importance")
 OPTIMIZERS = ("decoupled_adamw",)
 UNIT_NAMES = {
     "ba": "batches",
@@ -76,6 +79,7 @@ def validate_config(cfg: RunConfig, local: bool = True) -> None:
     check_registry_kwargs(cfg)
     check_dynamic_loading(cfg, local=local)
     check_distillation(cfg, local=local)
+    check_importance_init(cfg, local=local)
     check_domains(cfg, local=local)
     check_context_length(cfg, local=local)
     if local:
@@ -279,6 +283,7 @@ def check_choices(cfg: RunConfig, local: bool = True) -> None:
     )
     if cfg.pruning is not None:
         _choice("pruning.eval_masks", cfg.pruning.eval_masks, EVAL_MASKS)
+        _choice("pruning.init", cfg.pruning.init, PRUNING_INITS)
         _choice(
             "pruning.algorithm",
             cfg.pruning.algorithm,
@@ -301,6 +306,40 @@ def check_choices(cfg: RunConfig, local: bool = True) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # 4. Cross-field: domains, reference losses, context length
+
+
+def check_importance_init(cfg: RunConfig, local: bool = True) -> None:
+    """``pruning.init: importance`` reads ``calibration_sequences`` train sequences of the domain-mixture data."""
+    if cfg.pruning is None:
+        return
+    n = cfg.pruning.calibration_sequences
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(
+            f"pruning.calibration_sequences={n!r} must be a positive integer (a few hundred sequences suffice)"
+        )
+    if cfg.pruning.init != "importance":
+        return
+    loader = cfg.train_loader or {}
+    local_path = (loader.get("dataset") or {}).get("local")
+    if loader.get("name") not in INFINITE_TRAIN_LOADERS or local_path is None:
+        raise ValueError(
+            "pruning.init=importance reads its calibration sequences from a prepared data folder, but "
+            f"train_loader is {loader.get('name')!r} without dataset.local: use train_loader.name: "
+            "domain_mixture with dataset.local, or pruning.init: constant"
+        )
+    if not local:
+        return
+    from shearing.data.manifest import SPLITS, load_manifest
+
+    manifest = load_manifest(local_path)
+    split = Path(local_path).name if Path(local_path).name in SPLITS else "train"
+    domains = (loader.get("dataset") or {}).get("domains") or manifest.domain_names
+    have = sum(getattr(manifest.domains[d], split).sequences for d in domains if d in manifest.domains)
+    if have < n:
+        raise ValueError(
+            f"pruning.calibration_sequences={n} but the {split} split at {local_path} holds only {have} "
+            "sequences: lower pruning.calibration_sequences"
+        )
 
 
 def _loader_domains(key: str, loader: Mapping[str, Any] | None, local: bool) -> list[str] | None:

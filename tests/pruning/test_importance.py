@@ -267,3 +267,65 @@ def test_calibration_batches_refuse_too_few_sequences_and_longer_sequences(tiny_
         calibration_batches(tiny_data, 8, 128, 8)
     with pytest.raises(ValueError, match="positive integer"):
         calibration_batches(tiny_data, 0, 64, 8)
+
+
+# ----------------------------------------------------------------------------- the run's init
+
+YAML = "yamls/testing/prune_tiny.yaml"
+
+
+def test_importance_init_is_validated(tiny_gqa_dir, tiny_data, tmp_path):
+    from tiny import run_overrides
+
+    from shearing.config import load_config
+    from shearing.validation import validate_config
+
+    def check(*extra):
+        validate_config(load_config(YAML, run_overrides(tiny_gqa_dir, tiny_data, tmp_path / "run", *extra)))
+
+    check("pruning.init=importance")  # 256 of the 4,325 train sequences
+    with pytest.raises(ValueError, match=r"pruning.init='random' is not one of \['constant', 'importance'\]"):
+        check("pruning.init=random")
+    with pytest.raises(ValueError, match="pruning.calibration_sequences=0 must be a positive integer"):
+        check("pruning.calibration_sequences=0")
+    with pytest.raises(ValueError, match="calibration_sequences=5000 but the train split .* holds only 4325"):
+        check("pruning.init=importance", "pruning.calibration_sequences=5000")
+    check("pruning.init=constant", "pruning.calibration_sequences=5000")  # not read: no error
+
+
+def test_prune_run_starts_from_importance_logits(tiny_gqa_dir, tiny_data, tmp_path):
+    from tiny import run_overrides
+
+    from shearing.config import load_config
+    from shearing.models.builder import build_sheared_llama
+    from shearing.train import train_from_yaml
+
+    steps = ["variables.max_duration=3ba", "variables.save_interval=3ba", "variables.eval_interval=3ba"]
+    base = run_overrides(
+        tiny_gqa_dir, tiny_data, tmp_path / "run", *steps, "pruning.calibration_sequences=48"
+    )
+    overrides = [*base, "pruning.init=importance"]
+    cfg = load_config(YAML, overrides)
+    source, _ = load_source_model(tiny_gqa_dir)
+    batches = calibration_batches(f"{tiny_data}/train", 48, 64, cfg.device_eval_batch_size, seed=cfg.seed)
+    built = build_sheared_llama(cfg).l0
+    want = importance_log_alphas(activation_importance(source, batches), built.specs.values())
+    constant = build_sheared_llama(load_config(YAML, base)).l0
+    assert set(want) == set(built.log_alphas) == {"hidden", "kv_group", "intermediate", "layer"}
+    for name, la in built.log_alphas.items():
+        torch.testing.assert_close(la.detach(), want[name], rtol=0, atol=1e-6)
+        assert float((la - constant.log_alphas[name]).abs().min()) > 0.5, name  # nowhere near ln 100
+    # The run itself (mask_lr tiny so the logits stay at their start): it trained from those logits.
+    trainer = train_from_yaml(YAML, [*overrides, "optimizer.mask_lr=1.0e-4"])
+    assert int(trainer.state.timestamp.batch) == 3
+    l0 = trainer.state.model.l0
+    for name, la in l0.log_alphas.items():
+        torch.testing.assert_close(la.detach(), want[name], rtol=0, atol=1e-3)
+        assert not torch.equal(la.detach(), want[name]), name  # the optimizer did step the logits
+    final = l0.deterministic_masks(exact=True)
+    kept_layers = want["layer"] > want["layer"].min()  # the top 3 of 4 by importance
+    assert torch.equal(final["layer_z"] > 0, kept_layers)
+    weights = dict(trainer.state.model.model.named_parameters())
+    assert not torch.equal(
+        weights["model.layers.0.mlp.up_proj.weight"], source.model.layers[0].mlp.up_proj.weight
+    )

@@ -42,5 +42,9 @@ def build_sheared_llama(cfg: RunConfig) -> ComposerShearedLlama:
         plan = PruningPlan.from_config(cfg)
         l0 = L0Module.from_plan(plan, seed=cfg.seed)
         l0.use_final_masks = cfg.pruning.eval_masks == "final"
+        if cfg.pruning.init == "importance":  # constant: the paper's init, already in place
+            from shearing.pruning.importance import init_l0_from_importance
+
+            init_l0_from_importance(l0, llama, cfg)
         metadata.update(target=plan.target.prunable(), families=list(plan.families), plan=plan.to_dict())
     return ComposerShearedLlama(llama, l0=l0, metadata=metadata)

@@ -338,6 +338,48 @@ def importance_log_alphas(
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# The run's init (``pruning.init: importance``)
+
+
+def init_l0_from_importance(l0, model: torch.nn.Module, cfg) -> dict[str, torch.Tensor]:
+    """Set ``l0``'s mask logits from the activation importance of ``model`` (the source, before training).
+
+    Calibration: ``cfg.pruning.calibration_sequences`` sequences of ``max_seq_len`` tokens from the
+    train loader's ``dataset.local`` (its ``domains`` / ``proportions`` if given, else the manifest's),
+    seeded by ``cfg.seed``, in batches of ``device_eval_batch_size``. On a CUDA machine the forward runs
+    on the current GPU under bf16 autocast and the model goes back to where it was. Every rank computes
+    the same logits (same weights, same sequences); a resumed run then loads its checkpoint over them.
+    Returns the logits it set.
+    """
+    import logging
+    import time
+
+    dataset = (cfg.train_loader or {}).get("dataset") or {}
+    start = time.time()
+    batches = calibration_batches(
+        dataset["local"],
+        cfg.pruning.calibration_sequences,
+        cfg.max_seq_len,
+        cfg.device_eval_batch_size,
+        seed=cfg.seed,
+        domains=dataset.get("domains"),
+        proportions=dataset.get("proportions"),
+    )
+    home = next(model.parameters()).device
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else home
+    scores = activation_importance(model.to(device), batches)
+    model.to(home)
+    values = importance_log_alphas(scores, l0.specs.values())
+    l0.init_log_alphas_(values)
+    logging.getLogger(__name__).info(
+        "pruning.init=importance: mask logits from %d calibration sequences in %.1f s",
+        cfg.pruning.calibration_sequences,
+        time.time() - start,
+    )
+    return values
+
+
 __all__ = [
     "IMPORTANCE_HIGH",
     "IMPORTANCE_LOW",
@@ -345,5 +387,6 @@ __all__ = [
     "activation_importance",
     "calibration_batches",
     "importance_log_alphas",
+    "init_l0_from_importance",
     "rank_in_rows",
 ]
