@@ -139,6 +139,11 @@ class Bench:
         self.tokenizer = self.output / "tokenizer"
         self.ref_file = self.output / "reference_losses.json"
         self.tokens_per_step = 0
+        # Training-time evaluations per run (the eval curve, and dynamic loading's update points), an eval
+        # before the first step, and whether a scaled-down pruning run may export past the convergence gate.
+        self.evals_per_run = 8
+        self.eval_first = True
+        self.force_scaled_prune = True
 
     def steps(self, name: str) -> int:
         return max(10, int(STEPS[name] * self.scale))
@@ -234,10 +239,23 @@ class Bench:
         if record is not None:
             print(f"[reproduce] {name}: done before, skipped", flush=True)
             return record
+        t0 = time.time()
+        self.fit(name, yaml, steps, overrides)
+        record = {
+            "steps": steps,
+            "tokens": steps * self.tokens_per_step,
+            "seconds": round(time.time() - t0, 1),
+        }
+        (self.runs / name / "bench_run.json").write_text(json.dumps(record))
+        print(f"[reproduce] {name}: {steps} steps in {record['seconds']:.0f} s", flush=True)
+        return record
+
+    def fit(self, name: str, yaml: str, steps: int, overrides: list[str]) -> None:
+        """Train one demo recipe into ``runs/<name>`` (resuming its checkpoints), with the bench's overrides."""
         run_dir = self.runs / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        interval = max(1, steps // 8)
-        t0 = time.time()
+        interval = max(1, steps // self.evals_per_run)
+        forced = yaml == "prune.yaml" and self.scale < 1 and self.force_scaled_prune
         demo._train(
             yaml,
             [
@@ -246,49 +264,47 @@ class Bench:
                 f"variables.max_duration={steps}ba",
                 f"variables.eval_interval={interval}ba",
                 f"variables.save_interval={max(interval, steps // 2)}ba",
-                "eval_first=true",
+                f"eval_first={str(self.eval_first).lower()}",
                 f"eval_loader.dataset.max_seqs_per_domain={self.eval_seqs}",
                 *self.shared_overrides(),
                 f"callbacks.{TRACE_CALLBACK}.path={run_dir / 'eval_trace.jsonl'}",
                 *overrides,
                 # A scaled-down run (--scale < 1) prunes too few steps for the masks to converge: export it
                 # anyway; shearing_export.json records the failed gate as forced.
-                *(["export.force=true"] if yaml == "prune.yaml" and self.scale < 1 else []),
+                *(["export.force=true"] if forced else []),
             ],
         )
-        record = {
-            "steps": steps,
-            "tokens": steps * self.tokens_per_step,
-            "seconds": round(time.time() - t0, 1),
-        }
-        (run_dir / "bench_run.json").write_text(json.dumps(record))
-        print(f"[reproduce] {name}: {steps} steps in {record['seconds']:.0f} s", flush=True)
-        return record
 
     def oneshot_init(self, name: str) -> dict[str, Any]:
         """The one-shot structured baseline's starting point: magnitude masks on the source, cut, exported."""
         record = self.done(name)
         if record is not None:
             return record
-        from shearing.export import export_model_state
         from shearing.models.hf_io import load_source_model
         from shearing.models.shapes import resolve_target_shape, shape_from_hf_config
         from shearing.pruning.oneshot import oneshot_masks
-        from shearing.pruning.surgery import prune_model
 
         t0 = time.time()
         model, _ = load_source_model(str(self.runs / "source" / "hf"))
         target = resolve_target_shape(shape_from_hf_config(model.config), self.target_spec())
-        pruned = prune_model(model, oneshot_masks(model, target)).model
-        # A model state as train.py saves it: HF weights under "model." plus the run metadata.
-        state = {f"model.{k}": v for k, v in pruned.state_dict().items()}
-        state["_extra_state"] = {"hf_config": pruned.config.to_dict(), "tokenizer": str(self.tokenizer)}
-        export_model_state(state, self.runs / name / "hf")
+        self.cut_and_export(model, oneshot_masks(model, target), name)
         record = {"steps": 0, "tokens": 0, "seconds": round(time.time() - t0, 1)}
         (self.runs / name / "bench_run.json").write_text(json.dumps(record))
         return record
 
-    def evaluate(self, name: str) -> dict[str, Any]:
+    def cut_and_export(self, model: Any, masks: dict[str, Any], name: str) -> None:
+        """Cut ``model`` with 0/1 ``masks`` and export it to ``runs/<name>/hf`` as a run would."""
+        from shearing.export import export_model_state
+        from shearing.pruning.surgery import prune_model
+
+        pruned = prune_model(model, masks).model
+        # A model state as train.py saves it: HF weights under "model." plus the run metadata.
+        state = {f"model.{k}": v for k, v in pruned.state_dict().items()}
+        state["_extra_state"] = {"hf_config": pruned.config.to_dict(), "tokenizer": str(self.tokenizer)}
+        export_model_state(state, self.runs / name / "hf")
+
+    def evaluate(self, name: str, model: Path | None = None) -> dict[str, Any]:
+        """Per-domain eval of ``runs/<name>/hf`` (or ``model``) on the eval split, cached in the run folder."""
         from shearing.evaluate import EvalOptions, evaluate
         from shearing.io import write_json_atomic
 
@@ -296,13 +312,15 @@ class Bench:
         if path.is_file():
             return json.loads(path.read_text())
         options = EvalOptions(
-            model=str(self.runs / name / "hf"),
+            model=str(model or self.runs / name / "hf"),
             data=str(self.data / "eval"),
+            max_seqs=self.eval_seqs,
             batch_size=16,
             device="cuda" if self.device == "gpu" else "cpu",
             progress=False,
         )
         result = evaluate(options)
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, result)
         return result
 
@@ -532,9 +550,21 @@ def main(argv: list[str] | None = None) -> int:
         default=TARGET,
         help="a named shape or a JSON mapping of the five prunable fields (the sheared models' shape)",
     )
-    parser.add_argument("--seq-len", default=demo.SEQ_LEN, type=int, help="tokens per training sequence")
-    parser.add_argument("--batch", default=None, type=int, help="global batch (default: the yamls' 16)")
-    parser.add_argument("--eval-seqs", default=128, type=int, help="held-out sequences per domain")
+    parser.add_argument(
+        "--seq-len",
+        default=None,
+        type=int,
+        help=f"tokens per training sequence (default {demo.SEQ_LEN}; --source: 128, gpu 512)",
+    )
+    parser.add_argument(
+        "--batch", default=None, type=int, help="global batch (default: the yamls' 16; --source: 8, gpu 32)"
+    )
+    parser.add_argument(
+        "--eval-seqs",
+        default=None,
+        type=int,
+        help="held-out sequences per domain (default 128; --source: 8, gpu 64)",
+    )
     parser.add_argument(
         "--data",
         type=Path,
@@ -547,22 +577,88 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated seeds to repeat the four same-budget target-shape runs with (mean ± std)",
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="gpu: bf16 on one GPU")
+    real = parser.add_argument_group("--source: a real pre-trained model (bench/from_source.py)")
+    real.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="an HF model folder: compare one-shot / L0 (constant, importance) / distillation at one target",
+    )
+    real.add_argument(
+        "--mixtures", default="dynamic,fixed", help="with --source: dynamic (paper) and/or fixed (constant)"
+    )
+    real.add_argument(
+        "--methods",
+        default="oneshot,l0_constant,l0_importance,l0_importance_kd",
+        help="with --source: the rows to run, (a) oneshot (b) l0_constant (c) l0_importance (d) l0_importance_kd",
+    )
+    real.add_argument(
+        "--calibration-seqs",
+        default=None,
+        type=int,
+        help="with --source: importance calibration sequences (32, gpu 256)",
+    )
+    real.add_argument(
+        "--no-force-export",
+        action="store_true",
+        help="with --source: a pruning run the gate refuses stops its row (default: re-export forced, recorded)",
+    )
+    real.add_argument(
+        "--eos-token",
+        default=None,
+        help="with --source: the document separator token (SmolLM2: '<|endoftext|>', as in its pre-training)",
+    )
     args = parser.parse_args(argv)
+    if args.source is not None:
+        return main_source(args, parser)
     summary = Bench(
         args.output,
         args.scale,
         flow_mapping(args.source_shape),
         args.corpus_chars,
-        args.eval_seqs,
+        args.eval_seqs or 128,
         args.device,
         target_shape=flow_mapping(args.target_shape),
         batch=args.batch,
-        seq_len=args.seq_len,
+        seq_len=args.seq_len or demo.SEQ_LEN,
         extra_seeds=tuple(int(x) for x in args.extra_seeds.split(",") if x),
         data=args.data,
     ).run()
     print()
     print(markdown(summary))
+    print(f"wall time {summary['wall_time_s']:.0f} s; {args.output / 'reproduce.json'}")
+    return 0
+
+
+def main_source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from from_source import SourceBench
+    from from_source import markdown as source_markdown
+
+    for flag, value, default in (
+        ("--source-shape", args.source_shape, "demo_source"),
+        ("--extra-seeds", args.extra_seeds, ""),
+    ):
+        if value != default:
+            parser.error(f"{flag} does not apply with --source (the source's shape is its config.json)")
+    summary = SourceBench(
+        args.output,
+        args.source,
+        scale=args.scale,
+        corpus_chars=args.corpus_chars,
+        eval_seqs=args.eval_seqs or (64 if args.device == "gpu" else 8),
+        device=args.device,
+        target_shape=None if args.target_shape == TARGET else flow_mapping(args.target_shape),
+        batch=args.batch,
+        seq_len=args.seq_len,
+        mixtures=tuple(x for x in args.mixtures.split(",") if x),
+        methods=tuple(x for x in args.methods.split(",") if x),
+        calibration_seqs=args.calibration_seqs or (256 if args.device == "gpu" else 32),
+        force_export=not args.no_force_export,
+        data=args.data,
+        eos_token=args.eos_token,
+    ).run()
+    print()
+    print(source_markdown(summary))
     print(f"wall time {summary['wall_time_s']:.0f} s; {args.output / 'reproduce.json'}")
     return 0
 

@@ -84,3 +84,162 @@ def test_reproduce_smoke(tmp_path):
     )
     with pytest.raises(SystemExit, match="pass --seq-len 64"):
         wrong.prepare_data()
+
+
+# -- --source: a real pre-trained model, four ways to cut it -----------------------------------------------
+SOURCE_TARGET = {
+    "hidden_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 96,
+}
+
+
+def _from_source():
+    _reproduce()  # puts nothing on sys.path for long: import through the same path juggling
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import from_source
+    finally:
+        sys.path.pop(0)
+    return from_source
+
+
+def _source_cmd(source, out, *extra):
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "reproduce.py"),
+        "--source",
+        str(source),
+        "--output",
+        str(out),
+    ]
+    cmd += [
+        "--scale",
+        "0.1",
+        "--corpus-chars",
+        "100000",
+        "--eval-seqs",
+        "8",
+        "--seq-len",
+        "64",
+        "--batch",
+        "4",
+    ]
+    return cmd + ["--target-shape", json.dumps(SOURCE_TARGET), "--calibration-seqs", "8", *extra]
+
+
+def test_source_bad_target_fails_before_any_work(tmp_path, tiny_gqa_dir):
+    wide = {**SOURCE_TARGET, "hidden_size": 4096}
+    cmd = _source_cmd(tiny_gqa_dir, tmp_path / "out")
+    cmd[cmd.index("--target-shape") + 1] = json.dumps(wide)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0
+    assert "--target-shape" in proc.stderr and "hidden_size" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "raw").exists()  # refused before the corpus is built
+    proc = subprocess.run(
+        _source_cmd(tmp_path, tmp_path / "out"), cwd=REPO, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode != 0 and "not a Hugging Face model folder" in proc.stderr
+
+
+def test_source_features_and_markdown():
+    fs = _from_source()
+    none = fs.Features(l0_init=False, distillation=False, activation_importance=False)
+    assert none.missing("oneshot") is None and none.missing("l0_constant") is None
+    assert "pruning.init" in none.missing("l0_importance")
+    assert "pruning.init" in none.missing("l0_importance_kd")
+    no_kd = fs.Features(l0_init=True, distillation=False, activation_importance=True)
+    assert no_kd.missing("l0_importance") is None and "distillation" in no_kd.missing("l0_importance_kd")
+    assert fs.Features(True, True, True).missing("l0_importance_kd") is None
+
+    losses = {"domains": {"code": 3.0, "docs": 2.0}, "average_loss": 2.5}
+    ok = {"what": "(b) x", "mixture": "dynamic", "status": "ok", "gate": "forced", "notes": []}
+    ok |= {"gate_failures": ["layer: expected sparsity 0.1 vs target 0.3"], "tokens": 1000, "seconds": 5}
+    ok |= {"pruned": losses, "final": {"domains": {"code": 2.0, "docs": 1.0}, "average_loss": 1.5}}
+    skipped = {"what": "(d) y", "mixture": "fixed", "status": "skipped: no distillation section"}
+    summary = {"source": "S", "params": {"source": 10, "target": 5}, "steps": {"prune": 2, "cpt": 3}}
+    summary |= {"tokens_per_step": 100, "eval_seqs_per_domain": 8, "device": "cpu", "wall_time_s": 9}
+    summary |= {"source_eval": losses, "rows": {"b": ok, "d": skipped}}
+    text = fs.markdown(summary)
+    assert "| (b) x | dynamic | **forced** (failed: layer) | 3.000 -> 2.000 | 2.000 -> 1.000 |" in text
+    assert "2.500 -> **1.500** | 1,000 | 5 |" in text
+    assert "| (d) y | fixed | — |" in text and "skipped: no distillation section |" in text
+
+
+@pytest.mark.slow
+def test_reproduce_source_smoke(tmp_path, tiny_gqa_dir):
+    fs = _from_source()
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        _source_cmd(tiny_gqa_dir, out), cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "reproduce.json").read_text())
+    assert summary["mode"] == "source" and summary["tokens_per_step"] == 4 * 64
+    # No source pre-training: the source is evaluated as given, the data tokenized with its tokenizer.
+    assert not (out / "runs" / "source" / "hf").exists() and not (out / "tokenizer").exists()
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert Path(manifest["tokenizer"]["path"]).resolve() == tiny_gqa_dir.resolve()
+    reference = json.loads((out / "reference_losses.json").read_text())["reference_losses"]
+    assert reference == summary["source_eval"]["domains"]
+    features = fs.Features.detect()
+    rows = summary["rows"]
+    assert set(rows) == {f"{m}/{x}" for m in fs.METHODS for x in ("dynamic", "fixed")}
+    budgets = set()
+    for key, row in rows.items():
+        missing = features.missing(row["method"])
+        if missing:
+            assert row["status"] == missing, key  # skipped with the reason, not crashed
+            continue
+        assert row["status"] == "ok", (key, row["status"])
+        for stage in ("pruned", "final"):
+            assert math.isfinite(row[stage]["average_loss"]), (key, stage)
+            assert set(row[stage]["domains"]) == {"code", "docs", "prose", "legal"}
+        assert row["final"]["average_loss"] != row["pruned"]["average_loss"], key  # CPT trained
+        budgets.add(row["tokens"])
+        config = json.loads((out / "runs" / row["runs"][-1] / "hf" / "config.json").read_text())
+        assert {k: config[k] for k in SOURCE_TARGET} == SOURCE_TARGET, key
+        export = json.loads((out / "runs" / row["runs"][0] / "hf" / "shearing_export.json").read_text())
+        if row["method"] == "oneshot":
+            assert row["gate"].startswith("n/a")
+        else:  # 4 pruning steps cannot converge: the gate refused, the re-export is forced and says so
+            assert row["gate"] == "forced" and row["gate_failures"], key
+            assert export["gate"]["forced"] is True and not export["gate"]["passed"], key
+    assert budgets == {(summary["steps"]["prune"] + summary["steps"]["cpt"]) * 4 * 64}  # one budget for all
+    for x in ("dynamic", "fixed"):
+        if features.l0_init:  # importance init moves the pruning run's start: another pruned model
+            c, b = rows[f"l0_importance/{x}"], rows[f"l0_constant/{x}"]
+            assert c["pruned"]["domains"] != b["pruned"]["domains"], x
+        if features.l0_init and features.distillation:  # same pruned model, another CPT loss
+            d, c = rows[f"l0_importance_kd/{x}"], rows[f"l0_importance/{x}"]
+            assert d["pruned"] == c["pruned"] and d["final"] != c["final"], x
+    # Fixed vs dynamic: the fixed runs never move the mixture, the dynamic ones do.
+    fixed = json.loads((out / "runs" / "l0_constant_cpt.fixed" / "dynamic_loading.json").read_text())
+    assert len({tuple(h["proportions"]) for h in fixed["history"]}) == 1
+    md = (out / "reproduce.md").read_text()
+    assert "**forced**" in md and "source (unpruned)" in md
+    # Resumable: a second call trains nothing and writes the same numbers.
+    proc = subprocess.run(
+        _source_cmd(tiny_gqa_dir, out), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "done before, skipped" in proc.stdout
+    again = json.loads((out / "reproduce.json").read_text())
+    assert {k: r.get("final") for k, r in again["rows"].items()} == {
+        k: r.get("final") for k, r in rows.items()
+    }
+
+    # --no-force-export: the refusal stops the row, visibly; the prepared data is reused as given.
+    out2 = tmp_path / "refused"
+    cmd = _source_cmd(
+        tiny_gqa_dir, out2, "--no-force-export", "--mixtures", "fixed", "--data", str(out / "data")
+    )
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    refused = json.loads((out2 / "reproduce.json").read_text())["rows"]["l0_constant/fixed"]
+    assert refused["status"].startswith("failed: RowFailed") and "refused by the gate" in refused["status"]
+    assert not (out2 / "runs" / "l0_constant_cpt.fixed").exists()
+    assert not (out2 / "runs" / "l0_constant_prune.fixed" / "hf").exists()
+    assert "refused by the gate" in (out2 / "reproduce.md").read_text()
