@@ -214,10 +214,8 @@ def record_from_checkpoint(folder: Path) -> dict[str, Any] | None:
     try:
         raw = torch.load(candidates[0], map_location="cpu", mmap=True, weights_only=False)
         meta = raw["state"]["model"]["_extra_state"]
-        from transformers import LlamaConfig
-
         return {
-            "source_shape": shape_from_hf_config(LlamaConfig.from_dict(meta["hf_config"])).prunable(),
+            "source_shape": shape_from_hf_config(meta["hf_config"]).prunable(),  # any family's config dict
             "target": meta.get("target"),
             "families": meta.get("families"),
         }
