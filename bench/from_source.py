@@ -53,11 +53,12 @@ DEFAULT_TARGET = {
     "num_key_value_heads": 3,
     "intermediate_size": 1024,
 }
-# Steps at --scale 1 on the CPU, batch 8 x 128 tokens. Measured on the 2-core CPU shared with other jobs
-# (load 5-8): everything runs at ~16 GFLOP/s, so a pruning step of SmolLM2-135M (6 x 135M x 1024 FLOPs)
-# takes ~50 s, a CPT step of the 51M target ~20 s, an evaluation of 4 x 8 sequences 70 s (masked source)
-# or 26 s (target); the four dynamic-mixture rows then take ~45 minutes at 6 + 6 steps.
-CPU_STEPS = {"prune": 6, "cpt": 6}
+# Steps at --scale 1 on the CPU, batch 8 x 128 tokens. Measured on the 2-core CPU shared with other jobs:
+# at load 5-8 everything runs at ~16 GFLOP/s (a pruning step of SmolLM2-135M ~50 s, a CPT step of the 51M
+# target ~20 s, an eval of 4 x 8 sequences 26-70 s); at load ~3.5 a pruning step ~35 s, a CPT step ~17 s,
+# the activation-importance cut 31 s. The four dynamic-mixture rows at 8 + 8 steps: ~40 minutes at load
+# ~3.5, about an hour at load 5-8.
+CPU_STEPS = {"prune": 8, "cpt": 8}
 CPU_BATCH = 8
 # --device gpu: one H100/H200 in bf16, batch 32 x 512 tokens (16,384 a step), never run (no GPU here), sized
 # from FLOPs: 6 x params x tokens is 13.2 TFLOP a pruning step (134.5M) and 5.0 a CPT step (51.3M), the
