@@ -11,8 +11,7 @@ from shearing.models.hf_io import load_source_model
 from shearing.models.shapes import named_shape, resolve_target_shape
 from shearing.pruning import hard_concrete as hc
 from shearing.pruning.importance import (
-    IMPORTANCE_HIGH,
-    IMPORTANCE_LOW,
+    IMPORTANCE_BANDS,
     SCORE_NAMES,
     activation_importance,
     calibration_batches,
@@ -165,8 +164,9 @@ def test_log_alphas_are_monotone_per_row_and_inside_the_clamp():
     alphas = importance_log_alphas(scores, SPECS)
     for spec in SPECS:
         la, s = alphas[spec.name], scores[spec.name]
+        low, high = IMPORTANCE_BANDS[spec.name]
         assert la.shape == s.shape
-        assert float(la.min()) == IMPORTANCE_LOW and float(la.max()) == IMPORTANCE_HIGH
+        assert float(la.min()) == pytest.approx(low) and float(la.max()) == pytest.approx(high)
         assert hc.LOG_ALPHA_MIN < float(la.min()) and float(la.max()) < hc.LOG_ALPHA_MAX
         if spec.group:
             la, s = la.reshape(L, -1, spec.group), s.reshape(L, -1, spec.group)
@@ -175,9 +175,9 @@ def test_log_alphas_are_monotone_per_row_and_inside_the_clamp():
     tied = alphas["intermediate"][0, :10]
     assert bool((torch.diff(tied) > 0).all())
     # A grouped head family is ranked inside each group: every group has its own top and bottom.
-    heads = alphas["head"].reshape(L, G, 2)
-    assert bool((heads.max(-1).values == IMPORTANCE_HIGH).all())
-    assert bool((heads.min(-1).values == IMPORTANCE_LOW).all())
+    heads, (low, high) = alphas["head"].reshape(L, G, 2), IMPORTANCE_BANDS["head"]
+    torch.testing.assert_close(heads.max(-1).values, torch.full((L, G), high))
+    torch.testing.assert_close(heads.min(-1).values, torch.full((L, G), low))
 
 
 def test_log_alphas_refuse_wrong_scores():
@@ -188,6 +188,8 @@ def test_log_alphas_refuse_wrong_scores():
         importance_log_alphas({k: v for k, v in scores.items() if k != "layer"}, SPECS)
     with pytest.raises(ValueError, match="not finite"):
         importance_log_alphas({**scores, "hidden": torch.full((D,), float("nan"))}, SPECS)
+    with pytest.raises(ValueError, match="strictly inside the clamp"):
+        importance_log_alphas(scores, SPECS, bands={"layer": (2.0, 4.7)})
 
 
 def test_final_masks_of_an_importance_initialised_l0_keep_the_most_important_units():
@@ -314,7 +316,7 @@ def test_prune_run_starts_from_importance_logits(tiny_gqa_dir, tiny_data, tmp_pa
     assert set(want) == set(built.log_alphas) == {"hidden", "kv_group", "intermediate", "layer"}
     for name, la in built.log_alphas.items():
         torch.testing.assert_close(la.detach(), want[name], rtol=0, atol=1e-6)
-        assert float((la - constant.log_alphas[name]).abs().min()) > 0.5, name  # nowhere near ln 100
+        assert float((la - constant.log_alphas[name]).abs().min()) > 0.15, name  # off the ln 100 edge
     # The run itself (mask_lr tiny so the logits stay at their start): it trained from those logits.
     trainer = train_from_yaml(YAML, [*overrides, "optimizer.mask_lr=1.0e-4"])
     assert int(trainer.state.timestamp.batch) == 3
