@@ -17,6 +17,8 @@ Writes ``OUTPUT_DIR/<domain>.jsonl`` atomically and returns documents and charac
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -86,6 +88,26 @@ def build_corpus(raw: Path, chars: int = DEFAULT_CHARS) -> dict[str, dict[str, i
         demo.write_jsonl(raw / f"{name}.jsonl", docs)
         counts[name] = {"documents": len(docs), "chars": found}
     return counts
+
+
+def ensure_corpus(raw: Path, chars: int = DEFAULT_CHARS) -> Path:
+    """``build_corpus`` into ``raw`` unless ``raw/corpus.json`` says it already holds ``chars`` per domain."""
+    marker = raw / "corpus.json"
+    if not marker.is_file() or json.loads(marker.read_text()).get("chars") != chars:
+        counts = build_corpus(raw, chars)
+        marker.write_text(json.dumps({"chars": chars, "domains": counts}))
+    return raw
+
+
+def prepare_corpus(raw: Path, tokenizer: Path, output: Path, seq_len: int, eval_seqs: int, **options) -> None:
+    """Tokenize and pack ``raw`` into ``output`` (``shearing.data.prep``; two workers); ``options`` are
+    further ``PrepConfig`` fields (``progress``, ``eos_token``, ``no_bos``)."""
+    from shearing.data.prep import PrepConfig, prepare
+
+    config = PrepConfig(
+        input=raw, tokenizer=str(tokenizer), output=output, seq_len=seq_len, eval_seqs=eval_seqs, workers=2
+    )
+    prepare(dataclasses.replace(config, **options))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,9 +208,7 @@ class SourceBench(Bench):
             raise SystemExit(f"--target-shape {self.target_shape}: {e}") from None
 
     def prepare_data(self) -> None:
-        from corpus import build_corpus
-
-        from shearing.data.prep import PrepConfig, prepare
+        from corpus import ensure_corpus, prepare_corpus
 
         if self.given_data is not None:
             self.use_prepared(self.given_data)
@@ -224,22 +222,16 @@ class SourceBench(Bench):
             self.tokenizer = self.source
             return
         raw = self.output / "raw"
-        marker = raw / "corpus.json"
-        if not marker.is_file() or json.loads(marker.read_text()).get("chars") != self.corpus_chars:
-            counts = build_corpus(raw, self.corpus_chars)
-            marker.write_text(json.dumps({"chars": self.corpus_chars, "domains": counts}))
-        prepare(
-            PrepConfig(
-                input=raw,
-                tokenizer=str(self.source),
-                output=self.data,
-                seq_len=self.seq_len,
-                eval_seqs=self.eval_seqs,
-                workers=2,
-                progress=False,
-                eos_token=self.eos_token,
-                no_bos=self.no_bos(),
-            )
+        ensure_corpus(raw, self.corpus_chars)
+        prepare_corpus(
+            raw,
+            self.source,
+            self.data,
+            self.seq_len,
+            self.eval_seqs,
+            progress=False,
+            eos_token=self.eos_token,
+            no_bos=self.no_bos(),
         )
 
     def no_bos(self) -> bool:
@@ -310,18 +302,7 @@ class SourceBench(Bench):
     def cpt(
         self, name: str, init: str, steps: int, prune_run: str | None, extra: list[str]
     ) -> dict[str, Any]:
-        proportions = (
-            [f"variables.prune_run={self.runs / prune_run}"]
-            if prune_run
-            else ["callbacks.dynamic_loading.initial_proportions=null"]
-        )
-        overrides = [
-            f"variables.source_model={self.runs / init / 'hf'}",
-            f"variables.reference_losses={self.ref_file}",
-            "model.source_shape=null",
-            *proportions,
-            *extra,
-        ]
+        overrides = self.cpt_overrides(init, prune_run, ["model.source_shape=null", *extra])
         return self.train(name, "cpt.yaml", steps, overrides)
 
     def oneshot_cut(self, name: str) -> dict[str, Any]:

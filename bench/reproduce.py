@@ -53,7 +53,7 @@ from llmfoundry import registry
 from shearing import demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import DEFAULT_CHARS, build_corpus  # noqa: E402  (bench/ is not a package)
+from corpus import DEFAULT_CHARS, ensure_corpus, prepare_corpus  # noqa: E402  (bench/ is not a package)
 
 TRACE_CALLBACK = "bench_eval_trace"
 EVAL_LOSS = "LanguageCrossEntropy"
@@ -181,7 +181,6 @@ class Bench:
 
     # -- data ------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        from shearing.data.prep import PrepConfig, prepare
         from shearing.data.tokenizer import train_bpe_tokenizer
 
         if self.given_data is not None:
@@ -189,22 +188,10 @@ class Bench:
             return
 
         raw = self.output / "raw"
-        marker = raw / "corpus.json"
-        if not marker.is_file() or json.loads(marker.read_text()).get("chars") != self.corpus_chars:
-            counts = build_corpus(raw, self.corpus_chars)
-            marker.write_text(json.dumps({"chars": self.corpus_chars, "domains": counts}))
+        ensure_corpus(raw, self.corpus_chars)
         if not (self.tokenizer / "tokenizer.json").is_file():
             train_bpe_tokenizer(raw, demo.VOCAB, self.tokenizer, progress=False)
-        prepare(
-            PrepConfig(
-                input=raw,
-                tokenizer=str(self.tokenizer),
-                output=self.data,
-                seq_len=self.seq_len,
-                eval_seqs=self.eval_seqs,
-                workers=2,
-            )
-        )
+        prepare_corpus(raw, self.tokenizer, self.data, self.seq_len, self.eval_seqs)
 
     def use_prepared(self, data: Path) -> None:
         """Train on a folder ``data_prep/tokenize_domains.py`` wrote (its manifest names the tokenizer)."""
@@ -334,6 +321,21 @@ class Bench:
         return points
 
     # -- the whole benchmark ---------------------------------------------------------------------------
+    def cpt_overrides(self, init: str, prune_run: str | None, extra: list[str]) -> list[str]:
+        """A CPT run from ``init``'s export: the reference losses, the pruning run's final proportions (or the
+        manifest's when there is no pruning run), then ``extra``."""
+        proportions = (
+            [f"variables.prune_run={self.runs / prune_run}"]
+            if prune_run
+            else ["callbacks.dynamic_loading.initial_proportions=null"]
+        )
+        return [
+            f"variables.source_model={self.runs / init / 'hf'}",
+            f"variables.reference_losses={self.ref_file}",
+            *proportions,
+            *extra,
+        ]
+
     def run(self) -> dict[str, Any]:
         from shearing.config import load_config
 
@@ -367,17 +369,7 @@ class Bench:
         constant = ["callbacks.dynamic_loading.update=constant"]
 
         def cpt(name: str, init: str, steps: int, prune_run: str | None, extra: list[str]) -> dict:
-            proportions = (
-                [f"variables.prune_run={self.runs / prune_run}"]
-                if prune_run
-                else ["callbacks.dynamic_loading.initial_proportions=null"]
-            )
-            overrides = [
-                f"variables.source_model={self.runs / init / 'hf'}",
-                f"variables.reference_losses={self.ref_file}",
-                *proportions,
-                *extra,
-            ]
+            overrides = self.cpt_overrides(init, prune_run, extra)
             if self.target_shape != TARGET:
                 overrides.append("model.source_shape=null")  # cpt.yaml names demo_pruned
             return self.train(name, "cpt.yaml", steps, overrides)
@@ -624,9 +616,13 @@ def main(argv: list[str] | None = None) -> int:
         extra_seeds=tuple(int(x) for x in args.extra_seeds.split(",") if x),
         data=args.data,
     ).run()
+    return print_summary(markdown(summary), summary, args.output)
+
+
+def print_summary(table: str, summary: dict[str, Any], output: Path) -> int:
     print()
-    print(markdown(summary))
-    print(f"wall time {summary['wall_time_s']:.0f} s; {args.output / 'reproduce.json'}")
+    print(table)
+    print(f"wall time {summary['wall_time_s']:.0f} s; {output / 'reproduce.json'}")
     return 0
 
 
@@ -657,10 +653,7 @@ def main_source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         data=args.data,
         eos_token=args.eos_token,
     ).run()
-    print()
-    print(source_markdown(summary))
-    print(f"wall time {summary['wall_time_s']:.0f} s; {args.output / 'reproduce.json'}")
-    return 0
+    return print_summary(source_markdown(summary), summary, args.output)
 
 
 if __name__ == "__main__":
