@@ -301,3 +301,34 @@ def test_two_rank_fsdp2_distillation_shards_the_teacher(tmp_path, student_dir, t
         assert layer["placements"] == ["S(0)"] and layer["local"][0] * 2 == layer["full"][0]
         assert not any(p["requires_grad"] for p in record["teacher"].values())
         assert record["teacher"]["model.lm_head.weight"]["placements"] == ["S(0)"]
+
+
+@pytest.mark.slow
+def test_pruning_run_distils_from_its_source(tmp_path, tiny_gqa_dir, tiny_data):
+    """Stage 1 with distillation: the loss is alpha·kd + (1-alpha)·CE + the Lagrangian term, every step."""
+    from tiny import run_overrides
+
+    from shearing.train import train_from_yaml
+
+    run = tmp_path / "run"
+    overrides = run_overrides(
+        tiny_gqa_dir,
+        tiny_data,
+        run,
+        "variables.max_duration=12ba",
+        "variables.save_interval=12ba",
+        "variables.eval_interval=12ba",
+        "distillation.alpha=0.3",
+        "distillation.chunk_size=20",
+    )
+    trainer = train_from_yaml(REPO / "yamls/testing/prune_tiny.yaml", overrides)
+    assert trainer.state.model.teacher is not None and trainer.state.model.l0 is not None
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in steps if "loss/train/kd_loss" in r]
+    assert len(losses) == 12
+    for r in losses:
+        # at step 0 the masks are ~1 and the student is the teacher: kd ~ 0, later it grows
+        expected = 0.3 * r["loss/train/kd_loss"] + 0.7 * r["loss/train/lm_loss"] + r["loss/train/lagrangian"]
+        assert r["loss/train/total"] == pytest.approx(expected, rel=1e-5, abs=1e-6), r["step"]
+    assert max(r["loss/train/kd_loss"] for r in losses) > 1e-3
+    assert any(r["loss/train/lagrangian"] != 0 for r in losses)
