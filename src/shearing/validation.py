@@ -435,9 +435,9 @@ def check_dynamic_loading(cfg: RunConfig, local: bool = True) -> None:
             )
     elif isinstance(refs, str) and local and not Path(refs).is_file():
         raise ValueError(
-            f"callbacks.dynamic_loading.reference_losses={refs!r} is neither 'source', 'teacher' nor an existing "
-            "file: give a mapping {domain: loss}, 'source', 'teacher' (with a distillation: section), or a ref.json "
-            "written by python -m shearing.reference_losses"
+            f"callbacks.dynamic_loading.reference_losses={refs!r} is neither 'source' nor an existing file (nor "
+            "'teacher'): give a mapping {domain: loss}, 'source', 'teacher' (with a distillation: section), or a "
+            "ref.json written by python -m shearing.reference_losses"
         )
 
 
