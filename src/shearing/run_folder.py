@@ -40,7 +40,8 @@ from composer.utils import dist
 
 from shearing.checkpoints import LATEST
 from shearing.io import write_json_atomic
-from shearing.models.shapes import resolve_source_shape, resolve_target_shape, shape_from_hf_config
+from shearing.models.shapes import resolve_source_shape, shape_from_hf_config
+from shearing.pruning.plan import PruningPlan
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,12 @@ def _resolve(path: Any) -> Any:
 
 def run_record(cfg) -> dict[str, Any]:
     """What must stay the same across a resume of ``cfg``'s run (all JSON types)."""
-    source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
     target = families = None
     if cfg.pruning is not None:
-        target = resolve_target_shape(source, cfg.pruning.target).prunable()
-        families = list(cfg.pruning.families)
+        plan = PruningPlan.from_config(cfg)
+        source, target, families = plan.source, plan.target.prunable(), list(plan.families)
+    else:
+        source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
     data = ((cfg.train_loader or {}).get("dataset") or {}).get("local")
     return {
         "source": dict(cfg.model.source)

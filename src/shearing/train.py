@@ -50,10 +50,11 @@ def validate_run(cfg: RunConfig, tokenizer=None) -> None:
 
     ``tokenizer``: the model's tokenizer when the caller has loaded it already (else loaded for the data check).
     """
-    source = resolve_source_shape(cfg.model.source, cfg.model.source_shape, need_checkpoint=True)
+    if cfg.pruning is not None:  # shapes and mask families are consistent
+        source = PruningPlan.from_config(cfg, need_checkpoint=True).source
+    else:
+        source = resolve_source_shape(cfg.model.source, cfg.model.source_shape, need_checkpoint=True)
     check_export_config(cfg)  # export.folder must never be (or contain) the run folder
-    if cfg.pruning is not None:
-        PruningPlan.from_config(cfg, need_checkpoint=True)  # shapes and mask families are consistent
     for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
         if not loader:
             continue

@@ -329,10 +329,9 @@ def check_importance_init(cfg: RunConfig, local: bool = True) -> None:
         )
     if not local:
         return
-    from shearing.data.manifest import SPLITS, load_manifest
+    from shearing.data.shards import _split_root
 
-    manifest = load_manifest(local_path)
-    split = Path(local_path).name if Path(local_path).name in SPLITS else "train"
+    _, split, manifest = _split_root(local_path, "train")
     domains = (loader.get("dataset") or {}).get("domains") or manifest.domain_names
     have = sum(getattr(manifest.domains[d], split).sequences for d in domains if d in manifest.domains)
     if have < n:
@@ -467,7 +466,6 @@ def check_distillation(cfg: RunConfig, local: bool = True) -> None:
         )
     if d.teacher is None or not local:
         return
-    from shearing.models.hf_io import check_safetensors_file, hf_weight_files
     from shearing.models.shapes import is_checkpoint_dir, read_config_json, source_max_positions
 
     if not is_checkpoint_dir(d.teacher):
@@ -489,20 +487,18 @@ def check_distillation(cfg: RunConfig, local: bool = True) -> None:
             f"max_seq_len={cfg.max_seq_len} is longer than distillation.teacher's max_position_embeddings={limit}: "
             f"lower max_seq_len to at most {limit}, or use another teacher"
         )
-    for file in hf_weight_files(d.teacher):
-        if file.suffix == ".safetensors":
-            check_safetensors_file(file)
+    check_weight_files(d.teacher)
 
 
 def _source_vocab_size(source: Any) -> int | None:
-    from shearing.models.shapes import NAMED_SHAPES, is_checkpoint_dir, read_config_json
+    """The source's vocabulary (checkpoint, named shape or shape mapping); None when the source itself is
+    unusable, which the source checks report."""
+    from shearing.models.shapes import resolve_source_shape
 
-    if is_checkpoint_dir(source):
-        return read_config_json(source).get("vocab_size")
-    if isinstance(source, Mapping):
-        return source.get("vocab_size")
-    shape = NAMED_SHAPES.get(str(source))
-    return shape.vocab_size if shape is not None else None
+    try:
+        return resolve_source_shape(source).vocab_size
+    except ValueError:
+        return None
 
 
 def check_context_length(cfg: RunConfig, local: bool = True) -> None:
@@ -531,12 +527,18 @@ def check_context_length(cfg: RunConfig, local: bool = True) -> None:
 
 def check_source_files(cfg: RunConfig) -> None:
     """A source checkpoint folder: config.json parses and every weight file HF would read is intact."""
-    from shearing.models.hf_io import check_safetensors_file, hf_weight_files
     from shearing.models.shapes import is_checkpoint_dir, read_config_json
 
     if not is_checkpoint_dir(cfg.model.source):
         return
     read_config_json(cfg.model.source)
-    for file in hf_weight_files(cfg.model.source):
+    check_weight_files(cfg.model.source)
+
+
+def check_weight_files(folder: Any) -> None:
+    """Every safetensors file HF would read from checkpoint ``folder`` is intact (headers only, no weights)."""
+    from shearing.models.hf_io import check_safetensors_file, hf_weight_files
+
+    for file in hf_weight_files(folder):
         if file.suffix == ".safetensors":
             check_safetensors_file(file)

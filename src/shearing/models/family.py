@@ -81,7 +81,8 @@ FAMILIES: dict[str, ModelFamily] = {
 }
 
 
-def _getter(config: Any):
+def config_getter(config: Any):
+    """``get(key, default=None)`` over a ``PretrainedConfig`` or a raw config.json dict alike."""
     if isinstance(config, Mapping):
         return config.get
     return lambda key, default=None: getattr(config, key, default)
@@ -94,7 +95,7 @@ def family_of(config: Any) -> ModelFamily:
         return config
     if isinstance(config, str):
         config = {"model_type": config}
-    get = _getter(config)
+    get = config_getter(config)
     model_type = get("model_type")
     for family in FAMILIES.values():
         if family.model_type == model_type:

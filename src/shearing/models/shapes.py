@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shearing.models.family import FAMILIES, check_family_config, family_of, qkv_bias_params
+from shearing.models.family import FAMILIES, check_family_config, config_getter, family_of, qkv_bias_params
 
 PRUNABLE_FIELDS = (
     "hidden_size",
@@ -180,9 +180,7 @@ def named_shape(name: str) -> LlamaShape:
 def shape_from_hf_config(config: Any) -> LlamaShape:
     """The shape of a ``transformers`` config of a known family (``LlamaConfig``, ``Qwen2Config``, ... or a
     dict of its fields); ``qkv_bias`` comes from the family."""
-    get = (
-        config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
-    )
+    get = config_getter(config)
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     head_dim = get("head_dim") or hidden // heads
     return LlamaShape(
