@@ -41,7 +41,7 @@ format: install
 	$(PY) -m ruff format src tests data_prep bench train.py
 	$(PY) -m ruff check --fix src tests data_prep bench train.py
 
-# The whole pipeline on text that ships with the machine (CPU: ~6-7 min after install; DEVICE=gpu for a GPU, SCALE=4 for longer).
+# The whole pipeline on text that ships with the machine (CPU: ~4 min after install; DEVICE=gpu for a GPU, SCALE=4 for longer).
 DEVICE ?= cpu
 SCALE ?= 1
 DEMO_DIR ?= demo_out
