@@ -2,11 +2,11 @@
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subproc import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ("source", "sheared", "scratch_matched", "scratch_long", "sheared_constant", "oneshot")
@@ -32,14 +32,14 @@ def test_tokens_to_reach():
 @pytest.mark.slow
 def test_reproduce_smoke(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(REPO / "bench" / "reproduce.py"), "--output", str(out), "--scale", "0.003"]
+    cmd = [str(REPO / "bench" / "reproduce.py"), "--output", str(out), "--scale", "0.003"]
     cmd += ["--corpus-chars", "200000", "--eval-seqs", "16", "--seq-len", "64", "--batch", "8"]
     # The named demo source pruned to a target given as a mapping (vocabulary and head_dim from the source).
     target = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
     target |= {"num_key_value_heads": 1, "intermediate_size": 192}
     cmd += ["--target-shape", json.dumps(target)]
     cmd += ["--extra-seeds", "5"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_python(cmd, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "reproduce.json").read_text())
     assert set(summary["runs"]) == set(RUNS)
@@ -65,7 +65,7 @@ def test_reproduce_smoke(tmp_path):
     assert (out / "reproduce.md").is_file()
     assert (out / "reproduce.png").stat().st_size > 10_000
     # Resumable: a second call skips every run and rewrites the same table.
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_python(cmd, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "done before, skipped" in proc.stdout
     again = json.loads((out / "reproduce.json").read_text())
@@ -108,7 +108,6 @@ def _from_source():
 
 def _source_cmd(source, out, *extra):
     cmd = [
-        sys.executable,
         str(REPO / "bench" / "reproduce.py"),
         "--source",
         str(source),
@@ -134,13 +133,11 @@ def test_source_bad_target_fails_before_any_work(tmp_path, tiny_gqa_dir):
     wide = {**SOURCE_TARGET, "hidden_size": 4096}
     cmd = _source_cmd(tiny_gqa_dir, tmp_path / "out")
     cmd[cmd.index("--target-shape") + 1] = json.dumps(wide)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    proc = run_python(cmd, timeout=400, cwd=REPO)
     assert proc.returncode != 0
     assert "--target-shape" in proc.stderr and "hidden_size" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out" / "raw").exists()  # refused before the corpus is built
-    proc = subprocess.run(
-        _source_cmd(tmp_path, tmp_path / "out"), cwd=REPO, capture_output=True, text=True, timeout=400
-    )
+    proc = run_python(_source_cmd(tmp_path, tmp_path / "out"), timeout=400, cwd=REPO)
     assert proc.returncode != 0 and "not a Hugging Face model folder" in proc.stderr
 
 
@@ -172,9 +169,7 @@ def test_source_features_and_markdown():
 def test_reproduce_source_smoke(tmp_path, tiny_gqa_dir):
     fs = _from_source()
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        _source_cmd(tiny_gqa_dir, out), cwd=REPO, capture_output=True, text=True, timeout=900
-    )
+    proc = run_python(_source_cmd(tiny_gqa_dir, out), timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((out / "reproduce.json").read_text())
     assert summary["mode"] == "source" and summary["tokens_per_step"] == 4 * 64
@@ -221,9 +216,7 @@ def test_reproduce_source_smoke(tmp_path, tiny_gqa_dir):
     md = (out / "reproduce.md").read_text()
     assert "**forced**" in md and "source (unpruned)" in md
     # Resumable: a second call trains nothing and writes the same numbers.
-    proc = subprocess.run(
-        _source_cmd(tiny_gqa_dir, out), cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    proc = run_python(_source_cmd(tiny_gqa_dir, out), timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "done before, skipped" in proc.stdout
     again = json.loads((out / "reproduce.json").read_text())
@@ -233,12 +226,13 @@ def test_reproduce_source_smoke(tmp_path, tiny_gqa_dir):
 
     # --no-force-export: the refusal stops the row, visibly; the prepared data is reused as given.
     out2 = tmp_path / "refused"
-    cmd = _source_cmd(
-        tiny_gqa_dir, out2, "--no-force-export", "--mixtures", "fixed", "--data", str(out / "data")
-    )
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = _source_cmd(tiny_gqa_dir, out2, "--no-force-export", "--mixtures", "fixed")
+    cmd += ["--methods", "l0_constant", "--data", str(out / "data")]
+    proc = run_python(cmd, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    refused = json.loads((out2 / "reproduce.json").read_text())["rows"]["l0_constant/fixed"]
+    rows = json.loads((out2 / "reproduce.json").read_text())["rows"]
+    assert set(rows) == {"l0_constant/fixed"}  # --methods and --mixtures pick the rows
+    refused = rows["l0_constant/fixed"]
     assert refused["status"].startswith("failed: RowFailed") and "refused by the gate" in refused["status"]
     assert not (out2 / "runs" / "l0_constant_cpt.fixed").exists()
     assert not (out2 / "runs" / "l0_constant_prune.fixed" / "hf").exists()
