@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import composer_two_ranks
+from tiny import run_two_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,9 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
 def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, parallelism):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = [f"variables.save_folder={tmp_path / 'run'}"]  # checkpoints and dynamic_loading.json stay in tmp
-    env.pop("FSDP_VERSION", None)  # the recipes' default path: shearing.parallelism builds the FSDP2 config
+    # No FSDP_VERSION (run_two_ranks): the recipes' default path, shearing.parallelism builds the FSDP2 config.
     if parallelism == "fsdp2":
         # The recipes' fsdp_config (FSDP2 by default) with a full-state-dict export at the end.
         # 12 steps cannot converge: the gate measures both eval losses on both ranks, then is forced.
@@ -29,8 +28,9 @@ def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, p
             "export.on_fit_end=true",
             "export.force=true",
         ]
-    cmd = [
-        *composer_two_ranks(tmp_path, REPO / "tests/scripts/prune_ddp.py"),
+    run_two_ranks(
+        tmp_path,
+        REPO / "tests/scripts/prune_ddp.py",
         str(tmp_path),
         str(REPO / "yamls/testing/prune_tiny.yaml"),
         f"variables.source_model={tiny_gqa_dir}",
@@ -38,10 +38,7 @@ def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, p
         "max_duration=12ba",
         "eval_interval=6ba",
         *extra,
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.err")))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
+    )
     rank0, rank1 = (torch.load(tmp_path / f"l0_rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     moved = False
@@ -116,10 +113,9 @@ def test_fsdp2_bf16_mixed_precision_keeps_the_l0_module_in_fp32(tmp_path):
 def test_composer_fsdp2_run_with_bf16_params_keeps_the_l0_module_in_fp32(tmp_path, tiny_gqa_dir, tiny_data):
     # The real Trainer path (parallelize_composer_model) on CPU: Composer allows only precision fp32 there,
     # so the bf16 parameter policy comes from a mixed_precision dict (what DEFAULT + amp_bf16 gives on GPU).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("FSDP_VERSION", None)
-    cmd = [
-        *composer_two_ranks(tmp_path, REPO / "tests/scripts/prune_ddp.py"),
+    run_two_ranks(
+        tmp_path,
+        REPO / "tests/scripts/prune_ddp.py",
         str(tmp_path),
         str(REPO / "yamls/testing/prune_tiny.yaml"),
         f"variables.source_model={tiny_gqa_dir}",
@@ -129,10 +125,7 @@ def test_composer_fsdp2_run_with_bf16_params_keeps_the_l0_module_in_fp32(tmp_pat
         "eval_interval=4ba",
         "fsdp_config={sharding_strategy: FULL_SHARD, activation_checkpointing: true, state_dict_type: full,"
         " mixed_precision: {param_dtype: bf16, reduce_dtype: fp32, buffer_dtype: bf16}}",
-    ]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.err")))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
+    )
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"forward_dtypes_rank{rank}.json").read_text())
         assert seen.pop("decoder_layer") == "torch.bfloat16", seen  # the model's policy holds

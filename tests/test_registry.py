@@ -41,7 +41,9 @@ def _swap_run(tmp_path, overrides):
 def test_unregistered_model_or_algorithm_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"model\.name='nope'.*models registry"):
         validate_config(_swap_run(tmp_path, ["model.name=nope"]), local=False)
-    with pytest.raises(ValueError, match=r"pruning\.algorithm='lagrangian'.*did you mean 'lagrangian_pruning'"):
+    with pytest.raises(
+        ValueError, match=r"pruning\.algorithm='lagrangian'.*did you mean 'lagrangian_pruning'"
+    ):
         validate_config(_swap_run(tmp_path, ["pruning.algorithm=lagrangian"]), local=False)
 
 

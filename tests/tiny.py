@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny named shapes' vocabulary
 SEQ_LEN = 64
 # prune_tiny's target from the tiny GQA source (8 heads over 4 KV groups): named shape tiny_gqa_pruned.
@@ -86,6 +87,20 @@ def composer_two_ranks(tmp_path: Path, script: Path) -> list[str]:
         str(tmp_path / "rank{rank}.err"),
         str(script),
     ]
+
+
+def run_two_ranks(tmp_path: Path, script: Path, *args: str, timeout: float = 600) -> None:
+    """``composer -n 2 script args...`` on one thread per rank with the recipes' default FSDP path (no
+    ``FSDP_VERSION``); fails with the end of the launcher's and each rank's output unless it exits 0."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FSDP_VERSION", None)
+    cmd = [*composer_two_ranks(tmp_path, script), *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    logs = "".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("rank*.err")))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:] + logs
 
 
 def run_overrides(source, data, save_folder, *extra: str) -> list[str]:

@@ -116,23 +116,6 @@ def attach_grad(student_logits: torch.Tensor, value: torch.Tensor, grad: torch.T
     return _PrecomputedGrad.apply(student_logits, value, grad)
 
 
-def chunked_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    lm_head: nn.Module,
-    targets: torch.Tensor,
-    temperature: float,
-    chunk_size: int = 0,
-    ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
-    """``kd_loss`` with the teacher's logits made chunk by chunk from its hidden states (differentiable
-    in ``student_logits``; see the module docstring)."""
-    value, grad = chunked_kd_value_and_grad(
-        student_logits.detach(), teacher_hidden, lm_head, targets, temperature, chunk_size, ignore_index
-    )
-    return attach_grad(student_logits, value, grad)
-
-
 class Teacher(nn.Module):
     """A frozen teacher LLaMA and the KD settings (``alpha``, ``temperature``, ``chunk_size``): always in
     eval mode, no gradients, kept out of checkpoints.
