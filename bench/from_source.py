@@ -1,7 +1,8 @@
 """``bench/reproduce.py --source HF_DIR``: four ways to cut a real pre-trained model, at one target and budget.
 
     python bench/reproduce.py --source HF_DIR [--target-shape JSON] [--scale 1.0] [--device cpu|gpu]
-        [--mixtures dynamic,fixed] [--methods oneshot,l0_constant,...] [--calibration-seqs 32] [--no-force-export] [--output bench_smol]
+        [--prune-steps N] [--cpt-steps N] [--mixtures dynamic,fixed] [--methods oneshot,l0_constant,...]
+        [--calibration-seqs 32] [--no-force-export] [--output bench_smol]
 
 The bench corpus (``bench/corpus.py``, four domains) is tokenized with the source's own tokenizer
 (``shearing.data.prep.prepare`` with ``tokenizer=HF_DIR``); the source is not trained. Its per-domain
@@ -42,7 +43,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from reproduce import Bench, flow_mapping
+from reproduce import Bench, check_steps, flow_mapping
 
 # SmolLM2-135M (hidden 576, 30 layers, 9 heads over 3 KV groups, MLP 1536; 134.5M parameters) to
 # 51.3M parameters (32.4M outside the embedding, 31% of the source's 106.2M).
@@ -53,20 +54,24 @@ DEFAULT_TARGET = {
     "num_key_value_heads": 3,
     "intermediate_size": 1024,
 }
-# Steps at --scale 1 on the CPU, batch 8 x 128 tokens. Measured on the 2-core CPU shared with other jobs:
-# at load 5-8 everything runs at ~16 GFLOP/s (a pruning step of SmolLM2-135M ~50 s, a CPT step of the 51M
-# target ~20 s, an eval of 4 x 8 sequences 26-70 s); at load ~3.5 a pruning step ~35 s, a CPT step ~17 s,
-# the activation-importance cut 31 s. The four dynamic-mixture rows at 8 + 8 steps: ~40 minutes at load
-# ~3.5, about an hour at load 5-8.
+# Steps at --scale 1 on the CPU, batch 8 x 128 tokens: a smoke-sized default (the L0 masks cannot converge
+# in 8 steps; the gate refuses and the rows are forced). Measured on the 2-core CPU: a pruning step of
+# SmolLM2-135M at batch 4 x 128 ~6 s, a CPT step of the 51M target ~2.7 s, at load ~2 (OMP_NUM_THREADS=2).
+# How many pruning steps the masks need (SmolLM2-135M -> 51M, batch 4 x 128, the paper's 0.2dur Lagrangian
+# warmup): at 160 steps head, MLP and layer families are within 0.003 of their targets, the hidden family
+# (one mask across every layer) still 0.10-0.12 past it, overshooting from step ~60 and coming back slowly.
 CPU_STEPS = {"prune": 8, "cpt": 8}
 CPU_BATCH = 8
 # --device gpu: one H100/H200 in bf16, batch 32 x 512 tokens (16,384 a step), never run (no GPU here), sized
 # from FLOPs: 6 x params x tokens is 13.2 TFLOP a pruning step (134.5M) and 5.0 a CPT step (51.3M), the
-# teacher's forward 4.4; the 8 rows' 4 pruning runs and 1,000 CPT steps (200 distilled) are ~11 PFLOP:
-# 1.5-3 minutes at 60-120 TFLOP/s, plus ~14 run start-ups, exports and evaluations (~5 minutes).
-GPU_STEPS = {"prune": 100, "cpt": 100}
+# teacher's forward 4.4. 300 pruning steps, from the CPU runs above (the hidden family needs more than 160).
+# The default dynamic-mixture rows: 2 pruning runs x 300 steps (7.9 PFLOP), 700 CPT steps (3.5), 100
+# distilled (0.4): 11.8 PFLOP, 1.6-3.3 minutes at 60-120 TFLOP/s, plus 7 run start-ups, exports and
+# evaluations (~4 minutes). --mixtures dynamic,fixed doubles the training part.
+GPU_STEPS = {"prune": 300, "cpt": 100}
 GPU_BATCH = 32
 GPU_SEQ_LEN = 512
+DEFAULT_MIXTURES = {"cpu": "dynamic,fixed", "gpu": "dynamic"}
 
 METHODS = {
     "oneshot": "(a) one-shot importance prune + CPT",
@@ -146,6 +151,7 @@ class SourceBench(Bench):
         force_export: bool = True,
         data: Path | None = None,
         eos_token: str | None = None,
+        steps: dict[str, int | None] | None = None,
     ):
         gpu = device == "gpu"
         super().__init__(
@@ -180,13 +186,23 @@ class SourceBench(Bench):
         self.force_export = force_export
         self.eos_token = eos_token  # the document separator, when not the tokenizer's EOS
         self.step_table = GPU_STEPS if gpu else CPU_STEPS
+        self.explicit_steps = {k: v for k, v in (steps or {}).items() if v is not None}
+        for name, value in self.explicit_steps.items():
+            if name not in self.step_table or value < 1:
+                raise SystemExit(f"--{name}-steps must be a positive number of steps, got {value}")
         # Few evaluations per run: on the CPU one eval of SmolLM2 costs more than a training step.
         self.evals_per_run = 2
         self.eval_first = False  # the start point of each run is the evaluated export before it
         self.force_scaled_prune = False  # the gate decides; a refusal is recorded (prune())
 
     def steps(self, name: str) -> int:
+        """Steps of ``name`` (prune or cpt): --prune-steps/--cpt-steps, else the device default x --scale."""
+        if name in self.explicit_steps:
+            return self.explicit_steps[name]
         return max(4, int(self.step_table[name] * self.scale))
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "source": str(self.source), "calibration_seqs": self.calibration_seqs}
 
     # -- checks and data -------------------------------------------------------------------------------
     def check(self) -> None:
@@ -255,6 +271,7 @@ class SourceBench(Bench):
         marker = self.runs / name / "bench_run.json"
         if marker.is_file():
             record = json.loads(marker.read_text())
+            check_steps(name, record, steps)
             if record.get("gate") == "refused" or (self.runs / name / "hf" / "config.json").is_file():
                 print(f"[reproduce] {name}: done before, skipped", flush=True)
                 return record
@@ -373,6 +390,7 @@ class SourceBench(Bench):
 
         start = time.time()
         self.check()
+        self.claim_output()
         self.prepare_data()
         cfg = load_config(
             str(Path(__file__).resolve().parents[1] / "yamls" / "demo" / "prune.yaml"),

@@ -213,16 +213,50 @@ class Bench:
             )
         self.data, self.tokenizer = data.resolve(), tokenizer
 
+    def settings(self) -> dict[str, Any]:
+        """What every run and evaluation in ``--output`` depends on, besides each run's own step count."""
+        return {
+            "source": self.source_shape,
+            "target": self.target_shape,
+            "seq_len": self.seq_len,
+            "batch": self.batch,
+            "eval_seqs": self.eval_seqs,
+            "corpus_chars": self.corpus_chars,
+            "data": str(self.given_data) if self.given_data else None,
+            "device": self.device,
+        }
+
+    def claim_output(self) -> None:
+        """Record the settings in ``--output`` or, when it holds runs made with other settings, refuse: a
+        resumed bench skips finished runs, and must not mix their numbers with another configuration's."""
+        path = self.output / "bench_settings.json"
+        now = json.loads(json.dumps(self.settings()))
+        if path.is_file():
+            before = json.loads(path.read_text())
+            changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+            if changed:
+                what = "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
+                raise SystemExit(
+                    f"--output {self.output} holds runs made with other settings ({what}): "
+                    "give another --output, or the same settings to resume"
+                )
+            return
+        self.output.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(now, indent=1))
+
     # -- runs ------------------------------------------------------------------------------------------
-    def done(self, name: str) -> dict[str, Any] | None:
+    def done(self, name: str, steps: int | None = None) -> dict[str, Any] | None:
+        """The record of a finished run (None if unfinished); refuses one trained for another step count."""
         marker = self.runs / name / "bench_run.json"
         if marker.is_file() and (self.runs / name / "hf" / "config.json").is_file():
-            return json.loads(marker.read_text())
+            record = json.loads(marker.read_text())
+            check_steps(name, record, steps)
+            return record
         return None
 
     def train(self, name: str, yaml: str, steps: int, overrides: list[str]) -> dict[str, Any]:
         """Train one run (skipped when done); returns its record: steps, tokens, seconds."""
-        record = self.done(name)
+        record = self.done(name, steps)
         if record is not None:
             print(f"[reproduce] {name}: done before, skipped", flush=True)
             return record
@@ -340,6 +374,7 @@ class Bench:
         from shearing.config import load_config
 
         start = time.time()
+        self.claim_output()
         self.prepare_data()
         cfg = load_config(
             str(demo.YAMLS / "source.yaml"), [f"variables.data_local={self.data}", *self.shared_overrides()]
@@ -520,6 +555,15 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_steps(name: str, record: dict[str, Any], steps: int | None) -> None:
+    """Refuse to reuse a finished run trained for another number of steps than this call asks for."""
+    if steps is not None and record.get("steps") not in (None, steps):
+        raise SystemExit(
+            f"runs/{name} was trained for {record['steps']} steps, this call asks for {steps}: "
+            "give another --output (or the same --scale / --prune-steps / --cpt-steps to resume)"
+        )
+
+
 def flow_mapping(shape: str) -> str:
     """A named shape as is; a JSON mapping as an OmegaConf flow mapping (for a command-line override)."""
     if shape.lstrip().startswith("{"):
@@ -577,7 +621,21 @@ def main(argv: list[str] | None = None) -> int:
         help="an HF model folder: compare one-shot / L0 (constant, importance) / distillation at one target",
     )
     real.add_argument(
-        "--mixtures", default="dynamic,fixed", help="with --source: dynamic (paper) and/or fixed (constant)"
+        "--mixtures",
+        default=None,
+        help="with --source: dynamic (paper) and/or fixed (constant); default dynamic,fixed (gpu: dynamic)",
+    )
+    real.add_argument(
+        "--prune-steps",
+        default=None,
+        type=int,
+        help="with --source: pruning steps of the L0 rows, instead of the scaled default (cpu 8, gpu 300)",
+    )
+    real.add_argument(
+        "--cpt-steps",
+        default=None,
+        type=int,
+        help="with --source: CPT steps after pruning, instead of the scaled default (cpu 8, gpu 100)",
     )
     real.add_argument(
         "--methods",
@@ -603,6 +661,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.source is not None:
         return main_source(args, parser)
+    for flag in ("mixtures", "methods", "prune_steps", "cpt_steps", "calibration_seqs", "eos_token"):
+        if getattr(args, flag) != parser.get_default(flag):
+            parser.error(f"--{flag.replace('_', '-')} applies only with --source")
     summary = Bench(
         args.output,
         args.scale,
@@ -627,7 +688,7 @@ def print_summary(table: str, summary: dict[str, Any], output: Path) -> int:
 
 
 def main_source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from from_source import SourceBench
+    from from_source import DEFAULT_MIXTURES, SourceBench
     from from_source import markdown as source_markdown
 
     for flag, value, default in (
@@ -646,7 +707,8 @@ def main_source(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         target_shape=None if args.target_shape == TARGET else flow_mapping(args.target_shape),
         batch=args.batch,
         seq_len=args.seq_len,
-        mixtures=tuple(x for x in args.mixtures.split(",") if x),
+        mixtures=tuple(x for x in (args.mixtures or DEFAULT_MIXTURES[args.device]).split(",") if x),
+        steps={"prune": args.prune_steps, "cpt": args.cpt_steps},
         methods=tuple(x for x in args.methods.split(",") if x),
         calibration_seqs=args.calibration_seqs or (256 if args.device == "gpu" else 32),
         force_export=not args.no_force_export,

@@ -237,3 +237,41 @@ def test_reproduce_source_smoke(tmp_path, tiny_gqa_dir):
     assert not (out2 / "runs" / "l0_constant_cpt.fixed").exists()
     assert not (out2 / "runs" / "l0_constant_prune.fixed" / "hf").exists()
     assert "refused by the gate" in (out2 / "reproduce.md").read_text()
+
+
+def test_output_holding_other_settings_or_steps_is_refused(tmp_path, tiny_gqa_dir):
+    """A resumed bench skips finished runs: it must refuse an --output made with other settings or steps."""
+    fs = _from_source()
+    out = tmp_path / "bench"
+
+    def bench(**kw):
+        return fs.SourceBench(out, tiny_gqa_dir, **{"batch": 4, "seq_len": 64, "eval_seqs": 8, **kw})
+
+    bench().claim_output()
+    bench().claim_output()  # same settings: a resume
+    with pytest.raises(SystemExit, match=r"other settings \(batch: 4 there, 8 now\)"):
+        bench(batch=8).claim_output()
+    with pytest.raises(SystemExit, match=r"calibration_seqs: 32 there, 8 now"):
+        bench(calibration_seqs=8).claim_output()
+
+    explicit = bench(steps={"prune": 30, "cpt": None})
+    assert explicit.steps("prune") == 30 and explicit.steps("cpt") == 8  # cpt: the CPU default x scale 1
+    assert bench(device="gpu", batch=None).steps("prune") == fs.GPU_STEPS["prune"]
+    with pytest.raises(SystemExit, match="--prune-steps must be a positive"):
+        bench(steps={"prune": 0})
+
+    run = out / "runs" / "l0_constant_prune"
+    (run / "hf").mkdir(parents=True)
+    (run / "hf" / "config.json").write_text("{}")
+    (run / "bench_run.json").write_text(json.dumps({"steps": 8, "tokens": 8 * 256, "seconds": 1.0}))
+    assert explicit.done("l0_constant_prune", 8)["steps"] == 8
+    with pytest.raises(SystemExit, match="trained for 8 steps, this call asks for 30"):
+        explicit.prune("l0_constant_prune", 30, [])
+
+
+def test_source_only_flags_are_refused_without_source(tmp_path):
+    proc = run_python(
+        [REPO / "bench" / "reproduce.py", "--output", tmp_path / "o", "--prune-steps", "5"], timeout=120
+    )
+    assert proc.returncode == 2 and "--prune-steps applies only with --source" in proc.stderr
+    assert not (tmp_path / "o").exists()
