@@ -89,3 +89,46 @@ def test_stored_clamp_after_every_optimizer_step():
         optimizer.step()
         assert float(log_alpha.max()) <= hc.LOG_ALPHA_MAX + 1e-6  # float32(ln 100) is 6e-8 above ln 100
         assert float(log_alpha.min()) > hc.LOG_ALPHA_MAX - 1e-6  # clamped, not left behind
+
+
+def _clamp_with_zero_gradient_at_bounds(x, min=None, max=None):
+    """``Tensor.clamp`` as torch 2.15 differentiates it: gradient 0 on the bounds (1 strictly inside)."""
+    out = torch.clamp(x, min, max)
+    inside = torch.ones_like(x, dtype=torch.bool)
+    if min is not None:
+        inside &= x > min
+    if max is not None:
+        inside &= x < max
+    return torch.where(inside, x, out.detach())
+
+
+@pytest.mark.parametrize("torch_2_15_clamp", [False, True])
+def test_logit_on_a_bound_gets_the_gradient_it_gets_inside(monkeypatch, torch_2_15_clamp):
+    # The post-step clamp leaves stored logits exactly at ln 0.01 / ln 100. On torch 2.15 clamp's
+    # gradient there is 0, and a mask reading its logit through clamp would freeze (issue 19). The
+    # forward clamp must pass the unclamped value's gradient whatever torch's clamp does on its bounds.
+    if torch_2_15_clamp:
+        monkeypatch.setattr(torch.Tensor, "clamp", _clamp_with_zero_gradient_at_bounds)
+        probe = torch.tensor([1.0, 2.0], requires_grad=True)
+        probe.clamp(1.0, 2.0).sum().backward()
+        assert torch.equal(probe.grad, torch.zeros(2))  # the simulation does what torch 2.15 does
+    bounds = torch.tensor([hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX])
+    on_bound = bounds.clone().requires_grad_(True)
+    plain = bounds.clone().requires_grad_(True)  # the same values, never clamped: the gradient "inside"
+
+    def loss(log_alpha):
+        gates = hc.sample_gates(log_alpha.expand(64, 2), generator=torch.Generator().manual_seed(3))
+        return (gates * torch.arange(1.0, 65.0)[:, None]).sum() + hc.keep_probability(log_alpha).sum()
+
+    loss(hc.clamped(on_bound)).backward()
+    loss(plain).backward()
+    assert plain.grad.abs().min() > 0
+    assert torch.equal(on_bound.grad, plain.grad)
+
+
+def test_functional_clamp_passes_gradient_beyond_the_bounds_too():
+    log_alpha = torch.tensor([-9.0, 9.0], requires_grad=True)
+    out = hc.clamped(log_alpha)
+    (out * torch.tensor([2.0, 3.0])).sum().backward()
+    assert torch.equal(out.detach(), torch.tensor([hc.LOG_ALPHA_MIN, hc.LOG_ALPHA_MAX]))
+    assert torch.equal(log_alpha.grad, torch.tensor([2.0, 3.0]))

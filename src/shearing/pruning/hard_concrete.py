@@ -18,14 +18,25 @@ in-place op on them is an autograd error), and under FSDP2 and multi-rank FSDP1 
 unsharded copy, so the write never reaches the stored shard (the stored logits drift to ~17 and a
 mask then needs many more steps to respond than on one rank). So the clamp has two halves:
 
-- ``clamped(log_alpha)`` in forward: a functional clamp, the identity (gradient 1, bounds included)
-  on stored values that are in range;
-- ``clamp_stored_log_alpha_`` after every optimizer step (``register_log_alpha_clamp`` installs it as
+- ``clamped(log_alpha)`` in forward: a straight-through clamp, out of place: its value is the clamped
+  logit and its gradient is 1 everywhere, on the bounds and beyond them, by construction (a custom
+  autograd function, not ``torch.clamp``, whose gradient at the bounds is 1 up to torch 2.11 and 0 from
+  torch 2.15: with the latter a logit the post-step clamp left exactly at ln 100 or ln 0.01 would never
+  receive a gradient again and its mask would freeze);
+- ``clamp_log_alpha_`` after every optimizer step (``register_log_alpha_clamp`` installs it as
   an optimizer step post-hook): clamps the *local shard* in place, whatever holds it (a plain tensor,
   an FSDP1 flat-parameter view with ``use_orig_params``, an FSDP2 ``DTensor``).
 
 Together they compute exactly the reference's math: the stored value is always in range when a
-forward reads it, and the forward's gradient is that of the unclamped value.
+forward reads it, and the forward's gradient is that of the unclamped value (the reference clamps
+``.data`` in place, outside the graph, so its logits always get their gradient).
+
+The stretched gate's clip to [0, 1] in ``sample_gates`` passes gradient strictly inside (0, 1) only
+(``hardtanh``'s rule; torch <= 2.11's ``clamp`` also passes it on the bounds). It is written out
+(``torch.where`` on the open interval) rather than left to ``clamp``'s gradient at the bounds, for the
+same reason. A draw lands exactly on a bound with probability ~0, so this fixes the semantics without
+moving any number. Ties elsewhere are broken explicitly too: ``topk_mask`` and the one-shot ranking
+sort stably (ties go by index).
 
 Init: ``init_log_alpha`` draws ln 100 - |N(0, 0.01)|. The reference draws N(5, 0.01) and its first
 clamp maps every unit to exactly ln 100 = 4.605, so its effective init is ln 100 for all units and the
@@ -57,7 +68,9 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator | None = No
     """One differentiable hard-concrete draw per element of ``log_alpha``."""
     u = torch.empty_like(log_alpha, dtype=torch.float32).uniform_(EPS, 1.0 - EPS, generator=generator)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha.float()) / TEMPERATURE)
-    return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0.0, 1.0)
+    stretched = s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT
+    inside = (stretched > 0.0) & (stretched < 1.0)  # gradient on the open interval only (hardtanh's)
+    return torch.where(inside, stretched, stretched.detach().clamp(0.0, 1.0))
 
 
 def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -81,9 +94,22 @@ def init_log_alpha(log_alpha: torch.Tensor, generator: torch.Generator | None = 
         log_alpha.copy_(LOG_ALPHA_MAX - noise.abs())
 
 
+class _StraightThroughClamp(torch.autograd.Function):
+    """Forward: ``clamp(x, low, high)``; backward: the incoming gradient unchanged, for every x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
 def clamped(log_alpha: torch.Tensor) -> torch.Tensor:
-    """log_alpha clamped to [ln 0.01, ln 100], out of place (safe on FSDP views; gradient 1 in range)."""
-    return log_alpha.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+    """log_alpha clamped to [ln 0.01, ln 100], out of place (safe on FSDP views), with gradient 1
+    everywhere, bounds and beyond included (straight-through; see the module docstring)."""
+    return _StraightThroughClamp.apply(log_alpha, LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
 
 def clamp_log_alpha_(log_alpha: torch.Tensor) -> None:
