@@ -13,11 +13,13 @@ import json
 
 import pytest
 import torch
+from gguf_tokenizers import STRUCTURES, write_variant
 from tiny import make_hf_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from shearing.export import SUMMARY_NAME, export_model_state, load_checkpoint, main
 from shearing.gguf_export import write_gguf
+from shearing.gguf_vocab import identify_pre_tokenizer
 from shearing.model_card import last_eval
 
 SENTENCE = "def parse(self, text):\n    return [line.strip() for line in text.splitlines()]"
@@ -29,6 +31,12 @@ def exported(pruned_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("formats") / "x"
     assert main(["--checkpoint", str(run_dir), "--output", str(out), "--gguf"]) == 0
     return run_dir, out
+
+
+def _gguf_fields(path):
+    from gguf import GGUFReader
+
+    return {name: field.contents() for name, field in GGUFReader(path).fields.items()}
 
 
 def _logits(model, ids):
@@ -62,6 +70,17 @@ def test_gguf_of_pruned_export_loads_back_with_same_logits(exported):
     assert (out / "model.gguf").is_file()
     hf, _ = _same_model_and_tokenizer(out, "model.gguf")
     assert not hf.config.tie_word_embeddings  # the tiny source is untied: output.weight is written
+    fields = _gguf_fields(out / "model.gguf")
+    generation = GenerationConfig.from_pretrained(out)
+    assert (
+        fields["tokenizer.ggml.pre"] == summary["gguf"]["tokenizer_pre"] == "gpt-2"
+    )  # our trained ByteLevel
+    assert fields["tokenizer.ggml.bos_token_id"] == generation.bos_token_id
+    assert fields["tokenizer.ggml.eos_token_id"] == generation.eos_token_id
+    assert summary["gguf"]["special_tokens"]["eos"] == {
+        "id": generation.eos_token_id,
+        "from": "generation_config.json",
+    }
 
 
 def test_gguf_tied_embeddings_and_float16(tmp_path, tokenizer_dir):
@@ -161,9 +180,20 @@ def test_gguf_of_real_smollm2_loads_back(smollm2_dir, tmp_path):
     shutil.copytree(smollm2_dir, folder)
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    write_gguf(model.config, state, folder, folder / "model.gguf")
+    # Its tokenizer files say eos <|im_start|> (1) and no pad; its generation config eos <|im_end|> (2), pad 2.
+    with pytest.warns(
+        UserWarning,
+        match=r"eos token id 2 \('<\|im_end\|>'\) from generation_config.json differs "
+        r"from the tokenizer files' eos id 1 \('<\|im_start\|>'",
+    ):
+        info = write_gguf(model.config, state, folder, folder / "model.gguf")
     _, gg = _same_model_and_tokenizer(folder, "model.gguf", atol=1e-4)
     assert gg.config.rope_theta == model.config.rope_theta and gg.config.tie_word_embeddings
+    fields = _gguf_fields(folder / "model.gguf")
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"  # as stored: a plain ByteLevel pre-tokenizer
+    assert (fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.padding_token_id"]) == (2, 2)
+    assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.add_bos_token"] is True
+    assert info["special_tokens"]["eos"] == {"id": 2, "from": "generation_config.json", "tokenizer": 1}
 
 
 def test_bfloat16_beyond_float16_range_is_written_in_float32(tmp_path, tokenizer_dir):
@@ -242,3 +272,153 @@ def test_rope_scaling_llama3_factors_and_linear_metadata(tmp_path, tokenizer_dir
     fields = GGUFReader(src / "lin.gguf").fields
     assert bytes(fields["llama.rope.scaling.type"].parts[-1]).decode() == "linear"
     assert float(fields["llama.rope.scaling.factor"].parts[-1][0]) == 2.0
+
+
+# ------------------------------------------------------------------ tokenizer.ggml.pre, special ids, F16
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer_dir):
+    src = make_hf_llama(tmp_path_factory.mktemp("pre") / "src", tokenizer_dir, seed=5)
+    return src, AutoModelForCausalLM.from_pretrained(src)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_gguf_pre_tokenizer_is_named_by_what_it_splits(tiny_model, tmp_path, name):
+    # Each family's structure (gpt-2: ByteLevel; smollm: Digits + ByteLevel; llama-bpe: LLaMA-3's Split +
+    # ByteLevel without regex, ignore_merges; smaug-bpe: the same, merges kept; qwen2: its Split, NFC).
+    # That llama.cpp then tokenizes like transformers is tests/test_gguf_llamacpp.py's part.
+    src, model = tiny_model
+    folder = write_variant(src, name, tmp_path / name)
+    if name == "qwen2":
+        with pytest.warns(UserWarning, match="NFC-normalizes text and llama.cpp does not"):
+            info = write_gguf(model.config, model.state_dict(), folder, folder / "m.gguf")
+    else:
+        info = write_gguf(model.config, model.state_dict(), folder, folder / "m.gguf")
+    assert _gguf_fields(folder / "m.gguf")["tokenizer.ggml.pre"] == name
+    assert info["tokenizer_pre"] == name
+
+
+def _spec(pre, normalizer=None, **model):
+    return {
+        "model": {"type": "BPE", **model},
+        "pre_tokenizer": pre,
+        "normalizer": normalizer,
+        "added_tokens": [],
+    }
+
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+_LLAMA3 = STRUCTURES["llama-bpe"][0]["pretokenizers"][0]
+
+
+@pytest.mark.parametrize(
+    "spec, found",
+    [
+        (  # DeepSeek-Coder-like: a split llama.cpp applies only under a name this converter does not write
+            _spec(
+                {
+                    "type": "Sequence",
+                    "pretokenizers": [_LLAMA3 | {"pattern": {"Regex": r"\s?\p{L}+"}}, _BYTE_LEVEL],
+                }
+            ),
+            r"pre-tokenizer Sequence\[Split\(\{\"Regex\": \"\\\\s\?\\\\p\{L\}\+\"\}, Isolated, invert=False\), ByteLevel",
+        ),
+        (_spec(_BYTE_LEVEL | {"use_regex": True, "add_prefix_space": True}), "add_prefix_space=True"),
+        (
+            _spec(
+                {
+                    "type": "Sequence",
+                    "pretokenizers": [{"type": "Digits", "individual_digits": False}, _BYTE_LEVEL],
+                }
+            ),
+            r"Digits\(individual_digits=False\)",
+        ),
+        (  # LLaMA-3's split followed by GPT-2's as well: llama.cpp has no such pair
+            _spec(
+                {"type": "Sequence", "pretokenizers": [_LLAMA3, _BYTE_LEVEL | {"use_regex": True}]},
+                ignore_merges=True,
+            ),
+            r"ByteLevel\(use_regex=True.*ignore_merges=True",
+        ),
+        (
+            _spec({"type": "Sequence", "pretokenizers": [_LLAMA3 | {"behavior": "Removed"}, _BYTE_LEVEL]}),
+            "Removed",
+        ),
+        (_spec(_BYTE_LEVEL | {"use_regex": True}, {"type": "Lowercase"}), "normalizer Lowercase"),
+        (
+            _spec(_BYTE_LEVEL | {"use_regex": True}, continuing_subword_prefix="##"),
+            "continuing_subword_prefix='##'",
+        ),
+    ],
+)
+def test_gguf_refuses_a_pre_tokenizer_llama_cpp_would_not_reproduce(spec, found):
+    with pytest.raises(ValueError, match=found) as caught:
+        identify_pre_tokenizer(spec, "the/folder")
+    assert "the/folder" in str(caught.value)
+    assert "convert_hf_to_gguf.py, or export without --gguf" in str(caught.value)
+
+
+def test_gguf_refuses_added_tokens_that_strip_spaces():
+    spec = _spec(_BYTE_LEVEL | {"use_regex": True})
+    spec["added_tokens"] = [
+        {"id": 7, "content": "<mask>", "lstrip": True, "rstrip": False, "single_word": False}
+    ]
+    with pytest.raises(ValueError, match=r"added token '<mask>' \(id 7\) in here has lstrip set"):
+        identify_pre_tokenizer(spec, "here")
+
+
+def test_gguf_special_ids_follow_the_generation_config(tmp_path, tokenizer_dir):
+    # The tokenizer says eos </s> (2) and no pad; the model's generation config says eos 5, pad 5.
+    src = make_hf_llama(tmp_path / "ids", tokenizer_dir, eos_token_id=5, pad_token_id=5)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    assert AutoTokenizer.from_pretrained(src).eos_token_id == 2
+    with pytest.warns(
+        UserWarning,
+        match=r"eos token id 5 .* from generation_config.json differs from the tokenizer "
+        r"files' eos id 2 \('</s>', tokenizer_config.json / special_tokens_map.json\)",
+    ):
+        info = write_gguf(model.config, model.state_dict(), src, src / "m.gguf")
+    fields = _gguf_fields(src / "m.gguf")
+    assert (fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.padding_token_id"]) == (5, 5)
+    assert fields["tokenizer.ggml.bos_token_id"] == 1
+    assert info["special_tokens"]["eos"] == {"id": 5, "from": "generation_config.json", "tokenizer": 2}
+    assert info["special_tokens"]["pad"] == {"id": 5, "from": "generation_config.json"}
+
+    # No generation_config.json: config.json's ids.
+    (src / "generation_config.json").unlink()
+    model.config.eos_token_id = 7
+    with pytest.warns(UserWarning, match="eos token id 7 .* from config.json differs"):
+        info = write_gguf(model.config, model.state_dict(), src, src / "m.gguf")
+    assert info["special_tokens"]["eos"]["from"] == "config.json"
+    assert _gguf_fields(src / "m.gguf")["tokenizer.ggml.eos_token_id"] == 7
+
+    # A list of eos ids: the tokenizer's when listed (no disagreement), and an id outside the vocab is refused.
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 2]}))
+    info = write_gguf(model.config, model.state_dict(), src, src / "m.gguf")
+    assert info["special_tokens"]["eos"] == {"id": 2, "from": "generation_config.json"}
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 512}))
+    with pytest.raises(
+        ValueError, match=r"eos_token_id 512 in generation_config.json .* not a token id of this model"
+    ):
+        write_gguf(model.config, model.state_dict(), src, src / "bad.gguf")
+    assert not (src / "bad.gguf").exists()
+
+
+def test_gguf_float16_refuses_weights_beyond_its_range(tmp_path, tokenizer_dir):
+    src = make_hf_llama(tmp_path / "big", tokenizer_dir, seed=4)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    state = dict(model.state_dict())
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].clone()
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6
+    named = r"blk\.0\.ffn_up\.weight \(model\.layers\.0\.mlp\.up_proj\.weight\) max \|value\| "
+    with pytest.raises(
+        ValueError, match=named + r"1e\+06.*--dtype bfloat16 .* or --dtype float32.*Nothing was written"
+    ):
+        write_gguf(model.config, state, src, src / "half.gguf", dtype="float16")
+    # As the export hands it over (already cast to float16, where the weight is inf).
+    half = {k: v.to(torch.float16) for k, v in state.items()}
+    with pytest.raises(ValueError, match=named + "inf"):
+        write_gguf(model.config, half, src, src / "half.gguf", dtype="float16")
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=named + "nan.*the weights themselves are not finite"):
+        write_gguf(model.config, state, src, src / "f32.gguf", dtype="float32")
+    assert not list(src.glob("*.gguf")) and not list(src.glob(".*.gguf.tmp-*"))

@@ -14,13 +14,12 @@ What goes in:
   base, RMS eps, vocab size; ``general.file_type`` (``ALL_F32`` or ``MOSTLY_F16``). Rope scaling:
   ``linear`` is written as llama.cpp's ``rope.scaling.type/factor``; LLaMA-3's ``llama3`` scaling as the
   per-frequency ``rope_freqs.weight`` factors llama.cpp reads; any other type is refused.
-- The tokenizer: byte-level BPE tokenizers (ours, SmolLM2's, LLaMA-3's: a ``tokenizer.json`` BPE model
-  behind a ByteLevel pre-tokenizer) as ``tokenizer.ggml.model = "gpt2"`` with the tokens in id order
-  (padded with ``[PAD<i>]`` up to the model's vocab size), token types (special tokens CONTROL, other
-  added tokens USER_DEFINED, padding UNUSED, the rest NORMAL), merges, bos/eos/unk/pad ids and
-  ``add_bos_token``/``add_eos_token`` as the tokenizer does them. SentencePiece tokenizers (LLaMA-2's,
-  ``tokenizer.ggml.model = "llama"``) need their piece scores from ``tokenizer.model`` and the
-  ``sentencepiece`` package; they are refused with that message rather than written approximately.
+- The tokenizer (``shearing.gguf_vocab``): byte-level BPE (ours, SmolLM2's, LLaMA-3's, Qwen2's) as
+  ``tokenizer.ggml.model = "gpt2"``, with ``tokenizer.ggml.pre`` identified from what the pre-tokenizer
+  does (a tokenizer llama.cpp would split differently is refused), the tokens in id order (padded with
+  ``[PAD<i>]`` up to the model's vocab size), token types, merges, and bos/eos/pad ids as the export's
+  ``generation_config.json`` has them (a warning when the tokenizer files disagree). SentencePiece
+  tokenizers (LLaMA-2's) are refused rather than written approximately.
 - Tensors under llama.cpp's names: ``token_embd``, ``blk.N.{attn_norm, attn_q, attn_k, attn_v,
   attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}``, ``output_norm`` and ``output`` (absent when the
   embeddings are tied: that absence is how readers know). q and k rows are permuted per head from HF's
@@ -29,13 +28,14 @@ What goes in:
   the file with ``from_pretrained(dir, gguf_file=...)`` gives back the HF weights exactly.
 - Precision from ``--dtype``: float32 -> F32; float16 -> F16; bfloat16 -> F16 (GGUF readers expect
   F16/F32 for unquantised files), or F32 when a weight would overflow float16 (a warning says so).
+  A non-finite value in what would be written (float16's inf for a weight beyond 65504, or a NaN) is
+  refused, naming the tensor; nothing is written.
   1-D tensors (norms, rope factors) are always F32, as llama.cpp writes them. No quantisation: llama.cpp's
   ``llama-quantize`` does that from this file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from shearing.gguf_vocab import gguf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -127,86 +129,23 @@ def _head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-# ----------------------------------------------------------------------------------- tokenizer
-def gguf_tokenizer(tokenizer_dir: str | os.PathLike, vocab_size: int) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` fields of an HF tokenizer folder (byte-level BPE only, see the docstring)."""
-    from transformers import AutoTokenizer
-
-    folder = Path(tokenizer_dir)
-    spec_file = folder / "tokenizer.json"
-    if not spec_file.is_file():
-        raise ValueError(
-            f"--gguf needs the tokenizer's tokenizer.json in {folder}, and there is none: export a run whose "
-            "source has a fast (tokenizers) tokenizer, or drop --gguf"
-        )
-    spec = json.loads(spec_file.read_text())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not _is_byte_level(spec.get("pre_tokenizer")):
-        raise ValueError(
-            f"--gguf writes byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2'); the tokenizer in {folder} "
-            f"is a {model.get('type')} model with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')} "
-            "(a SentencePiece tokenizer such as LLaMA-2's needs its tokenizer.model scores and the sentencepiece "
-            "package, which this converter does not use). Export without --gguf and convert with llama.cpp's "
-            "convert_hf_to_gguf.py"
-        )
-    tok = AutoTokenizer.from_pretrained(folder)
-    vocab = tok.get_vocab()
-    if len(vocab) > vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(vocab)} tokens but the model's vocab_size is {vocab_size}: they do not belong together"
-        )
-    by_id = {i: t for t, i in vocab.items()}
-    special = set(tok.all_special_ids)
-    added = {i for i, t in tok.added_tokens_decoder.items()}
-    added_special = {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(5)  # UNUSED
-        else:
-            tokens.append(by_id[i])
-            types.append(3 if i in special or i in added_special else 4 if i in added else 1)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    probe = tok("a").input_ids
-    plain = tok("a", add_special_tokens=False).input_ids
-    fields = {
-        "tokens": tokens,
-        "types": types,
-        "merges": merges,
-        "bos": tok.bos_token_id,
-        "eos": tok.eos_token_id,
-        "unk": tok.unk_token_id,
-        "pad": tok.pad_token_id,
-        "add_bos": tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id] != plain[:1],
-        "add_eos": tok.eos_token_id is not None and probe[-1:] == [tok.eos_token_id] != plain[-1:],
-        "chat_template": tok.chat_template if isinstance(tok.chat_template, str) else None,
-    }
-    return fields
-
-
-def _is_byte_level(pre: dict | None) -> bool:
-    if not pre:
-        return False
-    if pre.get("type") == "ByteLevel":
-        return True
-    return pre.get("type") == "Sequence" and any(p.get("type") == "ByteLevel" for p in pre["pretokenizers"])
-
-
 # --------------------------------------------------------------------------------------- writer
 def write_gguf(
     config: Any,
     state: dict[str, torch.Tensor],
-    tokenizer_dir: str | os.PathLike,
+    folder: str | os.PathLike,
     path: str | os.PathLike,
     dtype: str = "float32",
     name: str = "shearing export",
 ) -> dict[str, Any]:
-    """Write ``state`` (an HF ``LlamaForCausalLM`` state dict) and its tokenizer as a llama GGUF at ``path``.
+    """Write ``state`` (an HF ``LlamaForCausalLM`` state dict) as a llama GGUF at ``path``.
 
-    Returns ``{"file", "file_type", "tensors", "bytes"}``. Every check runs before the file is opened.
+    ``folder`` is the export folder: its tokenizer files, ``generation_config.json`` and ``config.json``
+    give the ``tokenizer.ggml.*`` fields (``shearing.gguf_vocab``). Returns ``{"file", "file_type",
+    "tensors", "bytes", "tokenizer_pre", "special_tokens"}``. Every check runs before the file is opened,
+    and the file appears at ``path`` only once complete.
     """
-    from gguf import GGUFWriter, LlamaFileType
+    from gguf import GGUFWriter, LlamaFileType, RopeScalingType
 
     if getattr(config, "model_type", "llama") != "llama":
         raise ValueError(
@@ -218,29 +157,14 @@ def write_gguf(
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("--gguf: attention_bias / mlp_bias models are not LLaMA as llama.cpp reads it")
     rope_kind, rope_factors = _rope_scaling(config)
-    tokenizer = gguf_tokenizer(tokenizer_dir, int(config.vocab_size))
-    tied = bool(config.tie_word_embeddings) or "lm_head.weight" not in state
-    arrays = {}
-    half = dtype != "float32"
-    for key, value in state.items():
-        if key == "lm_head.weight" and tied:
-            continue
-        arrays[gguf_tensor_name(key)] = value.detach().to(torch.float32).cpu().numpy()
-    for i in range(int(config.num_hidden_layers)):
-        q, k = f"blk.{i}.attn_q.weight", f"blk.{i}.attn_k.weight"
-        arrays[q] = permute_for_rope(arrays[q], int(config.num_attention_heads))
-        arrays[k] = permute_for_rope(arrays[k], int(config.num_key_value_heads))
-    if half and dtype == "bfloat16":
-        worst = max(float(np.abs(a).max()) for a in arrays.values() if a.ndim > 1)
-        if worst > FP16_MAX:
-            message = f"--gguf: a weight reaches {worst:.3g}, beyond float16; the GGUF is written in float32"
-            warnings.warn(message, stacklevel=2)
-            log.warning(message)
-            half = False
+    tokenizer = gguf_tokenizer(folder, config)
+    arrays, half = _tensor_arrays(config, state, dtype)
     file_type = LlamaFileType.MOSTLY_F16 if half else LlamaFileType.ALL_F32
 
     head_dim = _head_dim(config)
-    writer = GGUFWriter(os.fspath(path), arch="llama")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = GGUFWriter(os.fspath(tmp), arch="llama")
     writer.add_name(name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
@@ -253,20 +177,19 @@ def write_gguf(
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(config.rope_theta))
     if rope_kind == "linear":
-        writer.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR)
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(file_type)
 
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(tokenizer["pre"])
     writer.add_token_list(tokenizer["tokens"])
     writer.add_token_types(tokenizer["types"])
     writer.add_token_merges(tokenizer["merges"])
-    for kind in ("bos", "eos", "unk", "pad"):
-        if tokenizer[kind] is not None:
-            getattr(writer, f"add_{kind}_token_id")(int(tokenizer[kind]))
+    for kind, chosen in tokenizer["special"].items():
+        getattr(writer, f"add_{kind}_token_id")(chosen["id"])
     writer.add_add_bos_token(bool(tokenizer["add_bos"]))
     writer.add_add_eos_token(bool(tokenizer["add_eos"]))
     if tokenizer["chat_template"]:
@@ -275,19 +198,73 @@ def write_gguf(
     if rope_factors is not None:
         writer.add_tensor("rope_freqs.weight", rope_factors)
     for tensor_name, array in arrays.items():
-        if half and array.ndim > 1:
-            array = array.astype(np.float16)
-        writer.add_tensor(tensor_name, np.ascontiguousarray(array))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        writer.add_tensor(tensor_name, array)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {
-        "file": Path(path).name,
+        "file": path.name,
         "file_type": "MOSTLY_F16" if half else "ALL_F32",
         "tensors": len(arrays) + (rope_factors is not None),
-        "bytes": Path(path).stat().st_size,
+        "bytes": path.stat().st_size,
+        "tokenizer_pre": tokenizer["pre"],
+        "special_tokens": tokenizer["special"],
     }
+
+
+def _tensor_arrays(
+    config: Any, state: dict[str, torch.Tensor], dtype: str
+) -> tuple[dict[str, np.ndarray], bool]:
+    """The arrays to write under their llama.cpp names, and whether 2-D ones are F16 (see the docstring).
+
+    Refuses (ValueError naming the tensor) any non-finite value in what would be written: a weight that
+    float16 cannot hold becomes inf in an F16 tensor, and llama.cpp would compute with it."""
+    tied = bool(config.tie_word_embeddings) or "lm_head.weight" not in state
+    arrays, hf_names = {}, {}
+    for key, value in state.items():
+        if key == "lm_head.weight" and tied:
+            continue
+        hf_names[gguf_tensor_name(key)] = key
+        arrays[gguf_tensor_name(key)] = value.detach().to(torch.float32).cpu().numpy()
+    for i in range(int(config.num_hidden_layers)):
+        q, k = f"blk.{i}.attn_q.weight", f"blk.{i}.attn_k.weight"
+        arrays[q] = permute_for_rope(arrays[q], int(config.num_attention_heads))
+        arrays[k] = permute_for_rope(arrays[k], int(config.num_key_value_heads))
+    half = dtype != "float32"
+    if dtype == "bfloat16":
+        worst = max(float(np.abs(a).max()) for a in arrays.values() if a.ndim > 1)
+        if worst > FP16_MAX:
+            message = f"--gguf: a weight reaches {worst:.3g}, beyond float16; the GGUF is written in float32"
+            warnings.warn(message, stacklevel=3)
+            log.warning(message)
+            half = False
+    bad = []
+    for tensor_name, array in arrays.items():
+        written = array
+        if half and array.ndim > 1:
+            with np.errstate(over="ignore"):
+                written = array.astype(np.float16)
+        if not np.isfinite(written).all():
+            worst = float(np.abs(array).max())  # nan when the weights hold a NaN
+            bad.append(f"{tensor_name} ({hf_names.get(tensor_name, tensor_name)}) max |value| {worst:.4g}")
+        arrays[tensor_name] = np.ascontiguousarray(written)
+    if bad:
+        fix = (
+            f"float16 holds up to {FP16_MAX:g}: export with --dtype bfloat16 (its GGUF falls back to F32 for "
+            "such weights) or --dtype float32"
+            if dtype == "float16"
+            else "the weights themselves are not finite: export an earlier checkpoint"
+        )
+        raise ValueError(
+            f"--gguf refused: non-finite values as written ({dtype}) in {len(bad)} tensor(s): "
+            f"{'; '.join(bad[:5])}. {fix}. Nothing was written"
+        )
+    return arrays, half
 
 
 def _rope_scaling(config: Any) -> tuple[str | None, np.ndarray | None]:
