@@ -23,7 +23,8 @@ fix. The checks, in order:
 4. Cross-field (``check_domains``, ``check_context_length``): with dynamic loading, the train and eval
    loaders read the same domains in the same order (their ``domains:`` lists, else the manifests'), a
    mapping of reference losses names exactly the train domains, and ``max_seq_len`` fits the source's
-   ``max_position_embeddings``.
+   ``max_position_embeddings`` and, for a source or teacher with a sliding window, the window
+   (``shearing.models.family.check_sliding_window``).
    ``distillation:`` (``check_distillation``): alpha in [0, 1], temperature > 0, chunk_size >= 0, a teacher
    folder with the source's vocabulary and room for max_seq_len; ``reference_losses: teacher`` needs it.
    ``pruning.init: importance`` (``check_importance_init``): a positive ``calibration_sequences`` read from
@@ -466,6 +467,7 @@ def check_distillation(cfg: RunConfig, local: bool = True) -> None:
         )
     if d.teacher is None or not local:
         return
+    from shearing.models.family import check_sliding_window
     from shearing.models.shapes import is_checkpoint_dir, read_config_json, source_max_positions
 
     if not is_checkpoint_dir(d.teacher):
@@ -474,6 +476,7 @@ def check_distillation(cfg: RunConfig, local: bool = True) -> None:
             "give such a folder (save_pretrained writes one), or null to distil from model.source"
         )
     teacher = read_config_json(d.teacher)
+    check_sliding_window(teacher, cfg.max_seq_len, f"{d.teacher}/config.json")
     source_vocab = _source_vocab_size(cfg.model.source)
     if source_vocab is not None and teacher.get("vocab_size") != source_vocab:
         raise ValueError(
@@ -503,7 +506,8 @@ def _source_vocab_size(source: Any) -> int | None:
 
 def check_context_length(cfg: RunConfig, local: bool = True) -> None:
     """``max_seq_len`` must fit the source's ``max_position_embeddings`` (config.json or the named shape)."""
-    from shearing.models.shapes import is_checkpoint_dir, source_max_positions
+    from shearing.models.family import check_sliding_window
+    from shearing.models.shapes import is_checkpoint_dir, read_config_json, source_max_positions
 
     source = cfg.model.source
     if is_checkpoint_dir(source) and not local:
@@ -519,6 +523,8 @@ def check_context_length(cfg: RunConfig, local: bool = True) -> None:
             f"max_seq_len={cfg.max_seq_len} is longer than the source's max_position_embeddings={limit} "
             f"({source}): lower max_seq_len to at most {limit} (and prepare the data at that length)"
         )
+    if is_checkpoint_dir(source):  # a sliding window must not take effect within max_seq_len
+        check_sliding_window(read_config_json(source), cfg.max_seq_len, f"{source}/config.json")
 
 
 # ---------------------------------------------------------------------------------------------------

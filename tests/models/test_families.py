@@ -3,8 +3,11 @@
 (a) our model with no masks / unit masks == the stock HF class; (b) the masked model under exact-target
 final masks (random soft values) == ``prune_model``'s output; (c) that cut exported through
 ``export_model_state`` loads strictly as the stock class with the same logits and ``count_params``
-parameters. Tiny random configs: Qwen2 (GQA, random q/k/v biases, tied and untied) and Mistral
-(GQA, sliding_window null or never in effect). The end-to-end test prunes a Qwen2 with prune_tiny.
+parameters. Tiny random configs: Qwen2 (GQA, random q/k/v biases, tied and untied, and a distilled-style
+config with ``use_sliding_window: false``) and Mistral (GQA, sliding_window null or never in effect).
+The sliding-window rule is checked against what transformers 4.51.3 computes (equal logits up to
+``sliding_window`` tokens, different one token past it) and on the configs that ship (``Qwen2Config()``'s
+defaults, DeepSeek-R1-Distill-Qwen-1.5B's). The end-to-end test prunes a Qwen2 with prune_tiny.
 """
 
 import json
@@ -14,9 +17,15 @@ import torch
 from tiny import TINY_TARGET, make_hf_family, run_overrides, unit_masks
 from transformers import AutoModelForCausalLM, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from shearing.models.family import FAMILIES, family_of
+from shearing.models.family import FAMILIES, check_sliding_window, family_of
 from shearing.models.hf_io import config_from_shape, load_source_model
-from shearing.models.shapes import count_params, named_shape, resolve_target_shape, shape_from_hf_config
+from shearing.models.shapes import (
+    count_params,
+    named_shape,
+    read_config_json,
+    resolve_target_shape,
+    shape_from_hf_config,
+)
 from shearing.pruning.l0 import L0Module
 from shearing.pruning.masks import Masks, count_masked_params
 from shearing.pruning.surgery import prune_model
@@ -26,7 +35,16 @@ FAMILY_CASES = {
     "qwen2_tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, sliding_window=None)),
     "mistral_no_window": ("mistral", dict(num_key_value_heads=4, sliding_window=None)),
     "mistral_long_window": ("mistral", dict(num_key_value_heads=2, sliding_window=256)),  # == max positions
+    # as distilled Qwen2 models ship (window unused, shorter than max positions, longer than the test's T)
+    "qwen2_distilled": (
+        "qwen2",
+        dict(num_key_value_heads=2, use_sliding_window=False, sliding_window=64, max_window_layers=2),
+    ),
 }
+# DeepSeek-R1-Distill-Qwen-1.5B's config.json, its window fields (the shape is the tiny one)
+DISTILLED_QWEN2 = dict(
+    use_sliding_window=False, sliding_window=4096, max_window_layers=21, max_position_embeddings=131072
+)
 STOCK = {"qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}
 FAMILIES_ALL = ["hidden", "head", "intermediate", "layer"]
 
@@ -138,9 +156,7 @@ def test_qwen2_bias_count_and_family_rows():
 @pytest.mark.parametrize(
     "model_type, fields, match",
     [
-        ("mistral", dict(sliding_window=32), "sliding_window=32 takes effect"),
-        # Qwen2's HF causal mask applies sliding_window even with use_sliding_window false
-        ("qwen2", dict(sliding_window=128, use_sliding_window=False), "sliding_window=128 takes effect"),
+        ("mistral", dict(sliding_window=0), "sliding_window=0 must be a positive integer"),
         ("llama", dict(sliding_window=4096), "sliding_window=4096 in a llama config"),
         ("gpt2", dict(), "model_type 'gpt2' is not a LLaMA-family checkpoint"),
         ("llama", dict(attention_bias=True), "attention_bias=true is not supported"),
@@ -158,6 +174,140 @@ def test_refused_configs(tmp_path, model_type, fields, match):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=match):
         load_source_model(tmp_path)
+
+
+def _raw(model_type, **fields):
+    """A tiny config.json dict of ``model_type`` (256 positions) with ``fields``."""
+    base = config_from_shape(named_shape("tiny_gqa")).to_dict()
+    return {**base, "max_position_embeddings": 256, "model_type": model_type, "architectures": [], **fields}
+
+
+UNUSED_WINDOW = r"sliding_window=4096 with use_sliding_window=false: the model uses no window.*eager and sdpa"
+UNUSED_WINDOW += (
+    r'.*only flash_attention_2 reads use_sliding_window.*Set "sliding_window": null in this config.json'
+)
+UNUSED_WINDOW += r".*or lower max_seq_len to at most 4096"
+
+
+@pytest.mark.parametrize(
+    "raw, seq_len",
+    [
+        (Qwen2Config().to_dict(), 4096),  # window 4096, max positions 32768, use_sliding_window false
+        (Qwen2Config().to_dict(), 64),
+        (_raw("qwen2", **DISTILLED_QWEN2), 4096),
+        (_raw("mistral", sliding_window=128), 64),  # window shorter than max positions, longer than the run
+        (_raw("mistral", sliding_window=64), 64),  # a position never looks 64 back in 64 tokens
+        (_raw("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=2), 64),
+        (_raw("mistral", sliding_window=None), 256),
+    ],
+    ids=[
+        "qwen2_defaults",
+        "qwen2_defaults_short",
+        "distilled_qwen2",
+        "mistral_longer",
+        "mistral_equal",
+        "qwen2_used_window_longer",
+        "mistral_none",
+    ],
+)
+def test_windows_that_never_apply_are_accepted(tmp_path, raw, seq_len):
+    """Refused before for sliding_window < max_position_embeddings, whatever the run's max_seq_len."""
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert read_config_json(tmp_path)["sliding_window"] == raw["sliding_window"]  # the folder is not refused
+    check_sliding_window(raw, seq_len, "config.json")
+
+
+@pytest.mark.parametrize(
+    "raw, seq_len, match",
+    [
+        (Qwen2Config().to_dict(), 4097, UNUSED_WINDOW),
+        (_raw("qwen2", **DISTILLED_QWEN2), 8192, UNUSED_WINDOW),
+        (
+            _raw("mistral", sliding_window=32),
+            64,
+            "sliding_window=32: MistralForCausalLM attends within a 32-token window in every layer, so on "
+            "max_seq_len=64-token sequences.*lower max_seq_len to at most 32",
+        ),
+        # no sliding_window key: MistralConfig's default window (4096), as from_pretrained reads it
+        (_raw("mistral", max_position_embeddings=32768), 8192, "sliding_window=4096: MistralForCausalLM"),
+        (
+            _raw("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=2),
+            64,
+            "use_sliding_window=true and max_window_layers=2: layers 2..3 of this Qwen2 attend within a "
+            "32-token window.*lower max_seq_len to at most 32",
+        ),
+        (
+            _raw("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=4),  # no layer >= 4
+            64,
+            "use_sliding_window=true but max_window_layers=4 >= num_hidden_layers=4: the model uses no window, "
+            'but.*eager and sdpa.*Set "sliding_window": null',
+        ),
+    ],
+    ids=[
+        "qwen2_defaults",
+        "distilled_qwen2",
+        "mistral_shorter",
+        "mistral_default",
+        "qwen2_used_window",
+        "qwen2_window_layers_past_the_last",
+    ],
+)
+def test_windows_that_apply_are_refused_with_why(raw, seq_len, match):
+    with pytest.raises(ValueError, match=match):
+        check_sliding_window(raw, seq_len, "config.json")
+
+
+@pytest.mark.parametrize(
+    "model_type, fields",
+    [
+        ("mistral", dict(sliding_window=16)),
+        ("qwen2", dict(sliding_window=16, use_sliding_window=False)),
+        ("qwen2", dict(sliding_window=16, use_sliding_window=True, max_window_layers=2)),
+    ],
+    ids=["mistral", "qwen2_unused", "qwen2_upper_layers"],
+)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_window_rule_is_what_stock_transformers_computes(tmp_path, model_type, fields, attn):
+    """Accepted exactly where our windowless model gives the stock class's logits: up to sliding_window
+    tokens; one token more and transformers 4.51 applies the window (Qwen2's too, flag or no flag)."""
+    path = make_hf_family(tmp_path, model_type, seed=3, **fields)
+    raw = json.loads((path / "config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+    ours, _ = load_source_model(path)
+    for seq_len in (16, 17):
+        ids = torch.randint(0, 512, (2, seq_len), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            same = torch.allclose(ours.eval()(ids), _logits(hf, ids), atol=1e-5, rtol=1e-4)
+        try:
+            check_sliding_window(raw, seq_len, "config.json")
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == same == (seq_len <= 16), (seq_len, accepted, same)
+
+
+@pytest.mark.parametrize("role", ["source", "teacher"])
+def test_run_validation_checks_the_window_against_max_seq_len(tmp_path, role):
+    """prune_tiny (max_seq_len 64) from a Mistral whose window is 64 runs; one of 32 is refused before any
+    weights load, for the source and for a distillation teacher alike."""
+    from shearing.config import load_config
+    from shearing.validation import check_context_length, check_distillation
+
+    def cfg_with(window):
+        folder = make_hf_family(tmp_path / f"w{window}", "mistral", seed=3, sliding_window=window)
+        plain = make_hf_family(tmp_path / "plain", "mistral", seed=3, sliding_window=None)
+        source, teacher = (folder, plain) if role == "source" else (plain, folder)
+        return load_config(
+            "yamls/testing/prune_tiny.yaml",
+            [f"variables.source_model={source}", "distillation.alpha=0.5", f"distillation.teacher={teacher}"],
+        )
+
+    check = check_context_length if role == "source" else check_distillation
+    check(cfg_with(64))
+    with pytest.raises(
+        ValueError, match=r"w32/config.json: sliding_window=32: MistralForCausalLM.*at most 32"
+    ):
+        check(cfg_with(32))
 
 
 @pytest.mark.slow

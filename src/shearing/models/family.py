@@ -8,10 +8,20 @@ Every family here computes exactly what ``transformers.LlamaForCausalLM`` comput
 - **biases**: Qwen2's q/k/v projections carry biases (``o_proj`` and the MLP do not); each adds H·K
   (q) + 2·G·K (k, v) parameters per layer, and a bias is pruned with its projection's rows;
 - **sliding-window attention** (Mistral's ``sliding_window``; Qwen2's ``sliding_window`` with
-  ``use_sliding_window`` / ``max_window_layers``): the masked model has no window, so a config is accepted
-  only where the window never takes effect: ``sliding_window`` is null or at least
-  ``max_position_embeddings`` (HF 4.51 builds Qwen2's causal mask from ``sliding_window`` even with
-  ``use_sliding_window: false``, so that flag alone does not make a short window safe).
+  ``use_sliding_window`` / ``max_window_layers``): the masked model has no window, so a run is refused
+  where the window would take effect on its sequences (``check_sliding_window``, called with
+  ``max_seq_len`` by the run validation). What transformers 4.51.3 does: a position attends to the keys
+  less than ``sliding_window`` positions back (the causal mask drops ``k <= q - sliding_window``), so a
+  window changes nothing on sequences of at most ``sliding_window`` tokens and a run is accepted whenever
+  ``max_seq_len <= sliding_window`` (or ``sliding_window`` is null). Mistral applies it in every layer.
+  Qwen2 applies it, under the default eager and sdpa attention, in *every* layer too, whenever
+  ``sliding_window`` is set: the causal mask is built from ``config.sliding_window`` alone, and only
+  ``flash_attention_2`` reads ``use_sliding_window`` / ``max_window_layers`` (layers ``>=
+  max_window_layers`` get the window). So ``Qwen2Config()``'s own defaults (window 4096, flag false) and
+  distilled Qwen2 models are accepted up to 4096 tokens; past that, a model with ``use_sliding_window:
+  false`` is told to set ``sliding_window`` to null (it never used a window; the stock HF model then
+  agrees at every length), one that uses a window to lower ``max_seq_len``. A family config that omits
+  ``sliding_window`` gets its HF config class's default (4096 for both), as ``from_pretrained`` does.
 
 Adding a family is one row of ``FAMILIES`` (plus its parity tests): its HF ``model_type``, config
 class, causal-LM class name, whether q/k/v have biases, and the config fields that carry over to a
@@ -37,7 +47,7 @@ class ModelFamily:
     config_class: type[PretrainedConfig]
     architecture: str  # the HF causal-LM class, written to config.architectures
     qkv_bias: bool = False  # q/k/v projections have biases (o_proj and the MLP never do here)
-    sliding_window: bool = False  # configs may carry sliding_window (accepted only where it never applies)
+    sliding_window: bool = False  # configs may carry sliding_window (see check_sliding_window)
     extra_fields: tuple[str, ...] = ()  # family config fields a pruned model inherits unchanged
 
     @property
@@ -131,13 +141,57 @@ def check_family_config(raw_config: Mapping[str, Any], where: str) -> ModelFamil
             f"{where}: sliding_window={window!r} in a {family.name} config ({family.architecture} has no "
             "sliding window): is model_type right? Set sliding_window to null if the model has no window"
         )
-    if window is not None:
-        positions = raw_config.get("max_position_embeddings", family.config_class().max_position_embeddings)
-        if not isinstance(window, int) or window < positions:
-            raise ValueError(
-                f"{where}: sliding_window={window!r} takes effect within max_position_embeddings={positions}: "
-                "sliding-window attention is not supported. A config is accepted when sliding_window is null "
-                "or >= max_position_embeddings (the window never applies); if the model was not trained with "
-                "a window, set sliding_window to null in config.json"
-            )
+    window = _family_field(raw_config, family, "sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+        raise ValueError(
+            f"{where}: sliding_window={window!r} must be a positive integer (the attention window, in tokens) "
+            "or null (no window)"
+        )
     return family
+
+
+def _family_field(raw_config: Mapping[str, Any], family: ModelFamily, key: str) -> Any:
+    """``raw_config[key]``, else the family config class's default (what ``from_pretrained`` would use)."""
+    if key in raw_config:
+        return raw_config[key]
+    return getattr(family.config_class(), key, None)
+
+
+def check_sliding_window(raw_config: Mapping[str, Any], seq_len: int, where: str) -> None:
+    """Refuse a config whose sliding window would take effect on ``seq_len``-token sequences (the
+    module docstring says when transformers 4.51.3 applies it); the message says why and what to change."""
+    family = check_family_config(raw_config, where)
+    window = _family_field(raw_config, family, "sliding_window") if family.sliding_window else None
+    if window is None or seq_len <= window:
+        return
+    effect = (
+        f"on max_seq_len={seq_len}-token sequences each position would see only the last {window} "
+        "positions, but shearing's model has no window (its logits would not be the stock model's)"
+    )
+    shorten = f"lower max_seq_len to at most {window} (the window then never applies)"
+    if family.name != "qwen2":
+        raise ValueError(
+            f"{where}: sliding_window={window}: {family.architecture} attends within a {window}-token window "
+            f"in every layer, so {effect}. Sliding-window attention is not supported: {shorten}"
+        )
+    layers = int(_family_field(raw_config, family, "num_hidden_layers"))
+    first = int(_family_field(raw_config, family, "max_window_layers"))
+    if _family_field(raw_config, family, "use_sliding_window") and first < layers:
+        raise ValueError(
+            f"{where}: sliding_window={window} with use_sliding_window=true and max_window_layers={first}: "
+            f"layers {first}..{layers - 1} of this Qwen2 attend within a {window}-token window (and "
+            f"transformers 4.51's eager/sdpa attention applies it to every layer), so {effect}. "
+            f"Sliding-window attention is not supported: {shorten}"
+        )
+    unused = (
+        f"use_sliding_window=true but max_window_layers={first} >= num_hidden_layers={layers}"
+        if _family_field(raw_config, family, "use_sliding_window")
+        else "use_sliding_window=false"
+    )
+    raise ValueError(
+        f"{where}: sliding_window={window} with {unused}: the model uses no window, but "
+        "transformers 4.51's eager and sdpa attention build the causal mask from sliding_window alone and so "
+        f"apply a {window}-token window to every layer (only flash_attention_2 reads use_sliding_window): "
+        f'{effect}. Set "sliding_window": null in this config.json (the model does not use it; stock '
+        f"transformers then agrees at every length), or {shorten}"
+    )
