@@ -106,3 +106,68 @@ def test_folder_without_hf_weights(tmp_path):
     (path / "model.safetensors").rename(path / "consolidated.safetensors")
     with pytest.raises(ValueError, match=r"holds none of model.safetensors, model.safetensors.index.json"):
         load_source_model(path)
+
+
+def _poison(path, key="model.layers.1.mlp.up_proj.weight"):
+    """Rewrite the folder's model.safetensors with 2 NaN and 1 inf in tensor ``key``."""
+    from safetensors.torch import load_file
+
+    state = load_file(path / "model.safetensors")
+    flat = state[key].view(-1)
+    flat[3], flat[7], flat[11] = float("nan"), float("nan"), float("inf")
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return key
+
+
+NONFINITE = (
+    r"weight file .*model.safetensors holds non-finite weights: model.layers.1.mlp.up_proj.weight "
+    r"\(2 NaN and 1 inf of 11,264 values\)\. The checkpoint is damaged, or was saved in a dtype its values "
+    r"overflowed .*Download it again, or re-convert it"
+)
+
+
+def test_nonfinite_weight_names_file_tensor_and_counts(tmp_path):
+    path = make_hf_llama(tmp_path / "src", seed=8)
+    _poison(path)
+    with pytest.raises(ValueError, match=NONFINITE):
+        load_source_model(path)
+    from shearing.distill import build_teacher
+
+    with pytest.raises(ValueError, match=NONFINITE):  # the distillation teacher loads the same way
+        build_teacher(path)
+
+
+def test_nonfinite_weight_after_from_pretrained(tmp_path):
+    """``check_model_finite``: the same check for a model stock ``from_pretrained`` loaded (evaluation)."""
+    from shearing.models.hf_io import check_model_finite
+
+    path = make_hf_llama(tmp_path / "src", seed=8)
+    check_model_finite(LlamaForCausalLM.from_pretrained(path), path)
+    _poison(path)
+    with pytest.raises(
+        ValueError, match=r"model.safetensors \(loaded as torch.float32\) holds non-finite weights"
+    ):
+        check_model_finite(LlamaForCausalLM.from_pretrained(path), path)
+    with pytest.raises(ValueError, match=r"loaded as torch.float16.*the cast to float16 overflowed"):
+        check_model_finite(LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float16), path)
+
+
+def test_prune_run_from_a_nonfinite_source_stops_before_reference_losses(
+    tmp_path, tokenizer_dir, tiny_data, monkeypatch
+):
+    """prune_tiny computes the source's reference losses before training; a poisoned source must be named
+    at load, not surface as a non-finite reference loss or a diverged step."""
+    from tiny import run_overrides
+
+    import shearing.reference_losses
+    from shearing.train import train_from_yaml
+
+    path = make_hf_llama(tmp_path / "src", tokenizer_dir, seed=8)
+    _poison(path)
+    calls = []
+    monkeypatch.setattr(shearing.reference_losses, "domain_eval_losses", lambda *a, **k: calls.append(a))
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=NONFINITE):
+        train_from_yaml("yamls/testing/prune_tiny.yaml", run_overrides(path, tiny_data, run))
+    assert calls == []  # reference losses never computed
+    assert not list(run.glob("**/*.pt"))  # no training step, no checkpoint

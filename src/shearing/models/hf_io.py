@@ -14,6 +14,12 @@ with a ``consolidated.safetensors`` (the same weights under original names) next
 what HF loads. Every safetensors file's header is checked (``check_safetensors_file``: it parses, and
 the file is as long as the header says) before any tensor is read, so a truncated download is an
 error naming the file, not a crash half-way through the load.
+
+Every floating tensor is checked to be finite as its file is read (``check_finite_tensors``: a sum
+per tensor, exact ``isfinite`` only where the sum is not finite; cheap next to reading the file), so a damaged source or teacher, or one saved in a
+dtype its values overflowed (float16 past ±65504), is an error naming the file, the tensor and its NaN /
+inf counts before training starts, not a NaN loss or a "reference loss must be finite" later.
+``check_model_finite`` does the same for a model ``from_pretrained`` loaded (evaluation's loader).
 """
 
 from __future__ import annotations
@@ -158,12 +164,60 @@ def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                state.update(load_file(file))
+                tensors = load_file(file)
             else:
-                state.update(torch.load(file, map_location="cpu", weights_only=True))
+                tensors = torch.load(file, map_location="cpu", weights_only=True)
         except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
             raise ValueError(f"{file} could not be read ({type(e).__name__}: {e}): {REFETCH}") from None
+        check_finite_tensors(tensors, file)
+        state.update(tensors)
     return state
+
+
+def nonfinite_counts(tensors: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """``name -> (NaN count, inf count, numel)`` for every floating tensor of ``tensors`` that is not finite."""
+    bad = {}
+    for name, tensor in tensors.items():
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            continue
+        # A NaN or inf makes the sum NaN or inf, and a sum is ~30x cheaper than isfinite on CPU; a finite
+        # tensor whose sum overflows (float16) falls through to the exact test.
+        if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+            continue
+        bad[name] = (int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum()), tensor.numel())
+    return bad
+
+
+def _nonfinite_message(bad: Mapping[str, tuple[int, int, int]], where: str, extra: str = "") -> str:
+    shown = [f"{name} ({nan:,} NaN and {inf:,} inf of {n:,} values)" for name, (nan, inf, n) in bad.items()]
+    more = f"; and {len(shown) - 8} more tensor(s)" if len(shown) > 8 else ""
+    return (
+        f"{where} holds non-finite weights: {'; '.join(shown[:8])}{more}. The checkpoint is damaged, or was "
+        "saved in a dtype its values overflowed (float16 holds at most ±65504); training or evaluating it "
+        "would give NaN losses. Download it again, or re-convert it from the original weights in "
+        f"float32/bfloat16{extra}"
+    )
+
+
+def check_finite_tensors(tensors: Mapping[str, Any], file: str | os.PathLike) -> None:
+    """Refuse NaN/inf in the tensors read from weight ``file``, naming each bad tensor and its counts."""
+    bad = nonfinite_counts(tensors)
+    if bad:
+        raise ValueError(_nonfinite_message(bad, f"weight file {file}"))
+
+
+def check_model_finite(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """``check_finite_tensors`` for a model that ``from_pretrained`` loaded from HF checkpoint ``folder``
+    (its weights as loaded, in the model's dtype; the message names the folder's weight files)."""
+    bad = nonfinite_counts(dict(model.named_parameters()))
+    if not bad:
+        return
+    files = ", ".join(str(f) for f in hf_weight_files(folder))
+    dtype = next(model.parameters()).dtype
+    cast = "; if it loads finite as float32, the cast to float16 overflowed: use bfloat16"
+    raise ValueError(
+        _nonfinite_message(bad, f"{files} (loaded as {dtype})", cast if dtype == torch.float16 else "")
+    )
 
 
 def load_state_dict_strict(model: MaskedLlamaForCausalLM, state: dict[str, torch.Tensor], where: str) -> None:
