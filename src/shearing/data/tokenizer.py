@@ -10,7 +10,11 @@ tokenizer's own convention, so the data looks like what the model saw in pre-tra
   ``<|im_start|>``, a chat-turn marker) is not written: the model never saw it at document starts.
   ``--bos-token TOKEN`` forces one, ``--no-bos`` forbids it.
 - bos == eos (GPT-2 style ``<|endoftext|>`` for both) is ambiguous: refused unless ``--bos-token``,
-  ``--no-bos`` or ``--eos-token`` says what is meant.
+  ``--no-bos`` or ``--eos-token`` says what is meant. The refusal spells out the flags to pass, read
+  from the model folder the tokenizer sits in (``model_eos_token``): when its generation_config.json
+  (else config.json) names another ``eos_token_id``, that token is the model's real end of text
+  (SmolLM2's GGUF-converted tokenizer files say ``<|im_start|>`` for both, its generation_config.json
+  says id 2, ``<|im_end|>``), so the fix is ``--no-bos --eos-token '<|im_end|>'``: ``text <|im_end|>``.
 
 The choice (ids, strings, and why) goes into the manifest's ``tokenizer`` entry, with the tokenizer's
 fingerprint (``shearing.data.compat``), which training and evaluation check the model against. Only the Rust
@@ -31,7 +35,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -99,6 +105,55 @@ def _token_id(tokenizer: Any, token: str, flag: str, path: Any) -> int:
     return int(ids[0])
 
 
+MODEL_CONFIG_FILES = ("generation_config.json", "config.json")  # where a model folder names its eos
+
+
+def model_eos_token(tokenizer: Any, path: Any) -> tuple[str, int, str] | None:
+    """(token, id, file) of the model's own end-of-text token where it is not the tokenizer's eos_token:
+    the first ``eos_token_id`` (an id or a list of ids) of the folder's generation_config.json, else
+    config.json, that is a token of ``tokenizer``; None when neither names another one."""
+    if not isinstance(path, str | os.PathLike) or not Path(path).is_dir():
+        return None
+    for name in MODEL_CONFIG_FILES:
+        try:
+            ids = json.loads((Path(path) / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or unreadable: the model's own loaders report a damaged file
+        for token_id in ids if isinstance(ids, list) else [ids]:
+            if (
+                isinstance(token_id, int)
+                and not isinstance(token_id, bool)
+                and 0 <= token_id < len(tokenizer)
+            ):
+                if token_id != tokenizer.eos_token_id:
+                    return str(tokenizer.convert_ids_to_tokens(token_id)), token_id, name
+        if ids is not None:
+            return None  # the file names the tokenizer's own eos (or no usable id): nothing better to offer
+    return None
+
+
+def _ambiguous_message(tokenizer: Any, path: Any) -> str:
+    """The refusal of a tokenizer whose bos_token is its eos_token, with the whole fix spelt out."""
+    token = tokenizer.eos_token
+    head = (
+        f"tokenizer at {path} uses {token!r} as both bos_token and eos_token, so it is ambiguous whether "
+        "documents start with it"
+    )
+    model_eos = model_eos_token(tokenizer, path)
+    if model_eos is None:
+        return (
+            f"{head}: pass --no-bos (documents separated by {token!r} only, the GPT-2 convention) or "
+            "--bos-token TOKEN (and --eos-token TOKEN for another end-of-document token)"
+        )
+    eos, eos_id, source = model_eos
+    return (
+        f"{head}. This model's {source} says eos_token_id {eos_id} ({eos!r}): use --no-bos --eos-token "
+        f"{shlex.quote(eos)} (the eos of this model's {source}), which frames every document as "
+        f"`text {eos}`. Alternatively, --no-bos alone separates documents by {token!r}, and --bos-token TOKEN "
+        "starts each document with TOKEN"
+    )
+
+
 def choose_framing(
     tokenizer: Any,
     path: Any,
@@ -121,11 +176,7 @@ def choose_framing(
         eos_id, eos, eos_why = int(own_eos), str(tokenizer.eos_token), "the tokenizer's eos_token"
     explicit = bos_token is not None or no_bos or eos_token is not None
     if own_bos is not None and own_bos == own_eos and not explicit:
-        raise ValueError(
-            f"tokenizer at {path} uses {tokenizer.eos_token!r} as both bos_token and eos_token, so it is "
-            "ambiguous whether documents start with it: pass --no-bos (documents separated by EOS only, the "
-            "GPT-2 convention) or --bos-token TOKEN"
-        )
+        raise ValueError(_ambiguous_message(tokenizer, path))
     adds_bos = False
     if own_bos is not None:
         with_special = tokenizer("a")["input_ids"]
