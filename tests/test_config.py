@@ -147,3 +147,22 @@ def test_llm_foundry_model_and_tokenizer_spellings_are_accepted(tmp_path, tiny_g
 def test_llm_foundry_spellings_that_do_not_map_are_refused(tmp_path, model_block, tokenizer_block, message):
     with pytest.raises(ValueError, match=message):
         load_config(_foundry_yaml(tmp_path, model_block, tokenizer_block))
+
+
+def test_a_folder_given_as_the_run_config_says_so(tmp_path):
+    """``composer train.py yamls/testing`` (a folder): not "does not exist", but which yaml files it holds."""
+    import re
+
+    from shearing.train import train_from_yaml
+
+    folder = REPO / "yamls/testing"
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    with pytest.raises(IsADirectoryError) as raised:
+        train_from_yaml(folder)
+    assert str(raised.value) == (
+        f"run config {folder} is a folder, not a yaml file: give the run's yaml file instead, e.g. "
+        f"{folder / names[0]} (the folder holds {', '.join(names)})"
+    )
+    assert "prune_tiny.yaml" in names
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a folder, not a yaml file: ")):
+        load_config(tmp_path)  # no yaml inside: "(it holds none)"

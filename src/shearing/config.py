@@ -156,6 +156,14 @@ class RunConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load, merge overrides, resolve and validate a run yaml."""
     path = Path(path)
+    if path.is_dir():
+        yamls = sorted(p.name for p in (*path.glob("*.yaml"), *path.glob("*.yml")))
+        hint = (
+            f", e.g. {path / yamls[0]} (the folder holds {', '.join(yamls)})" if yamls else " (it holds none)"
+        )
+        raise IsADirectoryError(
+            f"run config {path} is a folder, not a yaml file: give the run's yaml file instead{hint}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"run config {path} does not exist")
     try:
