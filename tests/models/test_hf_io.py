@@ -152,6 +152,19 @@ def test_nonfinite_weight_after_from_pretrained(tmp_path):
         check_model_finite(LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float16), path)
 
 
+def test_evaluate_names_a_nonfinite_model_before_evaluating(tmp_path, tokenizer_dir, tiny_data, capsys):
+    """``shearing.evaluate`` loads with stock ``from_pretrained``: the tensor is named, exit 2, no results."""
+    from shearing.evaluate import main
+
+    path = make_hf_llama(tmp_path / "src", tokenizer_dir, seed=8)
+    _poison(path)
+    out = tmp_path / "results.json"
+    assert main(["--model", str(path), "--data", str(tiny_data / "eval"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight (2 NaN and 1 inf of 11,264 values)" in err
+    assert not out.exists()
+
+
 def test_prune_run_from_a_nonfinite_source_stops_before_reference_losses(
     tmp_path, tokenizer_dir, tiny_data, monkeypatch
 ):

@@ -59,8 +59,11 @@ def load_model(
     """An ``AutoModelForCausalLM`` from a checked local folder, on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from shearing.models.hf_io import check_model_finite
+
     root = check_hf_dir(path, flag)
     model = AutoModelForCausalLM.from_pretrained(root, torch_dtype=dtype, local_files_only=True)
+    check_model_finite(model, root)  # a damaged or overflowed checkpoint, named, before any evaluation
     return model.to(device).eval()
 
 
