@@ -277,6 +277,14 @@ def test_window_rule_is_what_stock_transformers_computes(tmp_path, model_type, f
     for seq_len in (16, 17):
         ids = torch.randint(0, 512, (2, seq_len), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
+            if seq_len > 16:  # the model itself refuses a sequence the window would apply to ...
+                with pytest.raises(
+                    ValueError, match="17-token sequence is longer than this model's sliding_window=16"
+                ):
+                    ours.eval()(ids)
+                ours.window = (
+                    None  # ... and without that guard it would compute what the stock model does not
+                )
             same = torch.allclose(ours.eval()(ids), _logits(hf, ids), atol=1e-5, rtol=1e-4)
         try:
             check_sliding_window(raw, seq_len, "config.json")

@@ -27,7 +27,10 @@ multiply:
 - the LM head reads the masked final norm output (hidden_z applied once).
 
 Attention is PyTorch SDPA (causal, GQA-native) by default, flash-attn 2 when asked for. Inputs are
-packed full-length sequences: there is no padding mask.
+packed full-length sequences: there is no padding mask. There is no sliding window: a config with one
+(Mistral, Qwen2) is accepted by run validation only up to ``sliding_window`` tokens, where the window
+changes nothing (``family.check_sliding_window``), and ``hidden_states`` refuses a longer sequence on any
+other path rather than compute what the stock model does not.
 """
 
 from __future__ import annotations
@@ -187,6 +190,7 @@ class MaskedLlamaForCausalLM(nn.Module):
                 "(pip install -e '.[gpu]') or use attn_impl: sdpa"
             )
         self.config = config
+        self.window = getattr(config, "sliding_window", None)  # Mistral/Qwen2; see the module docstring
         self.model = MaskedLlamaModel(config, attn_impl)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.activation_checkpointing = False
@@ -212,6 +216,12 @@ class MaskedLlamaForCausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, masks: Masks | Mapping[str, torch.Tensor] | None = None):
         """The final norm's output [B, T, D] under ``masks`` (hidden_z applied once): what the LM head
         reads. ``masks`` is a ``Masks`` or an L0 family dict (``Masks.from_families``)."""
+        if self.window is not None and input_ids.shape[1] > self.window:
+            raise ValueError(
+                f"a {input_ids.shape[1]}-token sequence is longer than this model's sliding_window="
+                f"{self.window}: the stock model would attend within that window and this one has none; "
+                f"use sequences of at most {self.window} tokens"
+            )
         masks = Masks.coerce(masks, self.config.num_attention_heads // self.config.num_key_value_heads)
         x = _scale(self.model.embed_tokens(input_ids), masks.hidden)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
