@@ -1,7 +1,7 @@
 """Export a pruning (or continued pre-training) run as a standard Hugging Face checkpoint.
 
     python -m shearing.export --checkpoint RUN_DIR_OR_FILE --output OUT_DIR [--dtype bfloat16] [--overwrite]
-        [--force] [--data DATA_DIR/eval [--max-seqs N]] [--gguf [NAME]]
+        [--force] [--data DATA_DIR/eval | --no-data] [--max-seqs N] [--gguf [NAME]]
 
 Given a run folder it takes the latest checkpoint (Composer's ``latest-rank0.pt`` link, else the
 file with the highest batch count); when that file is truncated or corrupt it falls back to the newest
@@ -12,8 +12,13 @@ deterministic masks (exact target shape) are folded into the weights and cut out
 
 Before anything is written, the gate of ``shearing.pruning.gate``: no NaN/inf in any weight or mask
 logit (never overridable), and for a pruning run the convergence gate (expected sparsity vs target per
-family; with ``--data``, the eval loss under final vs expected masks), which ``--force`` overrides.
-After the surgery the shape must equal the run's target exactly and the parameter count ``count_params``.
+family, how decided the masks are, and the eval loss under final vs expected masks), which ``--force``
+overrides. The eval loss is measured on ``--data``; without it, on the run's own eval split, found through
+the run record ``shearing_run.json`` (``run_eval_split``: its ``DATA_DIR/train`` -> ``DATA_DIR/eval``; the
+CLI says so before it starts, and a recorded data folder that is gone is an error naming it). ``--no-data``
+skips it, and the record says so (``gate.eval_source``). After the surgery the shape must equal the run's
+target exactly and the parameter count ``count_params``; after the cast to ``--dtype`` every weight must
+still be finite (float16 holds |w| <= 65504: a larger weight is refused by name, never written as inf).
 
 The output loads with stock ``transformers.AutoModelForCausalLM.from_pretrained`` with no missing or
 unexpected keys: ``config.json`` (``head_dim`` explicit), safetensors weights, the source tokenizer,
@@ -52,10 +57,11 @@ import torch
 from huggingface_hub import save_torch_state_dict
 
 from shearing.checkpoints import LATEST, checkpoint_batch, checkpoint_is_readable
+from shearing.data.manifest import MANIFEST_NAME, SPLITS
 from shearing.gguf_export import DEFAULT_NAME as GGUF_DEFAULT_NAME
 from shearing.gguf_export import check_gguf_name, write_gguf
 from shearing.io import apply_umask
-from shearing.model_card import model_card, run_facts, write_generation_config
+from shearing.model_card import RUN_RECORD, model_card, run_facts, write_generation_config
 from shearing.models.family import family_of
 from shearing.models.hf_io import config_from_dict, load_state_dict_strict
 from shearing.models.llama import MaskedLlamaForCausalLM
@@ -63,12 +69,13 @@ from shearing.models.shapes import PRUNABLE_FIELDS, count_params, shape_from_hf_
 from shearing.pruning.gate import (
     ExportRefused,
     GateThresholds,
+    check_dtype_range,
     check_finite,
     check_gate,
     combine_losses,
     describe_gate,
     evaluate_gate,
-    family_sparsity,
+    family_stats,
 )
 from shearing.pruning.l0 import L0Module
 from shearing.pruning.plan import PruningPlan
@@ -335,6 +342,7 @@ def export_model_state(
     thresholds: GateThresholds | None = None,
     eval_loss: dict[str, float] | None = None,
     eval_data: str | os.PathLike | None = None,
+    eval_source: str | None = None,
     max_seqs: int | None = 64,
     run_folder: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -346,7 +354,9 @@ def export_model_state(
 
     ``eval_loss`` (``{"expected_masks", "final_masks"}``, measured by the caller) or ``eval_data``
     (measured here) feed the loss half of the gate; with neither it is recorded as not measured.
-    Raises ``ExportRefused`` when the gate fails and ``force`` is not set, and always for non-finite state.
+    ``eval_source`` is recorded with it: where the loss was measured, or why not (default: ``eval_data``).
+    Raises ``ExportRefused`` when the gate fails and ``force`` is not set, and always for non-finite state
+    or for weights that ``dtype`` cannot hold (float16 overflow).
     ``gguf`` (a file name, e.g. ``model.gguf``) also writes the model as GGUF inside the folder
     (``shearing.gguf_export``); ``tokens`` (seen by the checkpoint) and ``command`` go into the model card.
     """
@@ -365,7 +375,8 @@ def export_model_state(
     if l0 is not None:
         if eval_loss is None and eval_data is not None:
             eval_loss = mask_eval_losses(model, l0, eval_data, max_seqs)
-        gate = evaluate_gate(family_sparsity(l0), eval_loss, thresholds, force)
+            eval_source = eval_source or str(eval_data)
+        gate = evaluate_gate(family_stats(l0), eval_loss, thresholds, force, eval_source)
         check_gate(gate, step)
         if gate["forced"]:
             log.warning("export forced past a failed convergence gate: %s", "; ".join(gate["failures"]))
@@ -375,7 +386,9 @@ def export_model_state(
         model, kept = result.model, result.kept
     shape = shape_from_hf_config(model.config)
     _check_target_shape(shape, meta, step)
-    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    full = model.state_dict()
+    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in full.items()}
+    check_dtype_range(full, state, dtype)  # after the cast: float16 turns |w| > 65504 into inf
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
     num_params = sum(v.numel() for v in state.values())
@@ -481,6 +494,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         verdict = "passed" if gate["passed"] else "FAILED (exported anyway with --force / export.force)"
         lines += ["", f"## Convergence gate: {verdict}", ""]
         lines += [f"- {line}" for line in describe_gate(gate)]
+        if gate["failures"]:
+            lines += ["", "Failed checks:", ""] + [f"- {failure}" for failure in gate["failures"]]
     if summary["kept"]:
         layers = [layer["source_layer"] for layer in summary["kept"]["layers"]]
         lines += [
@@ -520,6 +535,64 @@ def export_checkpoint(
     )
 
 
+def run_eval_split(run_folder: str | os.PathLike) -> tuple[Path | None, str | None]:
+    """The run's own eval split for the loss half of the gate, as ``(folder, where it came from)``; or
+    ``(None, why not)`` when the run does not record it, ``(None, None)`` for a run that does not prune.
+
+    The run record (``shearing_run.json``) names the training data, ``DATA_DIR/train``; the eval split
+    is its sibling ``DATA_DIR/eval``, the layout ``data_prep/tokenize_domains.py`` writes and every recipe's
+    ``eval_loader`` reads. A recorded data folder that is gone is a ``FileNotFoundError`` naming it and
+    the two ways out (``--data``, ``--no-data``), raised before anything is loaded.
+    """
+    folder = Path(run_folder)
+    record_file = folder / RUN_RECORD
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        return None, (
+            f"{folder} has no readable {RUN_RECORD} naming the run's data; pass --data DATA_DIR/eval to measure it"
+        )
+    if record.get("target") is None:
+        return None, None
+    train = record.get("train_data")
+    if not train:
+        return None, f"{record_file} records no training data folder; pass --data DATA_DIR/eval to measure it"
+    train = Path(train)
+    if train.name in SPLITS:
+        root = train.parent
+    elif (train / MANIFEST_NAME).is_file():
+        root = train
+    else:
+        return None, (
+            f"the run's training data {train} is not a data_prep/tokenize_domains.py split (DATA_DIR/train), so "
+            "its eval split is unknown; pass --data DATA_DIR/eval to measure it"
+        )
+    split = root / "eval"
+    if not split.is_dir():
+        raise FileNotFoundError(
+            f"the run's eval data {split} does not exist (the run record {record_file} names its training data "
+            f"{train}; the prepared data folder was moved or deleted). Pass --data DATA_DIR/eval where it is now "
+            "to measure the loss half of the export gate, or --no-data to export without it (recorded as skipped)"
+        )
+    return split, f"the run's eval split {split} (from {record_file})"
+
+
+def gate_eval_data(
+    checkpoint: str | os.PathLike, data: str | None, no_data: bool
+) -> tuple[Path | None, str | None]:
+    """``(eval data folder or None, what the gate record says about it)`` for the CLI's options."""
+    if no_data:
+        return None, "skipped (--no-data)"
+    if data is not None:
+        if not Path(data).is_dir():
+            raise ValueError(f"--data {data} is not a folder: give DATA_DIR/eval of the prepared data")
+        return Path(data), f"{data} (--data)"
+    given = Path(checkpoint)
+    return run_eval_split(given if given.is_dir() else given.parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shearing.export", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -533,10 +606,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="export even if the convergence gate fails (recorded as forced)"
     )
-    parser.add_argument(
-        "--data", default=None, help="DATA_DIR/eval: measure the eval loss under expected vs final masks"
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument(
+        "--data",
+        default=None,
+        help="DATA_DIR/eval: measure the eval loss under expected vs final masks there "
+        "(default: the run's own eval split, found through its shearing_run.json)",
     )
-    parser.add_argument("--max-seqs", type=int, default=64, help="eval sequences per domain for --data")
+    data.add_argument(
+        "--no-data",
+        action="store_true",
+        help="skip the loss half of the gate (recorded as skipped in shearing_export.json)",
+    )
+    parser.add_argument(
+        "--max-seqs", type=int, default=64, help="eval sequences per domain for the loss half of the gate"
+    )
     parser.add_argument(
         "--gguf",
         nargs="?",
@@ -548,12 +632,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-sparsity-gap", type=float, default=GateThresholds.max_sparsity_gap)
     parser.add_argument("--max-loss-gap", type=float, default=GateThresholds.max_loss_gap)
+    parser.add_argument("--min-kept-probability", type=float, default=GateThresholds.min_kept_probability)
+    parser.add_argument(
+        "--max-dropped-probability", type=float, default=GateThresholds.max_dropped_probability
+    )
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "shearing.export", *(sys.argv[1:] if argv is None else argv)])
     try:
-        if args.data is not None and not Path(args.data).is_dir():
-            raise ValueError(f"--data {args.data} is not a folder: give DATA_DIR/eval of the prepared data")
-        thresholds = GateThresholds(args.max_sparsity_gap, args.max_loss_gap)
+        thresholds = GateThresholds(
+            args.max_sparsity_gap, args.max_loss_gap, args.min_kept_probability, args.max_dropped_probability
+        )
+        eval_data, eval_source = gate_eval_data(args.checkpoint, args.data, args.no_data)
+        if eval_data is not None and args.data is None:
+            print(
+                f"export gate: measuring the eval loss under expected and final masks on {eval_source}, "
+                f"at most {args.max_seqs} sequences per domain (--data DIR for other data, --no-data to skip)",
+                flush=True,
+            )
         summary = export_checkpoint(
             args.checkpoint,
             args.output,
@@ -561,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             force=args.force,
             thresholds=thresholds,
-            eval_data=args.data,
+            eval_data=eval_data,
+            eval_source=eval_source,
             max_seqs=args.max_seqs,
             gguf=args.gguf,
             command=command,

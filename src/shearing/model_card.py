@@ -5,7 +5,8 @@ model came from (source path and shape), what it is now (target shape, parameter
 after), how it was made (the data folder, the steps and tokens the checkpoint was trained to, the
 command that wrote the export), how good it was at that point (the run's last evaluation from
 ``metrics.jsonl``: per-domain and average eval loss, at its step) and what the convergence gate
-measured. A fact that is not known is written as "not recorded", never guessed.
+measured (per family sparsity and decidedness, the loss gap and where it was measured, each failed check
+of a forced export). A fact that is not known is written as "not recorded", never guessed.
 
 Run facts (``run_facts``) come from the run folder: ``shearing_run.json`` (the training data folder,
 the source), ``metrics.jsonl`` (the last step with ``metrics/eval/*`` values) and the checkpoint's
@@ -150,6 +151,8 @@ def model_card(summary: dict[str, Any], facts: dict[str, Any], command: str | No
         verdict = "passed" if gate["passed"] else "FAILED (exported anyway: --force / export.force)"
         lines += ["", f"## Convergence gate: {verdict}", ""]
         lines += [f"- {line}" for line in describe_gate(gate)]
+        if gate.get("failures"):
+            lines += ["", "Failed checks:", ""] + [f"- {failure}" for failure in gate["failures"]]
     files = ["`config.json`, `model.safetensors`, the tokenizer, `generation_config.json`"]
     if summary.get("gguf"):
         files.append(f"`{summary['gguf']['file']}` (GGUF, {summary['gguf']['file_type']}, for llama.cpp)")

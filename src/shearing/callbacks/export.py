@@ -5,7 +5,9 @@ pre-training or pre-training, the model as it is. Same code path as ``python -m 
 including its gate (``shearing.pruning.gate``): on a pruning run the callback first measures the eval
 loss under expected and under final masks on the run's own eval dataloader (``state.evaluators[0]``,
 at most ``eval_batches`` batches), then rank 0 gates and writes. A refusal raises ``ExportRefused`` on
-every rank: the run exits non-zero and its checkpoints stay where they are.
+every rank: the run exits non-zero and its checkpoints stay where they are. The writer is the CLI's
+(``export_model_state``), so ``export.dtype: float16`` with a weight beyond float16's range is refused
+by name here too, before anything is written.
 
 Distributed runs: the measurement runs the (wrapped) model's forward on every rank — under FSDP/FSDP2
 the forward is a collective that gathers the sharded weights and mask logits — over each rank's own
@@ -117,6 +119,12 @@ class ExportOnFitEnd(Callback):
 
         l0 = find_l0(composer_model(state.model))
         eval_loss = measure_mask_losses(state, l0, self.eval_batches) if l0 is not None else None
+        if eval_loss is not None:
+            eval_source = f"the run's eval loader (at most {self.eval_batches} batches)"
+        elif self.eval_batches <= 0:
+            eval_source = "skipped (export.gate_eval_batches=0)"
+        else:
+            eval_source = "the run has no eval loader (eval_loader)"
         model_state = state.get_model_state_dict()  # collective under FSDP: every rank calls it
         outcome: list[Any] = [None]
         summary = None
@@ -130,6 +138,7 @@ class ExportOnFitEnd(Callback):
                     force=self.force,
                     thresholds=self.thresholds,
                     eval_loss=eval_loss,
+                    eval_source=eval_source,
                     run_folder=self.run_folder,
                     gguf=self.gguf,
                     tokens=int(state.timestamp.token),
