@@ -429,3 +429,99 @@ def test_gap_panels_per_run_and_proportion_lines_show_small_shifts(tmp_path):
     stacked, lines = writer.axes["domain_proportions"][:2]
     assert lines["yscale"] == "log" and lines["lines"] >= len(DOMAINS) and "per domain" in lines["title"]
     assert stacked["ylim"] == (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------ export gate
+def gate_record(forced: bool) -> dict:
+    """The ``gate`` of ``shearing_export.json``: undecided masks exported with --force, or a clean pass."""
+    from shearing.pruning.gate import GateThresholds, evaluate_gate
+
+    kept, dropped = (0.62, 0.61) if forced else (0.97, 0.06)
+    families = {
+        name: {
+            "expected_sparsity": target + (0.0 if forced else 0.003),
+            "target_sparsity": target,
+            "kept_keep_probability": kept,
+            "dropped_keep_probability": dropped,
+            "kept_mask_value": 0.21 if forced else 0.95,
+        }
+        for name, target in (("hidden", 0.25), ("intermediate", 0.4545))
+    }
+    loss = {"expected_masks": 4.8, "final_masks": 4.95 if forced else 4.81}
+    return {
+        **evaluate_gate(families, loss, GateThresholds(), force=forced),
+        "eval_source": "data/eval (--data)",
+    }
+
+
+def write_exports(root: Path) -> dict[str, Path]:
+    """Two export folders, ``forced`` (undecided masks, --force) and ``clean`` (passed), with gate records."""
+    exports = {}
+    for name, forced in (("forced", True), ("clean", False)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        summary = {**tiny_export_summary(), "gate": gate_record(forced), "checkpoint_batch": 40}
+        (folder / "shearing_export.json").write_text(json.dumps(summary))
+        exports[name] = folder
+    return exports
+
+
+def test_report_shows_the_gate_of_every_export(synthetic_runs, tmp_path):
+    """Issue 18 §4: a forced export is flagged in the report (runs table and its own section, markdown and
+    HTML) with every number of its gate."""
+    exports = write_exports(tmp_path / "out")
+    paths = build_report([synthetic_runs[0], exports["forced"], exports["clean"]], tmp_path / "report")
+    html, markdown = paths["html"].read_text(), paths["markdown"].read_text()
+
+    runs = section_html(html, "Runs")
+    assert "<td>forced (export)</td>" in runs and "FAILED, forced" in runs and "<td>passed</td>" in runs
+    assert "not recorded" in runs  # the synthetic run's export predates the gate
+    gate = section_html(html, "Export gate")
+    assert (
+        "forced (export)" in gate and "gate FAILED, forced (exported anyway: --force / export.force)" in gate
+    )
+    assert "checkpoint trained to batch 40" in gate and "clean (export)" in gate and "gate passed" in gate
+    assert (
+        "<td>hidden</td><td>0.2500</td><td>0.2500</td><td>0.0000</td><td>0.6200</td><td>0.6100</td><td>0.2100</td>"
+        in gate
+    )
+    assert (
+        "Eval loss on data/eval (--data): 4.8000 under expected masks, 4.9500 under final masks, gap +0.1500"
+        in gate
+    )
+    assert "min_kept_probability 0.8000" in gate and "max_dropped_probability 0.2000" in gate
+    assert "forced (export): 5 failed check(s):" in gate and "clean (export): no failed check(s)." in gate
+    assert "hidden: undecided masks: the units the final masks keep have a mean keep probability" in gate
+    assert "gap 0.1500 &gt; max_loss_gap 0.1" in gate
+    md_gate = markdown[markdown.index("## Export gate") : markdown.index("## Evaluation tables")]
+    assert "| hidden | 0.2500 | 0.2500 | 0.0000 | 0.6200 | 0.6100 | 0.2100 |" in md_gate
+    assert "- intermediate: undecided masks: the units the final masks drop" in md_gate
+    assert "gate FAILED, forced" in md_gate and "gate passed" in md_gate
+
+
+def test_results_inside_an_export_folder_join_it_without_being_named(tmp_path):
+    """``shearing.evaluate --output EXPORT/results.json``: the report of EXPORT shows those results."""
+    exports = write_exports(tmp_path / "out")
+    write_results(exports["forced"] / "results.json", "/somewhere/else", shift=0.3)
+    html = build_report([exports["forced"], exports["clean"]], tmp_path / "report")["html"].read_text()
+    assert "<td>results.json</td>" in section_html(html, "Runs")
+    evaluation = section_html(html, "Evaluation tables")
+    assert "forced (export): else" in evaluation and "(results)" not in html
+    assert f"<td>average loss</td><td>{2.3 + 0.3:.4f}</td>" in evaluation
+
+
+def test_a_folder_that_holds_nothing_to_report_is_refused(tmp_path, capsys):
+    empty = tmp_path / "runs" / "typo"
+    empty.mkdir(parents=True)
+    out = tmp_path / "report"
+    assert report.main([str(empty), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty} holds no run, export or results (it is empty)" in err
+    assert "metrics.jsonl" in err and "shearing_export.json" in err and "*results*.json" in err
+    assert not out.exists()
+    (empty / "notes.txt").write_text("x")
+    (empty / "config.yaml").write_text("x")
+    assert report.main([str(empty), "--output", str(out)]) == 2
+    assert "(it holds config.yaml, notes.txt)" in capsys.readouterr().err
+    (empty / "shearing_run.json").write_text("{}")  # a run that has not logged anything yet: still a run
+    assert report.main([str(empty), "--output", str(out)]) == 0

@@ -12,10 +12,15 @@ Positional inputs may be run folders, export folders (holding ``shearing_export.
 Reads from each run folder whatever is there: ``metrics.jsonl`` (the ``metrics_file`` logger,
 ``shearing.loggers``), ``dynamic_loading.json``, the export summary ``hf/shearing_export.json`` (or any
 ``*/shearing_export.json``) and evaluation results (``results.json`` / ``*results*.json``, from
-``shearing.evaluate``). Writes ``report.md``, a self-contained ``report.html`` (figures inlined) and
-``figures/*.png``: loss curves, per-domain loss against the reference, the domain mixture over time,
-expected sparsity and λ per mask family, the kept-structure heat map, parameter counts and evaluation
-tables. Runs are overlaid in one colour each. The sections are built in ``shearing.reporting``.
+``shearing.evaluate``); from an export folder, its summary and the results files inside it. Writes
+``report.md``, a self-contained ``report.html`` (figures inlined) and ``figures/*.png``: loss curves,
+per-domain loss against the reference, the domain mixture over time, expected sparsity and λ per mask
+family, the kept-structure heat map, parameter counts, the export gate of every export (passed or
+forced, per-family sparsity and decidedness, loss gap, failed checks) and evaluation tables. Runs are
+overlaid in one colour each. The sections are built in ``shearing.reporting``.
+
+Exit status 2, with a message and nothing written, for an input that is missing or holds nothing the
+report reads (e.g. an empty folder, or a wrong path that happens to exist).
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """One report (Markdown + self-contained HTML, PNG figures) from run folders, exports and results files.
 
-``build_report(run_dirs, output, exports, results)`` reads each input (``runs.load_inputs``), builds the sections in order
-(``training``, ``pruning``, ``evaluation``) and writes ``report.md``, ``report.html`` and
-``figures/*.png`` into ``output``. A section without data says so in one line; it never fails the
-report. ``python -m shearing.report`` is the command line.
+``build_report(run_dirs, output, exports, results)`` reads each input (``runs.load_inputs``), builds the
+sections in order (``training``, ``pruning``, ``gate``: the export gate's verdict and numbers for every
+export, ``evaluation``) and writes ``report.md``, ``report.html`` and ``figures/*.png`` into ``output``.
+The runs table says for each entry whether its export passed the gate or was forced past it. A section
+without data says so in one line; it never fails the report. An input folder that holds nothing the
+report reads is an error (``runs.load_inputs``). ``python -m shearing.report`` is the command line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from shearing.reporting.document import Document, Section, Table, Text, fmt, to_html, to_markdown
 from shearing.reporting.evaluation import evaluation_tables
 from shearing.reporting.figures import FigureWriter
+from shearing.reporting.gate import export_gate, gate_verdict
 from shearing.reporting.pruning import kept_structure, parameter_counts, pruning_curves
 from shearing.reporting.runs import Run, load_inputs, load_runs
 from shearing.reporting.training import loss_curves, per_domain, proportions
@@ -25,6 +28,7 @@ SECTIONS = (
     pruning_curves,
     kept_structure,
     parameter_counts,
+    export_gate,
     evaluation_tables,
 )
 SECTION_TITLES = (
@@ -34,6 +38,7 @@ SECTION_TITLES = (
     "Pruning: expected sparsity and λ over time",
     "Kept structure heat map",
     "Parameter counts",
+    "Export gate",
     "Evaluation tables",
 )
 
@@ -53,13 +58,24 @@ def runs_section(runs: list[Run]) -> Section:
                 fmt(len(run.metrics)) if metrics_file and metrics_file.exists() else "–",
                 "yes" if run.dynamic_loading else "–",
                 _shown(run.export_path, run.path) if run.export_path else "–",
+                gate_verdict(run.export),
                 ", ".join(_shown(path, run.path) for path, _ in run.results) or "–",
             ]
         )
     section = Section("Runs")
     section.blocks.append(
         Table(
-            ["entry", "kind", "folder", "last step", "metrics", "dynamic loading", "export", "results files"],
+            [
+                "entry",
+                "kind",
+                "folder",
+                "last step",
+                "metrics",
+                "dynamic loading",
+                "export",
+                "export gate",
+                "results files",
+            ],
             rows,
         )
     )

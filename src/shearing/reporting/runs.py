@@ -4,8 +4,11 @@ Besides run folders, the report takes export folders (``shearing_export.json`` a
 ``out/sheared-2.7b-pruned``) and results files (any ``.json`` from ``shearing.evaluate``, recognised by
 its keys) from anywhere, because the documented pipeline writes them outside the run folder
 (``load_inputs``). An export is an entry of its own, ``NAME (export)``: its summary does not say which
-run it came from, so guessing would be wrong as often as right. A results file is attached to the
-entry whose folder holds the model it evaluated (its ``model`` field), else it is its own entry.
+run it came from, so guessing would be wrong as often as right. Results files inside an export folder
+(``shearing.evaluate --output EXPORT/results.json``) are found as a run folder's are. A results file given
+on the command line is attached to the entry whose folder holds the model it evaluated (its ``model``
+field), else it is its own entry. A folder given as a run that holds nothing the report reads (no run
+logs, record, checkpoint, export or results) is an error naming it, not an empty report.
 
 Every piece is optional; a missing or unreadable one is recorded in ``Run.notes`` and left empty, so
 a report of a half-finished run still renders. A metric logged twice at one step (a resumed run that
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 DYNAMIC_LOADING_FILE = "dynamic_loading.json"
 EXPORT_SUMMARY = "shearing_export.json"
+# What a training save_folder holds, besides an export and results: its logs, its run record, checkpoints.
+RUN_MARKERS = (METRICS_FILE, DYNAMIC_LOADING_FILE, "shearing_run.json", "latest-rank0.pt")
 
 
 @dataclass
@@ -134,11 +139,43 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         data = _read_json(export_path, run)
         if isinstance(data, dict) and "source" in data and "target" in data:
             run.export, run.export_path = data, export_path
+    _add_results_below(run, root)
+    return run
+
+
+def _add_results_below(run: Run, root: Path) -> None:
+    """Attach every results file under ``root`` (``find_results``) to ``run``."""
     for results_path in find_results(root):
         data = _read_json(results_path, run)
         if is_results(data):
             run.results.append((results_path, data))
-    return run
+
+
+def holds_report_input(root: Path) -> bool:
+    """Whether a folder holds anything the report reads: run logs or record, checkpoints, an export
+    summary or results files (at any depth for the last two)."""
+    if any((root / name).exists() for name in RUN_MARKERS) or any(root.glob("*.pt")):
+        return True
+    return find_export_summary(root) is not None or bool(find_results(root))
+
+
+def check_holds_report_input(root: Path) -> None:
+    """``ValueError`` naming ``root`` and what the report expects when it holds none of it."""
+    if holds_report_input(root):
+        return
+    entries = sorted(p.name for p in root.iterdir())
+    held = (
+        "it is empty"
+        if not entries
+        else "it holds "
+        + ", ".join(entries[:10])
+        + (f", ... ({len(entries)} entries)" if len(entries) > 10 else "")
+    )
+    raise ValueError(
+        f"{root} holds no run, export or results ({held}). The report reads a training save_folder "
+        f"({', '.join(RUN_MARKERS)} or *.pt checkpoints), an export folder ({EXPORT_SUMMARY}, from python -m "
+        "shearing.export) or results files (*results*.json, from python -m shearing.evaluate): give one of those"
+    )
 
 
 RESULTS_KEYS = ("domains", "tasks", "speed", "average_loss")
@@ -190,6 +227,7 @@ def load_export(path: str | Path, name: str | None = None) -> Run:
         run.notes.append(f"{EXPORT_SUMMARY} has no source/target shapes; ignored")
     if data and data.get("checkpoint"):
         run.notes.append(f"exported from {data['checkpoint']}")
+    _add_results_below(run, root)  # e.g. shearing.evaluate --output EXPORT/results.json
     return run
 
 
@@ -227,7 +265,9 @@ def load_inputs(
     ``results`` name them explicitly. Run folders and exports become entries (exports labelled
     ``NAME (export)``); each results file outside them is attached to the entry holding its ``model``
     (``runs/cpt/hf`` -> the run ``runs/cpt``; ``out/x`` -> the export ``out/x``), else it becomes an entry
-    of its own, ``FILE (results)``. Bad inputs raise before anything is read or written."""
+    of its own, ``FILE (results)``; results files inside an export folder are its own without being named.
+    Bad inputs raise before anything is read or written, a folder that holds nothing the report reads
+    included (``check_holds_report_input``)."""
     run_dirs: list[Path] = []
     export_dirs = [Path(p) for p in exports]
     results_files = [Path(p) for p in results]
@@ -238,6 +278,7 @@ def load_inputs(
         elif is_export_dir(p):
             export_dirs.append(p)
         elif p.is_dir():
+            check_holds_report_input(p)
             run_dirs.append(p)
         else:
             raise FileNotFoundError(f"run folder {p} does not exist (or is not a folder)")
