@@ -1,8 +1,9 @@
 """Issue 10's acceptance test: the README's pipeline, command by command, on the tiny fixtures.
 
 plan -> prune (``composer train.py yamls/testing/prune_tiny.yaml``, 300 steps so the gate passes on its
-own) -> export (``--data`` for the loss half of the gate, ``--gguf``) -> evaluate (per-domain loss on the
-held-out split) -> report over the run, the export and the results. Every step is a subprocess, as a
+own) -> export (as README step 4 writes it, without ``--data``: the loss half of the gate runs on the run's
+own eval split; ``--gguf``) -> evaluate (per-domain loss on the held-out split) -> report over the run, the
+export and the results. Every step is a subprocess, as a
 person would type it; the report must show the export's shape and parameter count and the evaluation's
 numbers, read back from the files the earlier steps wrote.
 """
@@ -43,11 +44,11 @@ def test_readme_pipeline_plan_prune_export_evaluate_report(tmp_path, tiny_gqa_di
     _run(f"composer train.py yamls/testing/prune_tiny.yaml {variables} variables.save_folder={run}")
     assert (run / "latest-rank0.pt").exists()
 
-    exported = _run(
-        f"python -m shearing.export --checkpoint {run} --output {out / 'x'} --data {tiny_data / 'eval'} --gguf"
-    )
+    exported = _run(f"python -m shearing.export --checkpoint {run} --output {out / 'x'} --gguf")
     assert "convergence gate passed" in exported
+    assert f"on the run's eval split {tiny_data.resolve() / 'eval'}" in exported
     summary = json.loads((out / "x" / "shearing_export.json").read_text())
+    assert summary["gate"]["eval_loss"] is not None
     target = summary["target"]
     assert target["hidden_size"] == 48 and target["num_hidden_layers"] == 3
     assert (out / "x" / "model.gguf").is_file() and (out / "x" / "README.md").is_file()
@@ -61,6 +62,7 @@ def test_readme_pipeline_plan_prune_export_evaluate_report(tmp_path, tiny_gqa_di
     _run(f"python -m shearing.report {run} {out / 'x'} {out / 'results.json'} --output {report}")
     text = (report / "report.md").read_text()
     assert "| x (export) | export |" in text
+    assert f"x (export) ({out / 'x' / 'shearing_export.json'}): gate passed" in text  # its gate section
     source = summary["source"]
     for field in (
         "hidden_size",
