@@ -256,7 +256,10 @@ def test_undecided_masks_that_meet_the_target_are_refused_and_forced_exports_rec
 def test_decidedness_thresholds_are_checked(tmp_path, capsys):
     from shearing.pruning.gate import GateThresholds
 
-    with pytest.raises(ValueError, match=r"min_kept_probability must be a probability in \[0, 1\], got 1.5"):
+    with pytest.raises(
+        ValueError,
+        match=r"export.min_kept_probability \(--min-kept-probability\) must be a probability in \[0, 1\], got 1.5",
+    ):
         GateThresholds(min_kept_probability=1.5)
     argv = [
         "--checkpoint",
@@ -267,7 +270,34 @@ def test_decidedness_thresholds_are_checked(tmp_path, capsys):
         "-1",
     ]
     assert export_mod.main(argv) == 2
-    assert "got -1.0: e.g. --max-dropped-probability 0.2" in capsys.readouterr().err
+    assert "must be a probability in [0, 1], got -1.0: e.g. export.max_dropped_probability=0.2" in (
+        capsys.readouterr().err
+    )
+
+
+def test_decidedness_thresholds_come_from_the_yaml(tmp_path):
+    """``export.min_kept_probability`` / ``export.max_dropped_probability`` reach the fit-end export and are
+    checked with the other export keys, before training."""
+    from tiny import run_overrides
+
+    from shearing.callbacks.export import build_export_callback
+    from shearing.config import load_config
+
+    def cfg(*extra):
+        overrides = [*run_overrides("SRC", "DATA", tmp_path / "run"), "export.on_fit_end=true", *extra]
+        return load_config("yamls/testing/prune_tiny.yaml", overrides)
+
+    callback = build_export_callback(
+        cfg("export.min_kept_probability=0.9", "export.max_dropped_probability=0.1")
+    )
+    assert (callback.thresholds.min_kept_probability, callback.thresholds.max_dropped_probability) == (
+        0.9,
+        0.1,
+    )
+    with pytest.raises(
+        ValueError, match=r"export.max_dropped_probability \(--max-dropped-probability\) must"
+    ):
+        build_export_callback(cfg("export.max_dropped_probability=2"))
 
 
 # ------------------------------------------------------------------------------- float16 range

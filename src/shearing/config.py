@@ -74,6 +74,8 @@ class ExportConfig:
     force: bool = False  # export even when the gate fails (recorded as "forced" in shearing_export.json)
     max_sparsity_gap: float = 0.02  # |expected - target| sparsity per mask family, absolute
     max_loss_gap: float = 0.1  # eval loss under final masks minus under expected masks, nats
+    min_kept_probability: float = 0.8  # decided masks: mean keep probability of the kept units, per family
+    max_dropped_probability: float = 0.2  # ... and of the dropped units (shearing.pruning.gate)
     gate_eval_batches: int = 16  # eval batches per mask setting for the loss half of the gate (0: skip)
 
 

@@ -190,7 +190,7 @@ def check_export_config(cfg: Any) -> Path | None:
     if folder is None:
         return None
     check_export_target(folder, run_folder=cfg.save_folder)
-    GateThresholds(cfg.export.max_sparsity_gap, cfg.export.max_loss_gap)
+    gate_thresholds(cfg)
     if cfg.export.gguf is not None:
         from shearing.gguf_export import check_gguf_name
 
@@ -206,6 +206,14 @@ def check_export_config(cfg: Any) -> Path | None:
     return folder
 
 
+def gate_thresholds(cfg: Any) -> GateThresholds:
+    """The gate's thresholds from the ``export:`` section (checked: a bad value names its key)."""
+    e = cfg.export
+    return GateThresholds(
+        e.max_sparsity_gap, e.max_loss_gap, e.min_kept_probability, e.max_dropped_probability
+    )
+
+
 def build_export_callback(cfg: Any) -> ExportOnFitEnd | None:
     folder = check_export_config(cfg)
     if folder is None:
@@ -214,7 +222,7 @@ def build_export_callback(cfg: Any) -> ExportOnFitEnd | None:
         folder,
         dtype=cfg.export.dtype,
         force=cfg.export.force,
-        thresholds=GateThresholds(cfg.export.max_sparsity_gap, cfg.export.max_loss_gap),
+        thresholds=gate_thresholds(cfg),
         eval_batches=cfg.export.gate_eval_batches,
         run_folder=cfg.save_folder,
         gguf=cfg.export.gguf,

@@ -77,19 +77,16 @@ class GateThresholds:
     max_dropped_probability: float = 0.2  # mean keep probability of the units they drop, per family
 
     def __post_init__(self) -> None:
-        for name in ("max_sparsity_gap", "max_loss_gap"):
+        for name in ("max_sparsity_gap", "max_loss_gap", "min_kept_probability", "max_dropped_probability"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            probability = name.endswith("probability")
+            ok = value >= 0 and (value <= 1 or not probability) if isinstance(value, int | float) else False
+            if isinstance(value, bool) or not ok:
+                what = "a probability in [0, 1]" if probability else "a non-negative number"
+                default = getattr(GateThresholds, name)
                 raise ValueError(
-                    f"export.{name} must be a non-negative number, got {value!r}: "
-                    f"e.g. export.{name}={getattr(GateThresholds, name)}"
-                )
-        for name in ("min_kept_probability", "max_dropped_probability"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-                raise ValueError(
-                    f"{name} must be a probability in [0, 1], got {value!r}: "
-                    f"e.g. --{name.replace('_', '-')} {getattr(GateThresholds, name)}"
+                    f"export.{name} (--{name.replace('_', '-')}) must be {what}, got {value!r}: "
+                    f"e.g. export.{name}={default}"
                 )
 
     def to_dict(self) -> dict[str, float]:
