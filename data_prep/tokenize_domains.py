@@ -1,12 +1,13 @@
 r"""Tokenize raw per-domain text into MDS train/eval shards and a manifest (see shearing.data.prep).
 
     python data_prep/tokenize_domains.py --input RAW_DIR --tokenizer TOKENIZER_DIR --output DATA_DIR \
-        --seq-len 4096 --eval-seqs 500 [--train-tokens 0.4B] [--workers N] [--seed 17] \
-        [--bos-token TOKEN | --no-bos] [--eos-token TOKEN]
+        --seq-len 4096 --eval-seqs 500 [--train-tokens 0.4B] [--max-docs-per-domain N] [--workers N] \
+        [--seed 17] [--bos-token TOKEN | --no-bos] [--eos-token TOKEN]
 
 Documents are framed with the tokenizer's own convention: EOS always (its eos_token), BOS only if the
 tokenizer adds it itself. A tokenizer with no eos_token, or with bos_token == eos_token, is refused until
 a flag says what to do. The choice is printed and recorded in manifest.json (shearing.data.tokenizer).
+An interrupted run (or one stopped by a full disk) resumes when rerun with the same arguments.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from shearing.data.prep import PrepConfig, format_summary, parse_token_count, prepare
+from shearing.data.prep import DiskFullError, PrepConfig, format_summary, parse_token_count, prepare
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=parse_token_count,
         default=None,
         help="cap on train tokens over all domains, e.g. 0.4B",
+    )
+    parser.add_argument(
+        "--max-docs-per-domain",
+        type=int,
+        default=None,
+        metavar="N",
+        help="read only each domain's first N documents (files in sorted order, then line order; later "
+        "files are not read), then split and cap them as usual; default: every document",
     )
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--seed", type=int, default=17, help="seed of the document order (default 17)")
@@ -68,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             bos_token=args.bos_token,
             eos_token=args.eos_token,
             no_bos=args.no_bos,
+            max_docs_per_domain=args.max_docs_per_domain,
         )
         manifest = prepare(config)
-    except (ValueError, ImportError) as err:
+    except (ValueError, ImportError, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_summary(manifest))

@@ -23,6 +23,7 @@ from typing import Any
 from shearing.io import write_json_atomic
 
 MANIFEST_NAME = "manifest.json"
+WORK_DIR = ".prep"  # data preparation's resume state inside DATA_DIR (``.prep/done/<domain>.json``, ...)
 FORMAT_VERSION = 1
 SPLITS = ("train", "eval")
 TOKEN_DTYPES = ("uint16", "uint32")

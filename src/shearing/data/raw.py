@@ -185,7 +185,7 @@ def _jsonl_documents(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
     with open_binary(path) as f:
         try:
             for line_no, raw in enumerate(f):
-                if not raw.strip():
+                if not raw or raw.isspace():
                     continue
                 try:
                     line = raw.decode("utf-8")
@@ -193,6 +193,7 @@ def _jsonl_documents(path: Path, stats: ReadStats) -> Iterator[tuple[int, str]]:
                     stats.skipped_documents += 1
                     continue
                 text = _text_field(line, path, line_no)
+                raw = line = None  # a long document's line is not held twice while it is tokenized
                 if not text or not _valid_text(text):
                     stats.skipped_documents += 1
                     continue
