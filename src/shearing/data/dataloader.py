@@ -4,7 +4,10 @@ Data layout: ``DATA_DIR/{train,eval}/<domain>/`` MDS shards (column ``tokens``, 
 ``seq_len`` tokens) plus ``DATA_DIR/manifest.json`` (``shearing.data.manifest``). Shards are read locally
 with streaming's MDS readers (index parsing and decoding are streaming's; the byte reads are ours:
 ``os.pread`` on cached file descriptors, which is what makes random access cheap). ``remote:`` is not
-supported: copy the shards to local disk first.
+supported: copy the shards to local disk first. Every sample read, train or eval, is checked against the
+manifest's ``max_token_id``: a shard corrupted after preparation is refused naming the shard file and
+sample (``shearing.data.shards``) before its batch reaches the model, not as an ``IndexError`` (a
+device-side assert on a GPU) in the embedding.
 
 Train batches (``DomainMixtureDataset``) are dicts of ``input_ids`` and ``labels`` (LongTensor [b, T],
 equal: the model shifts), ``domain_idx`` (LongTensor [b], index into ``dataset.domains``) and

@@ -4,6 +4,14 @@ Index parsing and sample decoding are streaming's; the byte reads are ours (``os
 descriptors), which is what makes the mixture loader's random access cheap. Checked before any read:
 the domain folder exists and is not empty, every shard's samples have the manifest's ``seq_len`` and
 dtype, and every shard file is as long as its index says (a truncated shard is an error, not padding).
+
+Checked on every read: each sample's largest id is at most the manifest's ``max_token_id`` (the largest
+id data preparation wrote, itself checked against the model's vocabulary before training). Bytes that
+changed after preparation (a bad disk, a broken copy) would otherwise reach the embedding as an id
+beyond it: ``IndexError: index out of range in self`` on the CPU, a device-side assert on a GPU, mid-run.
+One ``max`` over the rows read costs nothing next to the read. Hashing every shard at start would catch
+in-range corruption too but costs a full read of the data; instead the shard's hash recorded at
+preparation (``index.json``) is checked when a sample fails, to say whether the file changed since.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from shearing.data.manifest import MANIFEST_NAME, SPLITS, Manifest, load_manifest
+from shearing.data.manifest import MANIFEST_NAME, SPLITS, WORK_DIR, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +40,26 @@ class DomainShards:
 
     Raises ``ValueError`` naming the folder or shard if the folder is missing or empty, the ``tokens``
     column has another dtype or length than the manifest says, or a shard is corrupt (its file is
-    missing, shorter or longer than its index entry, or its header disagrees with the index).
+    missing, shorter or longer than its index entry, or its header disagrees with the index). ``read``
+    raises ``ValueError`` naming the shard and sample when a sample holds an id above ``max_token_id``
+    (``None``: not checked).
     """
 
-    def __init__(self, folder: str | os.PathLike, domain: str, seq_len: int, dtype: str):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        domain: str,
+        seq_len: int,
+        dtype: str,
+        max_token_id: int | None = None,
+    ):
         from streaming.base.format import reader_from_json
 
         self.folder = Path(folder)
         self.domain = domain
         self.seq_len = seq_len
         self.dtype = np.dtype(dtype)
+        self.max_token_id = max_token_id
         index = self.folder / "index.json"
         if not self.folder.is_dir():
             raise ValueError(
@@ -195,7 +213,50 @@ class DomainShards:
         shards = np.searchsorted(self._starts, ids, side="right") - 1
         locals_ = ids - self._starts[shards]
         buf = b"".join(self._read_one(int(s), int(i)) for s, i in zip(shards, locals_))
-        return np.frombuffer(buf, dtype=self.dtype).reshape(len(ids), self.seq_len)
+        rows = np.frombuffer(buf, dtype=self.dtype).reshape(len(ids), self.seq_len)
+        if self.max_token_id is not None and len(rows) and int(rows.max()) > self.max_token_id:
+            row = int(np.flatnonzero(rows.max(axis=1) > self.max_token_id)[0])
+            self._refuse_sample(int(ids[row]), int(shards[row]), int(locals_[row]), rows[row])
+        return rows
+
+    def _refuse_sample(self, sample: int, shard: int, local: int, tokens: np.ndarray) -> None:
+        """Raise the error for a sample holding ids above ``max_token_id`` (module docstring)."""
+        bad = np.flatnonzero(tokens > self.max_token_id)
+        done = self.folder.parent.parent / WORK_DIR / "done" / f"{self.domain}.json"
+        if done.is_file():
+            redo = (
+                f"delete {done} and run data_prep/tokenize_domains.py again with the same arguments (it redoes "
+                "that domain only)"
+            )
+        else:  # a copy without data preparation's records
+            redo = "run data_prep/tokenize_domains.py again into a fresh --output"
+        raise ValueError(
+            f"domain {self.domain!r}: sample {local} of shard {self._paths[shard]} (sample {sample} of "
+            f"{self.folder}) holds token id {int(tokens[bad[0]])} at position {int(bad[0])} ({len(bad)} ids "
+            f"in this sample are above {self.max_token_id}, the largest id data preparation wrote, per "
+            f"manifest.json){self._hash_note(shard)}. Re-run data preparation for domain {self.domain!r}: "
+            f"{redo}, or copy the domain's shards again from an intact copy"
+        )
+
+    def _hash_note(self, shard: int) -> str:
+        """Whether the shard's bytes still match the hash recorded in ``index.json`` at preparation."""
+        from streaming.base.hashing import get_hash, get_hashes
+
+        recorded = self._readers[shard].raw_data.hashes or {}
+        algo = next((a for a in sorted(recorded) if a in get_hashes()), None)
+        if algo is None:
+            return "; the shard is corrupt (index.json records no hash to tell since when)"
+        with open(self._paths[shard], "rb") as f:
+            actual = get_hash(algo, f.read())
+        if actual != recorded[algo]:
+            return (
+                f"; the shard is corrupt: its {algo} no longer matches index.json, its bytes changed after "
+                "it was written"
+            )
+        return (
+            f"; the shard's {algo} still matches index.json, so it was written this way: the manifest or the "
+            "preparation is at fault"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -235,10 +296,18 @@ def _domain_list(manifest: Manifest, domains: Sequence[str] | None) -> list[str]
     return domains
 
 
+def _id_limit(manifest: Manifest) -> int | None:
+    """The largest id a sample may hold: the manifest's ``max_token_id``, else its vocabulary's last id."""
+    if manifest.max_token_id is not None:
+        return manifest.max_token_id
+    vocab = manifest.tokenizer.get("vocab_size")
+    return int(vocab) - 1 if vocab else None
+
+
 def _open_domains(root: Path, split: str, manifest: Manifest, domains: Sequence[str]) -> list[DomainShards]:
     opened = []
     for domain in domains:
-        shards = DomainShards(root / domain, domain, manifest.seq_len, manifest.dtype)
+        shards = DomainShards(root / domain, domain, manifest.seq_len, manifest.dtype, _id_limit(manifest))
         expected = getattr(manifest.domains[domain], split).sequences
         if shards.num_samples != expected:
             raise ValueError(
