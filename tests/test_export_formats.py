@@ -3,8 +3,11 @@
 GGUF: the ``pruned_run`` export written with ``--gguf`` loads back through transformers' own GGUF reader
 (``from_pretrained(dir, gguf_file=...)``, which undoes llama.cpp's q/k row order) to the same logits as
 the HF export, and its tokenizer encodes and decodes like the exported one; a tied-embeddings model with
-head_dim != hidden / heads likewise; float16 writes an F16 file. The card and the generation config are
-checked against the run's own records (shearing_run.json, metrics.jsonl, the checkpoint's timestamp).
+head_dim != hidden / heads likewise; float16 writes an F16 file, and refuses a weight it cannot hold. The
+GGUF's ``tokenizer.ggml.pre`` names each family's pre-tokenizer structure (others are refused) and its
+bos/eos/pad ids are the export's generation config's (that llama.cpp then tokenizes and computes like
+transformers is ``tests/test_gguf_llamacpp.py``). The card and the generation config are checked against
+the run's own records (shearing_run.json, metrics.jsonl, the checkpoint's timestamp).
 """
 
 from __future__ import annotations
