@@ -16,12 +16,34 @@ Parameter count of a LLaMA decoder (no biases)::
 plus, for a family with q/k/v biases (Qwen2), L · (H·K + 2·G·K).
 
 LLaMA2-7B gives 6,738,415,616; its 2.7B and 1.3B targets 2,701,560,320 and 1,345,423,360.
+
+``propose_targets`` searches the other way, from a parameter count to uniform target shapes (every
+layer the same, as every target here is). A candidate is valid for the method and for HF: every field at
+most the source's, ``head_dim`` kept, KV groups a divisor of the source's (every field of an MHA source
+keeps one KV head per query head), query heads a multiple of the KV groups with at most the source's
+heads per group, hidden a multiple of ``hidden_multiple`` (default ``head_dim``; 64 when the source's
+hidden is not a multiple of it) and MLP a multiple of ``mlp_multiple`` (default: the largest of 256, 64,
+16, 8 that leaves the source's MLP at least 16 such steps). For each layer count, head layout and hidden
+size, the MLP widths that land within ``tolerance`` are solved from the count (it is linear in the width)
+and every count is ``count_params``'s, the number ``plan`` prints and the export checks. Among the shapes within ``tolerance`` of the count, each
+layer count keeps the least *distorted* one, and the proposal ranks them by that (then by the count's
+deviation). Distortion is the sum of absolute log ratios, target over source, of attention width / hidden
+(H·K / D), MLP / hidden (F / D) and query heads per KV group (H / G), plus |log(L_t / L_s) - ½ log(D_t /
+D_s)|: depth shrinks as the square root of the width, as from LLaMA2-7B to Sheared-LLaMA-1.3B (24 of 32
+layers at half the width) and from Llama-3.1-8B to Llama-3.2-3B (28 of 32 at 3/4). Without that term,
+dropping layers alone keeps every proportion and would always come first. The ranking is a heuristic for
+a sensible shape, not a prediction of which trains best (loss at a fixed count depends little on the
+depth/width split over a wide range, Kaplan et al. 2020); the table shows one candidate per depth to
+choose from. For LLaMA2-7B at Sheared-LLaMA-1.3B's count it proposes first the paper's 24 layers, hidden
+2048 and 16 heads, with MLP 5632 (the paper's 5504 is not a multiple of 256); at 2.7B the paper kept all
+32 layers at hidden 2560, which ranks 10th here, behind shapes that also shrink the depth.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -127,6 +149,10 @@ NAMED_SHAPES: dict[str, LlamaShape] = {
     "llama3_3b": _llama(3072, 28, 24, 8, 8192, 128256, 128),
     # A GQA target that also prunes KV groups: 4 of 8 groups kept, 4 query heads each.
     "llama3_1.5b": _llama(2048, 24, 16, 4, 5632, 128256, 128),
+    # SmolLM2-135M (9 query heads over 3 KV groups, tied embeddings, vocab 49,152): 134,515,008 parameters;
+    # the CPU recipe's target (yamls/small/): hidden 384, 20 layers, 6 heads over 3 groups, MLP 1024, 51,330,432.
+    "smollm2_135m": _llama(576, 30, 9, 3, 1536, 49152, 64, tied=True),
+    "smollm2_51m": _llama(384, 20, 6, 3, 1024, 49152, 64, tied=True),
     # make demo: a small GQA source (4 query heads over 2 KV groups) and its pruned target.
     "demo_source": _llama(128, 4, 4, 2, 384, 2048, 32),
     "demo_pruned": _llama(96, 3, 2, 1, 256, 2048, 32),
@@ -141,6 +167,10 @@ NAMED_SHAPES: dict[str, LlamaShape] = {
 # was trained on 4096-token contexts (LlamaConfig's default is 2048).
 NAMED_CONFIG_EXTRAS: dict[str, dict[str, Any]] = {
     **{name: {"max_position_embeddings": 4096} for name in NAMED_SHAPES if name.startswith("llama2_")},
+    **{
+        name: {"rope_theta": 100000.0, "max_position_embeddings": 8192}
+        for name in ("smollm2_135m", "smollm2_51m")
+    },
     "llama3_8b": {
         "rope_theta": 500000.0,
         "max_position_embeddings": 8192,
@@ -241,7 +271,8 @@ def resolve_source_shape(
         if expected is not None and shape != named_shape(expected):
             raise ValueError(
                 f"source model {spec} has shape {shape} but model.source_shape says {expected!r} "
-                f"({named_shape(expected)}): point variables.source_model at the right checkpoint"
+                f"({named_shape(expected)}): point variables.source_model at the right checkpoint, or, to run "
+                "this recipe on a model of another shape on purpose, add the override model.source_shape=null"
             )
         return shape
     looks_like_path = isinstance(spec, os.PathLike) or "/" in str(spec) or str(spec).startswith(".")
@@ -347,3 +378,124 @@ def validate_target(source: LlamaShape, target: Mapping[str, int]) -> None:
             f"target_model needs {heads // kv} query heads per KV group but the source groups have only "
             f"{source.group_size}: lower num_attention_heads or raise num_key_value_heads"
         )
+
+
+@dataclass(frozen=True)
+class TargetCandidate:
+    """A proposed target shape, its exact parameter count and how it compares with the request."""
+
+    shape: LlamaShape
+    params: int
+    deviation: float  # params / wanted - 1
+    distortion: float  # 0: the source's proportions, depth shrunk as the square root of the width (docstring)
+
+
+def default_multiples(source: LlamaShape) -> tuple[int, int]:
+    """(hidden, MLP) granularity of proposed targets; see the module docstring."""
+    hidden = source.head_dim if source.hidden_size % source.head_dim == 0 else 64
+    mlp = next((unit for unit in (256, 64, 16, 8) if source.intermediate_size >= 16 * unit), 1)
+    return hidden, mlp
+
+
+def _head_layouts(source: LlamaShape) -> list[tuple[int, int]]:
+    """(query heads, KV heads) a target may have: KV heads dividing the source's, at most its heads per group."""
+    if source.group_size == 1:
+        return [(h, h) for h in range(1, source.num_attention_heads + 1)]
+    groups = [g for g in range(1, source.num_key_value_heads + 1) if source.num_key_value_heads % g == 0]
+    return [(g * per, g) for g in groups for per in range(1, source.group_size + 1)]
+
+
+def _distortion(source: LlamaShape, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> float:
+    """How far a target's proportions are from the source's (the module docstring); 0 for the same ones."""
+
+    def ratios(d: int, h: int, g: int, f: int) -> tuple[float, float, float]:
+        return h * source.head_dim / d, f / d, h / g
+
+    target = ratios(hidden, heads, kv_heads, mlp)
+    own = ratios(
+        source.hidden_size, source.num_attention_heads, source.num_key_value_heads, source.intermediate_size
+    )
+    proportions = sum(abs(math.log(t / r)) for t, r in zip(target, own, strict=True))
+    depth, width = layers / source.num_hidden_layers, hidden / source.hidden_size
+    return proportions + abs(math.log(depth) - 0.5 * math.log(width))
+
+
+def propose_targets(
+    source: LlamaShape,
+    wanted: int,
+    count: int = 5,
+    tolerance: float = 0.02,
+    hidden_multiple: int | None = None,
+    mlp_multiple: int | None = None,
+) -> list[TargetCandidate]:
+    """Up to ``count`` uniform target shapes within ``tolerance`` of ``wanted`` parameters, best first, at most
+    one per layer count (see the module docstring for the rules and the ranking)."""
+    source_params = count_params(source)
+    default_hidden, default_mlp = default_multiples(source)
+    hidden_multiple, mlp_multiple = hidden_multiple or default_hidden, mlp_multiple or default_mlp
+    for name, value in (("hidden_multiple", hidden_multiple), ("mlp_multiple", mlp_multiple)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be a fraction in (0, 1), e.g. 0.02 for 2%, got {tolerance}")
+    if not 0 < wanted < source_params:
+        raise ValueError(
+            f"target of {wanted:,} parameters: pruning needs fewer than the source's {source_params:,} and more than 0"
+        )
+    if hidden_multiple > source.hidden_size or mlp_multiple > source.intermediate_size:
+        raise ValueError(
+            f"hidden_multiple {hidden_multiple} / mlp_multiple {mlp_multiple} exceed the source's hidden "
+            f"{source.hidden_size} / MLP {source.intermediate_size}: choose smaller multiples"
+        )
+    # The count is linear in the layer count and in the MLP width: count_params at three shapes per head
+    # layout and hidden size gives every count exactly (checked again on the shapes returned).
+    best: dict[int, tuple[tuple[float, float], tuple[int, ...], int]] = {}  # layers -> (rank, fields, count)
+    nearest = 0  # the count closest to ``wanted`` of any valid shape, for the error message
+    max_steps = source.intermediate_size // mlp_multiple
+    own_fields = tuple(source.prunable().values())
+    for heads, kv_heads in _head_layouts(source):
+        for hidden in range(hidden_multiple, source.hidden_size + 1, hidden_multiple):
+            one_layer = count_params(_uniform(source, hidden, 1, heads, kv_heads, mlp_multiple))
+            per_layer = count_params(_uniform(source, hidden, 2, heads, kv_heads, mlp_multiple)) - one_layer
+            per_step = (
+                count_params(_uniform(source, hidden, 1, heads, kv_heads, 2 * mlp_multiple)) - one_layer
+            )
+            outside = one_layer - per_layer
+            for layers in range(1, source.num_hidden_layers + 1):
+                # MLP steps (width / mlp_multiple) at which the count is ``wanted`` and the tolerance's ends
+                exact, low, high = (
+                    1 + ((params - outside) / layers - per_layer) / per_step
+                    for params in (wanted, wanted * (1 - tolerance), wanted * (1 + tolerance))
+                )
+                first, last = max(1, math.floor(low)), min(max_steps, math.ceil(high))
+                exact = math.floor(exact)
+                for step in sorted({*range(first, last + 1), exact, exact + 1}):
+                    fields = (hidden, layers, heads, kv_heads, step * mlp_multiple)
+                    if not 1 <= step <= max_steps or fields == own_fields:
+                        continue
+                    params = outside + layers * (per_layer + (step - 1) * per_step)
+                    if not nearest or abs(params - wanted) < abs(nearest - wanted):
+                        nearest = params
+                    if abs(params / wanted - 1) > tolerance:
+                        continue
+                    rank = (round(_distortion(source, *fields), 9), abs(params / wanted - 1))
+                    if layers not in best or rank < best[layers][0]:
+                        best[layers] = (rank, fields, params)
+    if not best:
+        closest = f"; the closest is {nearest:,} ({nearest / wanted - 1:+.1%})" if nearest else ""
+        raise ValueError(
+            f"no uniform target shape within {tolerance:.1%} of {wanted:,} parameters with hidden a multiple of "
+            f"{hidden_multiple} and MLP a multiple of {mlp_multiple}{closest}: raise the tolerance or lower the "
+            "multiples"
+        )
+    candidates = []
+    for rank, fields, params in sorted(best.values())[:count]:
+        shape = _uniform(source, *fields)
+        assert count_params(shape) == params, (fields, params)  # linearity: the same counting, exactly
+        candidates.append(TargetCandidate(shape, params, params / wanted - 1, rank[0]))
+    return candidates
+
+
+def _uniform(source: LlamaShape, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -> LlamaShape:
+    fields = (hidden, layers, heads, kv_heads, mlp)
+    return source.with_target(dict(zip(PRUNABLE_FIELDS, fields, strict=True)))
