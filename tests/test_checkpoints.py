@@ -2,6 +2,7 @@
 fail with a clear error."""
 
 import os
+import warnings
 import zipfile
 
 import pytest
@@ -85,3 +86,123 @@ def test_cli_refuses_an_unwritable_output_before_the_work(
     assert f"--output {output} cannot be written" in err and "writable folder" in err
     assert cli.main([*argv[:-1], str(tmp_path)]) == 2  # a folder, not a file
     assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def truncate(path, keep=0.5):
+    """A checkpoint cut short, as a full disk leaves it (Composer 0.32 writes ``ep*-ba*-rank0.pt`` in place)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_disk_full_leftovers_are_moved_aside_then_removed_once_superseded(tmp_path):
+    """No training: the start-up tidy and the after-checkpoint sweep on a folder a full disk left behind."""
+    from shearing.checkpoints import tidy_save_folder
+    from shearing.run_folder import SupersededCheckpointSweep
+
+    write_checkpoints(tmp_path, [10, 20])  # latest -> ba20, both good
+    torch.save({"state": {"batch": 30}}, tmp_path / "ep0-ba30-rank0.pt")
+    truncate(tmp_path / "ep0-ba30-rank0.pt")  # the write at ba30 failed; latest was never moved to it
+    (tmp_path / "ep0-ba5-rank0.pt.corrupt").write_bytes(b"PK")  # moved aside by an earlier start
+    (tmp_path / ".shearing_run.json.k3j2.tmp").write_text("{")  # write_json_atomic cut short by a kill
+    good = {p.name: p.read_bytes() for p in tmp_path.glob("ep*-ba*-rank0.pt") if "ba30" not in p.name}
+
+    with pytest.warns(
+        UserWarning, match=r"ep0-ba30-rank0\.pt is incomplete .*moved aside as ep0-ba30-rank0\.pt\.corrupt"
+    ):
+        assert tidy_save_folder(tmp_path).name == "ep0-ba20-rank0.pt"
+    assert not (tmp_path / "ep0-ba30-rank0.pt").exists()  # nothing can load or export it any more
+    assert (tmp_path / "ep0-ba30-rank0.pt.corrupt").exists()  # kept until a checkpoint supersedes it
+    assert not (tmp_path / "ep0-ba5-rank0.pt.corrupt").exists()  # superseded by the good ba20
+    assert not list(tmp_path.glob("*.tmp"))
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("ep*-ba*-rank0.pt")} == good  # good ones untouched
+    assert os.readlink(tmp_path / "latest-rank0.pt") == "ep0-ba20-rank0.pt"
+
+    sweep = SupersededCheckpointSweep(tmp_path)
+    sweep.batch_checkpoint(None, None)  # a checkpoint at ba20 does not supersede ba30
+    assert (tmp_path / "ep0-ba30-rank0.pt.corrupt").exists()
+    torch.save({"state": {"batch": 30}}, tmp_path / "ep0-ba30-rank0.pt")  # the resumed run saves ba30
+    os.replace(tmp_path / "latest-rank0.pt", tmp_path / "old-link")
+    os.symlink("ep0-ba30-rank0.pt", tmp_path / "latest-rank0.pt")
+    sweep.batch_checkpoint(None, None)
+    assert not (tmp_path / "ep0-ba30-rank0.pt.corrupt").exists()
+    assert sorted(p.name for p in tmp_path.glob("ep*")) == [f"ep0-ba{b}-rank0.pt" for b in (10, 20, 30)]
+
+
+def test_a_missing_latest_link_is_restored_not_restarted_from_zero(tmp_path):
+    """Composer removes latest-rank0.pt before linking the new one: a full disk (or a kill) in between
+    left none, and autoresume started again from step 0, overwriting the checkpoints."""
+    from shearing.checkpoints import tidy_save_folder
+
+    write_checkpoints(tmp_path, [10, 20, 30])
+    (tmp_path / "latest-rank0.pt").unlink()
+    truncate(tmp_path / "ep0-ba30-rank0.pt")
+    with pytest.warns(UserWarning) as warned:
+        assert tidy_save_folder(tmp_path).name == "ep0-ba20-rank0.pt"
+    messages = " ".join(str(w.message) for w in warned)
+    assert "ep0-ba30-rank0.pt is incomplete" in messages and "was missing" in messages
+    assert os.readlink(tmp_path / "latest-rank0.pt") == "ep0-ba20-rank0.pt"
+    assert tidy_save_folder(tmp_path / "missing") is None
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, tiny_gqa_dir, tiny_data):
+    """A prune_tiny run folder trained to batch 2 with a checkpoint at batches 1 and 2 (latest -> ba2)."""
+    run = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    train_tiny(run, tiny_gqa_dir, tiny_data, "2ba")
+    return run
+
+
+def train_tiny(run, tiny_gqa_dir, tiny_data, max_duration):
+    from tiny import run_overrides
+
+    from shearing.train import train_from_yaml
+
+    overrides = run_overrides(
+        tiny_gqa_dir,
+        tiny_data,
+        run,
+        "variables.reference_losses={code: 3.0, docs: 3.0}",
+        f"max_duration={max_duration}",
+        "save_interval=1ba",
+        "eval_interval=100ba",
+    )
+    return train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
+
+
+def test_a_corrupt_latest_is_gone_once_the_resumed_run_saves_past_it(
+    tmp_path, two_checkpoints, tiny_gqa_dir, tiny_data
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run, symlinks=True)
+    truncate(run / "ep0-ba2-rank0.pt")  # latest -> ba2, cut short (the disk filled, or power was lost)
+    with pytest.warns(
+        UserWarning, match=r"ep0-ba2-rank0\.pt .* is corrupt .*resuming from ep0-ba1-rank0\.pt"
+    ):
+        trainer = train_tiny(run, tiny_gqa_dir, tiny_data, "3ba")
+    assert int(trainer.state.timestamp.batch) == 3
+    # Before: ep0-ba2-rank0.pt.corrupt (as large as a checkpoint) stayed after the resumed run saved ba2 again.
+    assert not list(run.glob("*.corrupt"))
+    assert sorted(p.name for p in run.glob("ep*")) == [f"ep0-ba{b}-rank0.pt" for b in (1, 2, 3)]
+    assert all(checkpoint_is_readable(p) for p in run.glob("ep*"))
+    assert os.readlink(run / "latest-rank0.pt") == "ep0-ba3-rank0.pt"
+
+
+def test_a_run_whose_latest_link_is_missing_resumes_from_its_newest_checkpoint(
+    tmp_path, two_checkpoints, tiny_gqa_dir, tiny_data
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run, symlinks=True)
+    (run / "latest-rank0.pt").unlink()  # removed by Composer; the full disk refused the new link
+    written = {b: (run / f"ep0-ba{b}-rank0.pt").stat().st_mtime_ns for b in (1, 2)}
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        trainer = train_tiny(run, tiny_gqa_dir, tiny_data, "3ba")
+    assert int(trainer.state.timestamp.batch) == 3
+    # Before: autoresume found no latest, trained again from step 0 and overwrote ba1 and ba2.
+    assert {b: (run / f"ep0-ba{b}-rank0.pt").stat().st_mtime_ns for b in (1, 2)} == written
+    assert any("latest-rank0.pt was missing" in str(w.message) for w in warned)
+    assert os.readlink(run / "latest-rank0.pt") == "ep0-ba3-rank0.pt"

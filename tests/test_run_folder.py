@@ -4,6 +4,7 @@ and a resume that would change the source/target/families is refused before the 
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -137,3 +138,66 @@ def test_resume_with_another_target_is_refused(tmp_path, tiny_gqa_dir, tiny_data
     trainer = train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, run_dir, "max_duration=3ba"))
     assert int(trainer.state.timestamp.batch) == 3
     assert json.loads((run_dir / "shearing_run.json").read_text()) == record
+
+
+@pytest.mark.parametrize(
+    ("code", "says"),
+    [
+        (errno.EROFS, "read-only file system on {lock}. Remount it read-write"),
+        (errno.EACCES, "permission denied on {lock}"),
+    ],
+)
+def test_an_unwritable_save_folder_is_named_before_the_model_loads(
+    tmp_path, tiny_gqa_dir, tiny_data, monkeypatch, code, says
+):
+    """Read-only storage, or a folder of another user (root ignores chmod, so os.open is made to fail)."""
+    run_dir = tmp_path / "run"
+    lock = run_dir / ".shearing.lock"
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if str(path) == str(lock):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    forbid_model_loading(monkeypatch)
+    expected = f"save_folder {run_dir} cannot be written: " + says.format(lock=lock)
+    with pytest.raises(ValueError, match=re.escape(expected)):  # before: a raw OSError on .shearing.lock
+        train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, run_dir))
+    from shearing.checkpoints import unwritable_save_folder
+
+    assert "variables.save_folder" in str(unwritable_save_folder(run_dir, OSError(code, "x")))
+
+
+def test_a_save_folder_that_is_a_file_is_named_and_left_alone(tmp_path, tiny_gqa_dir, tiny_data, monkeypatch):
+    forbid_model_loading(monkeypatch)
+    blocker = tmp_path / "run"
+    blocker.write_text("someone's notes")
+    with pytest.raises(
+        ValueError,
+        match=rf"save_folder {re.escape(str(blocker))} cannot be written: it is a file, not a folder",
+    ):
+        train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, blocker))  # before: [Errno 17] File exists
+    with pytest.raises(ValueError, match=rf"{re.escape(str(blocker))} is a file, not a folder"):
+        train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, blocker / "run"))  # before: [Errno 20]
+    assert blocker.read_text() == "someone's notes"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [('{"source": "/m", "seed": 1', "is not valid JSON"), ("", "is empty"), ("[1, 2]", "holds a list")],
+)
+def test_a_damaged_run_record_is_refused_never_rewritten(
+    tmp_path, tiny_gqa_dir, tiny_data, monkeypatch, text, problem
+):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = run_dir / "shearing_run.json"
+    record.write_text(text)
+    forbid_model_loading(monkeypatch)
+    with pytest.raises(
+        ValueError, match=rf"the run record {re.escape(str(record))} {problem}.*Restore it.*or delete it"
+    ):
+        train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, run_dir))  # before: silently rewritten
+    assert record.read_text() == text

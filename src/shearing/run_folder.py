@@ -1,7 +1,9 @@
 """One run per save_folder, and a resume only ever continues the same run.
 
 **Lock.** ``train_from_yaml`` holds an exclusive lock on ``<save_folder>/.shearing.lock`` for the whole
-run (global rank 0 only; the other ranks write nothing of their own into the folder). It is an
+run (global rank 0 only; the other ranks write nothing of their own into the folder). A folder that
+cannot hold it (read-only, permission denied, a file in the way, a full disk) is refused naming the path
+and the fix (``checkpoints.unwritable_save_folder``). It is an
 ``fcntl.flock`` on that file: the kernel releases it on any exit, SIGKILL and OOM-kill included, so a
 crashed run never leaves a stale lock. The file records who holds it (host, pid, start time) so a
 refused second run can say which run owns the folder. The file itself is never deleted (deleting a
@@ -11,6 +13,18 @@ flock'd file lets two processes lock two different inodes). On a filesystem with
 dead process on this host is stale and is taken over with a warning; one from another host cannot be
 checked and is reported with the command to remove it.
 
+**Every rank, one verdict.** The lock, the run-record check and the save_folder checks run on global rank
+0 only (``on_rank_zero``); in a multi-process run (``train_from_yaml`` starts the process group first) rank
+0 then broadcasts whether it refused, so a refusal stops every rank on every node at once, naming rank 0's
+error, instead of the other nodes waiting ``dist_timeout`` for a rank 0 that is gone. Nothing here is done
+by "local rank 0", so N nodes on one shared folder never race each other.
+
+**Shared folder.** A multi-node run needs one ``save_folder`` that every node mounts: rank 0 alone writes
+checkpoints, and autoresume on every node must find them. Right after taking the lock, rank 0 writes a
+small probe file there and every node's local rank 0 looks for it (``check_folder_is_shared``, waiting up
+to 10 s for a network filesystem's cache); a node that cannot see it is named in a ``ValueError`` before
+anything loads. On one node the check is skipped.
+
 **Run record.** ``<save_folder>/shearing_run.json`` (written atomically) holds what must not change
 across a resume: the source model (path and shape), the target shape and mask families, the seed,
 ``max_seq_len`` and the training data folder. Composer's autoresume would otherwise load the
@@ -19,7 +33,10 @@ start that will resume (autoresume on and a checkpoint in the folder) the yaml's
 with the record and a difference is a ``ValueError`` naming both values. A folder written before the
 record existed is compared with the metadata every checkpoint carries (source shape, target,
 families); if that cannot be read either, a warning. Values that may change on a resume
-(``max_duration`` to extend a run, loggers, intervals, learning rates) are not recorded.
+(``max_duration`` to extend a run, loggers, intervals, learning rates) are not recorded. A record that
+exists but cannot be read (not JSON, empty, not an object) is refused with its path, resuming or not: it
+may be a user's broken edit, so it is never overwritten silently; restoring it or deleting it (to accept
+the yaml's values) is the user's call.
 """
 
 from __future__ import annotations
@@ -29,16 +46,19 @@ import errno
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from composer.core import Callback, State
+from composer.loggers import Logger
 from composer.utils import dist
 
-from shearing.checkpoints import LATEST
+from shearing.checkpoints import LATEST, remove_superseded_corrupt, unwritable_save_folder
 from shearing.io import write_json_atomic
 from shearing.models.shapes import resolve_source_shape, shape_from_hf_config
 from shearing.pruning.plan import PruningPlan
@@ -49,6 +69,9 @@ LOCK_NAME = ".shearing.lock"
 OWNER_NAME = ".shearing.lock.owner"  # the O_EXCL fallback
 RECORD_NAME = "shearing_run.json"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+SHARED_PROBE = ".shearing.shared-check-"  # check_folder_is_shared's file, removed right after
+SHARED_WAIT_S = 10.0
+T = TypeVar("T")
 
 
 class SaveFolderLocked(RuntimeError):
@@ -100,8 +123,11 @@ class SaveFolderLock:
     def acquire(self) -> SaveFolderLock:
         import fcntl
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # read-only, permission denied, a file in the way: name it and the fix
+            raise unwritable_save_folder(self.folder, e, self.path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -115,8 +141,12 @@ class SaveFolderLock:
             self._acquire_owner_file()
             return self
         self._fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
+        except OSError as e:  # a full disk or quota
+            self.release()
+            raise unwritable_save_folder(self.folder, e, self.path) from None
         return self
 
     def _acquire_owner_file(self) -> None:
@@ -160,17 +190,101 @@ class SaveFolderLock:
             self._owner_file = False
 
 
+def on_rank_zero(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """``fn(*args, **kwargs)`` on global rank 0 only (its result there, None elsewhere). In a multi-process
+    run every rank then learns whether it failed and raises too, naming ``what`` and rank 0's error: the
+    other nodes stop at once instead of waiting ``dist_timeout`` for a rank 0 that has exited."""
+    result, error = None, None
+    if dist.get_global_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the other ranks were told)
+            error = e
+    if dist.get_world_size() > 1 and dist.is_initialized():
+        verdict = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(verdict, src=0)
+        if error is None and verdict[0] is not None:
+            raise RuntimeError(f"global rank 0 stopped the run at {what}: {verdict[0]}")
+    if error is not None:
+        raise error
+    return result
+
+
+def _shows_file(path: Path, wait_s: float) -> bool:
+    """``path`` is visible here within ``wait_s`` (listing its folder revalidates NFS's directory cache)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):
+            os.listdir(path.parent)
+            if path.is_file():
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
+def check_folder_is_shared(save_folder: str | os.PathLike, wait_s: float = SHARED_WAIT_S) -> None:
+    """Multi-node runs: every node sees a file global rank 0 writes into ``save_folder`` (a collective).
+
+    Rank 0 alone writes the checkpoints, the lock and the run record, while autoresume on every node must
+    find the checkpoint; a node-local folder trains, but every resume would fail in Composer ("Downloading
+    the checkpoint to all nodes failed") and a replaced node 0 would take the run with it. One small file,
+    one broadcast and one gather at start-up: cheap enough to refuse up front, naming the nodes that are blind.
+    """
+    if dist.get_world_size() == dist.get_local_world_size() or not dist.is_initialized():
+        return  # one node: nothing to share
+    folder = Path(save_folder)
+    token = [f"{SHARED_PROBE}{secrets.token_hex(8)}"]
+    dist.broadcast_object_list(token, src=0)  # rank 0's name on every rank
+    on_rank_zero("the shared save_folder check", (folder / token[0]).write_text, socket.gethostname())
+    probe = folder / token[0]
+    seen = _shows_file(probe, wait_s) if dist.get_local_rank() == 0 else True
+    views = dist.all_gather_object((dist.get_node_rank(), socket.gethostname(), seen))
+    if dist.get_global_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = sorted({f"node {node} ({host})" for node, host, ok in views if not ok})
+    if blind:
+        raise ValueError(
+            f"save_folder {folder} is not shared between the nodes: {probe.name}, written there by global rank 0 "
+            f"on {views[0][1]}, is not visible from {', '.join(blind)} after {wait_s:.0f} s. Multi-node runs "
+            "need one save_folder on storage every node mounts (NFS, Lustre, a shared volume): rank 0 alone "
+            "writes the checkpoints, and autoresume on every node must find them. Set variables.save_folder "
+            "to such a path, the same on every node"
+        )
+
+
 @contextlib.contextmanager
 def hold_save_folder(save_folder: str | os.PathLike | None) -> Iterator[SaveFolderLock | None]:
-    """Global rank 0 holds the save_folder's lock inside the block (nothing to do without a save_folder)."""
-    if save_folder is None or dist.get_global_rank() != 0:
+    """Global rank 0 holds the save_folder's lock inside the block (nothing to do without a save_folder);
+    in a multi-node run every node must see the folder (``check_folder_is_shared``). Every rank calls it."""
+    if save_folder is None:
         yield None
         return
-    lock = SaveFolderLock(save_folder).acquire()
+    lock = on_rank_zero("the save_folder lock", lambda: SaveFolderLock(save_folder).acquire())
     try:
+        check_folder_is_shared(save_folder)
         yield lock
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+class SupersededCheckpointSweep(Callback):
+    """After each checkpoint (placed after Composer's saver), rank 0 deletes the ``*.corrupt`` it supersedes."""
+
+    def __init__(self, save_folder: str | os.PathLike):
+        self.folder = Path(save_folder)
+
+    def _sweep(self) -> None:
+        latest = self.folder / LATEST
+        if dist.get_global_rank() == 0 and latest.exists():  # written complete: Composer links it afterwards
+            remove_superseded_corrupt(self.folder, latest.resolve())
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._sweep()
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._sweep()
 
 
 def _resolve(path: Any) -> Any:
@@ -226,16 +340,46 @@ def record_from_checkpoint(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def check_run_record(cfg) -> dict[str, Any] | None:
-    """Rank 0, before any weights load: refuse a resume whose source/target/families/... differ; write the record."""
-    if cfg.save_folder is None or dist.get_global_rank() != 0:
+def read_run_record(path: Path) -> dict[str, Any] | None:
+    """The run record at ``path`` (None when there is none); a damaged one is a ``ValueError`` naming the fix."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror or e})"
+    else:
+        try:
+            record = json.loads(text)
+        except ValueError as e:
+            problem = "is empty" if not text.strip() else f"is not valid JSON ({e})"
+        else:
+            if isinstance(record, dict):
+                return record
+            problem = f"holds a {type(record).__name__}, not the run record's JSON object"
+    raise ValueError(
+        f"the run record {path} {problem}; it says what this folder's run is (source, target, families, seed, "
+        "data) and is never overwritten silently. Restore it (from a backup, or fix the edit), or delete it to "
+        "accept this yaml's values (a resume then compares them with the latest checkpoint's metadata)"
+    )
+
+
+def check_run_record(cfg) -> dict[str, Any] | None:
+    """Rank 0, before any weights load: refuse a resume whose source/target/families/... differ, or a damaged
+    record; write the record. Every rank calls it (rank 0's refusal stops them all: ``on_rank_zero``)."""
+    if cfg.save_folder is None:
+        return None
+    return on_rank_zero("the run record check", _check_run_record, cfg)
+
+
+def _check_run_record(cfg) -> dict[str, Any]:
     folder = Path(cfg.save_folder)
     path = folder / RECORD_NAME
     current = run_record(cfg)
+    recorded = read_run_record(path)  # a damaged record is refused, resuming or not
     resuming = cfg.autoresume_enabled and folder.is_dir() and _has_checkpoint(folder)
     if resuming:
-        previous, where = _read_json(path), path
+        previous, where = recorded, path
         if previous is None:
             previous, where = record_from_checkpoint(folder), folder / LATEST
         if previous is None:
@@ -286,8 +430,12 @@ def finish_run(trainer) -> None:
     guards = [cb for cb in state.callbacks if isinstance(cb, NonFiniteGuard)]
     messages = []
     for export in exports:
-        summary = _read_json(export.folder / SUMMARY_NAME) or {}
-        if summary.get("checkpoint_batch") == step:
+        # Rank 0's reading decides for every rank (the export is a collective): an export folder that only
+        # rank 0's node sees must not make the other nodes skip it.
+        written = [(_read_json(export.folder / SUMMARY_NAME) or {}).get("checkpoint_batch")]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(written, src=0)
+        if written[0] == step:
             messages.append(f"the export at {export.folder} is from batch {step}")
             continue
         for guard in guards:

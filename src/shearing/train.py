@@ -24,9 +24,10 @@ from llmfoundry.data.dataloader import build_dataloader
 from llmfoundry.utils.builders import build_algorithm, build_callback, build_scheduler
 
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
+from shearing import composer_compat
 from shearing.callbacks.export import build_export_callback, check_export_config
 from shearing.callbacks.guard import NonFiniteGuard
-from shearing.checkpoints import check_save_folder, recover_latest_checkpoint
+from shearing.checkpoints import check_save_folder, tidy_save_folder
 from shearing.config import OptimizerConfig, RunConfig, load_config
 from shearing.data.compat import check_run_data
 from shearing.data.dataloader import loader_domains
@@ -38,11 +39,20 @@ from shearing.models.shapes import resolve_source_shape
 from shearing.parallelism import build_parallelism_config
 from shearing.progress import announce_outputs, setup_console_logging
 from shearing.pruning.plan import PruningPlan
-from shearing.run_folder import check_run_record, finish_run, hold_save_folder, run_is_finished
+from shearing.run_folder import (
+    SupersededCheckpointSweep,
+    check_run_record,
+    finish_run,
+    hold_save_folder,
+    on_rank_zero,
+    run_is_finished,
+)
 from shearing.trainer import ShearingTrainer
 from shearing.validation import validate_config
 
 log = logging.getLogger(__name__)
+
+composer_compat.apply()  # Composer 0.32 workarounds (multi-node signal files), once per process
 
 
 def validate_run(cfg: RunConfig, tokenizer=None) -> None:
@@ -229,13 +239,26 @@ def build_callbacks(cfg: RunConfig) -> list:
 
 
 def prepare_save_folder(cfg: RunConfig, model: ComposerShearedLlama) -> None:
-    """Rank 0: a writable folder with room for a checkpoint, and a readable latest checkpoint to resume."""
-    if cfg.save_folder is None or dist.get_global_rank() != 0:
+    """Rank 0: a writable folder with room for a checkpoint, what failed writes left cleared away, and a
+    readable latest checkpoint to resume. Every rank calls it; a refusal on rank 0 stops them all."""
+    if cfg.save_folder is None:
         return
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a frozen teacher is not saved
-    check_save_folder(cfg.save_folder, checkpoint_bytes=params * 4 * 3)  # fp32 weights + two Adam moments
-    if cfg.autoresume_enabled:
-        recover_latest_checkpoint(cfg.save_folder)
+
+    def prepare() -> None:
+        check_save_folder(cfg.save_folder, checkpoint_bytes=params * 4 * 3)  # fp32 weights + two Adam moments
+        if cfg.autoresume_enabled:
+            tidy_save_folder(cfg.save_folder)
+
+    on_rank_zero("the save_folder checks", prepare)  # the other ranks wait here: none reads the folder yet
+
+
+def start_process_group(cfg: RunConfig) -> None:
+    """Multi-process runs: the process group now (the Trainer would start it later and reuses it), so that
+    global rank 0's save_folder verdicts (lock, shared-folder check, run record) reach every rank and a
+    refusal stops every node at once instead of leaving them waiting ``dist_timeout`` for rank 0."""
+    if dist.get_world_size() > 1:
+        dist.initialize_dist(cfg.device, cfg.dist_timeout)
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
@@ -262,7 +285,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     scheduler = build_scheduler(
         cfg.scheduler.name, {"t_warmup": cfg.scheduler.t_warmup, "alpha_f": cfg.scheduler.alpha_f}
     )
-    return ShearingTrainer(  # Composer's Trainer; absent domains log no train loss
+    trainer = ShearingTrainer(  # Composer's Trainer; absent domains log no train loss
         run_name=cfg.run_name,
         model=model,
         train_dataloader=train_loader,
@@ -293,12 +316,16 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         console_log_interval=cfg.console_log_interval,
         dist_timeout=cfg.dist_timeout,
     )
+    if cfg.save_folder is not None:  # after Composer's saver, which the Trainer appended last
+        trainer.state.callbacks.append(SupersededCheckpointSweep(cfg.save_folder))
+    return trainer
 
 
 def train_from_yaml(path: str | os.PathLike, overrides: list[str] | None = None) -> Trainer:
     """Load the yaml, build the trainer, train; returns the trainer (its state holds the result)."""
     setup_console_logging()  # rank 0 shows shearing's INFO lines (reference losses, export location)
     cfg = load_config(path, overrides)
+    start_process_group(cfg)
     with hold_save_folder(cfg.save_folder):  # one run per save_folder (rank 0), released on any exit
         trainer = build_trainer(cfg)
         if run_is_finished(trainer):  # Composer's fit() would raise "No training would occur"
