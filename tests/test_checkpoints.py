@@ -1,6 +1,7 @@
 """Run-folder pre-flight: corrupt latest checkpoint falls back to the previous one; unwritable or full folders
 fail with a clear error."""
 
+import errno
 import os
 import warnings
 import zipfile
@@ -61,6 +62,13 @@ def test_unwritable_or_full_save_folder(tmp_path):
         check_save_folder(blocker / "run", checkpoint_bytes=1)
     with pytest.raises(ValueError, match="GiB free but one checkpoint needs"):
         check_save_folder(tmp_path / "run", checkpoint_bytes=2**62)
+    from shearing.checkpoints import unwritable_save_folder
+
+    full = unwritable_save_folder(tmp_path, OSError(errno.ENOSPC, "No space left on device"), tmp_path / "x")
+    assert str(full) == (
+        f"save_folder {tmp_path} cannot be written: no space left on {tmp_path / 'x'} (disk full or quota). "
+        "Free space there, or set save_folder (variables.save_folder) to a writable folder"
+    )
 
 
 @pytest.mark.parametrize("module", ["shearing.evaluate", "shearing.reference_losses"])

@@ -141,26 +141,28 @@ def test_resume_with_another_target_is_refused(tmp_path, tiny_gqa_dir, tiny_data
 
 
 @pytest.mark.parametrize(
-    ("code", "says"),
+    ("call", "code", "says"),
     [
-        (errno.EROFS, "read-only file system on {lock}. Remount it read-write"),
-        (errno.EACCES, "permission denied on {lock}"),
+        ("open", errno.EROFS, "read-only file system on {lock}. Remount it read-write"),
+        ("open", errno.EACCES, "permission denied on {lock}"),
+        ("pwrite", errno.ENOSPC, "no space left on {lock} (disk full or quota). Free space there"),
     ],
 )
 def test_an_unwritable_save_folder_is_named_before_the_model_loads(
-    tmp_path, tiny_gqa_dir, tiny_data, monkeypatch, code, says
+    tmp_path, tiny_gqa_dir, tiny_data, monkeypatch, call, code, says
 ):
-    """Read-only storage, or a folder of another user (root ignores chmod, so os.open is made to fail)."""
+    """Read-only storage, a folder of another user (root ignores chmod, so os.open is made to fail), a full
+    disk (the lock records its holder with os.pwrite)."""
     run_dir = tmp_path / "run"
     lock = run_dir / ".shearing.lock"
-    real_open = os.open
+    real = getattr(os, call)
 
-    def refusing_open(path, flags, *args, **kwargs):
-        if str(path) == str(lock):
-            raise OSError(code, os.strerror(code), str(path))
-        return real_open(path, flags, *args, **kwargs)
+    def refusing(*args, **kwargs):
+        if call == "pwrite" or str(args[0]) == str(lock):
+            raise OSError(code, os.strerror(code), str(lock))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, call, refusing)
     forbid_model_loading(monkeypatch)
     expected = f"save_folder {run_dir} cannot be written: " + says.format(lock=lock)
     with pytest.raises(ValueError, match=re.escape(expected)):  # before: a raw OSError on .shearing.lock

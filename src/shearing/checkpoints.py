@@ -176,6 +176,8 @@ def unwritable_save_folder(folder: Path, error: OSError, path: Path | None = Non
     where = f" on {path}" if path is not None else ""
     if error.errno == errno.EROFS:
         return ValueError(f"{head}: read-only file system{where}. Remount it read-write, or {fix}")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ValueError(f"{head}: no space left{where} (disk full or quota). Free space there, or {fix}")
     if error.errno in (errno.EACCES, errno.EPERM):
         return ValueError(
             f"{head}: permission denied{where} for uid {os.geteuid()}. Give this user write access "
