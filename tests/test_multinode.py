@@ -16,18 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny import REPO, run_overrides
+from tiny import REPO, free_port, run_overrides
 
 from shearing.checkpoints import LATEST, checkpoint_batch
 
 LAUNCH = REPO / "scripts/launch_multinode.sh"
 YAML = "yamls/testing/prune_tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two_nodes(logs: Path, args: list[str], per_node: dict[int, list[str]] | None = None):
@@ -148,7 +142,7 @@ def test_two_nodes_on_a_shared_folder_resume_after_sigkill(tmp_path, tiny_gqa_di
 def test_a_refusal_stops_every_node_and_a_node_local_folder_is_refused(tmp_path, tiny_gqa_dir, tiny_data):
     """Rank 0's refusals reach the other node at once (before: it waited dist_timeout, 600 s, for rank 0);
     a save_folder that node 1 cannot see is refused on both nodes before anything loads."""
-    from test_run_folder import hold_lock
+    from tiny import hold_lock
 
     common = ["variables.reference_losses={code: 3.0, docs: 3.0}", "max_duration=2ba"]
     run = tmp_path / "run"

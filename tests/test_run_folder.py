@@ -9,10 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
-from tiny import run_overrides
+from tiny import hold_lock, run_overrides
 
 import shearing.train
 from shearing.train import train_from_yaml
@@ -42,22 +41,6 @@ def forbid_model_loading(monkeypatch):
         raise AssertionError("the model was loaded before the save_folder check")
 
     monkeypatch.setattr(shearing.train, "build_model", build_model)
-
-
-def hold_lock(folder):
-    """Another process holding the save_folder's flock, as a running train would."""
-    code = textwrap.dedent(f"""
-        import fcntl, json, os, time
-        os.makedirs({str(folder)!r}, exist_ok=True)
-        fd = os.open({str(folder / ".shearing.lock")!r}, os.O_RDWR | os.O_CREAT)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, json.dumps({{"host": "testhost", "pid": os.getpid(), "since": "2024-01-01T00:00:00"}}).encode())
-        print("locked", flush=True)
-        time.sleep(600)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
 
 
 def test_second_run_is_refused_while_another_holds_the_folder(tmp_path, tiny_gqa_dir, tiny_data, monkeypatch):

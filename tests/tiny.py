@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ast
 import json
+import socket
+import subprocess
+import sys
 import sysconfig
+import textwrap
 from pathlib import Path
 
 import torch
@@ -143,3 +147,25 @@ def make_hf_family(
     if tokenizer_dir is not None:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hold_lock(folder):
+    """Another process holding the save_folder's flock, as a running train would."""
+    code = textwrap.dedent(f"""
+        import fcntl, json, os, time
+        os.makedirs({str(folder)!r}, exist_ok=True)
+        fd = os.open({str(folder / ".shearing.lock")!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, json.dumps({{"host": "testhost", "pid": os.getpid(), "since": "2024-01-01T00:00:00"}}).encode())
+        print("locked", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc

@@ -4,7 +4,7 @@ a gloo process group on this machine and the tiny GQA pruning model every rank b
 from __future__ import annotations
 
 import os
-import socket
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,13 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
+from tiny import free_port  # noqa: E402, F401  (the scripts import it from here)
+
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_gloo(rank: int, port: int) -> None:
