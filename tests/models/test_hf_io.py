@@ -5,13 +5,14 @@ next to the HF files; the loader must ignore it, as HF does, whether the HF weig
 shards named by ``model.safetensors.index.json``. Damaged files are errors naming the file.
 """
 
+import inspect
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from tiny import make_hf_llama
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from shearing.models.hf_io import load_source_model
 
@@ -69,13 +70,115 @@ def test_stray_consolidated_safetensors_is_ignored(tmp_path, sharded):
     assert "consolidated.safetensors" not in names and (len(names) > 1) == sharded
 
 
-def test_sharded_pytorch_bin(tmp_path):
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single"])
+def test_pytorch_bin(tmp_path, sharded):
+    """The .bin layouts transformers 4.x writes (5.x reads them but no longer writes them: written here with
+    huggingface_hub, as 4.51's save_pretrained(safe_serialization=False) does)."""
+    from huggingface_hub import save_torch_state_dict
+
     path = make_hf_llama(tmp_path / "src", seed=4)
     hf = LlamaForCausalLM.from_pretrained(path)
     (path / "model.safetensors").unlink()
-    hf.save_pretrained(path, max_shard_size="200KB", safe_serialization=False)
-    assert (path / "pytorch_model.bin.index.json").is_file()
+    save_torch_state_dict(
+        hf.state_dict(), path, safe_serialization=False, max_shard_size="200KB" if sharded else "5GB"
+    )
+    assert (path / "pytorch_model.bin.index.json").is_file() == sharded
+    assert (path / "pytorch_model.bin").is_file() != sharded
     assert_same_logits(path)
+
+
+def test_what_this_transformers_save_pretrained_writes(tmp_path):
+    """Whatever layout the installed ``save_pretrained(safe_serialization=False)`` writes is read: 4.51 a
+    ``pytorch_model.bin`` (+ index when sharded), 5.x safetensors (it ignores the flag)."""
+    path = make_hf_llama(tmp_path / "src", seed=4)
+    hf = LlamaForCausalLM.from_pretrained(path)
+    for kwargs in (dict(), dict(max_shard_size="200KB")):
+        out = tmp_path / f"saved{len(kwargs)}"
+        hf.save_pretrained(out, safe_serialization=False, **kwargs)
+        assert_same_logits(out)
+
+
+def test_shards_without_their_index(tmp_path):
+    path = make_hf_llama(tmp_path / "src", seed=5)
+    hf = LlamaForCausalLM.from_pretrained(path)
+    (path / "model.safetensors").unlink()
+    hf.save_pretrained(path, max_shard_size="200KB")
+    (path / "model.safetensors.index.json").unlink()
+    with pytest.raises(
+        ValueError,
+        match=r"has shard files \(model-00001-of-0000\d.safetensors, .*\) but not their "
+        r"model.safetensors.index.json, which says which tensor is in which shard",
+    ):
+        load_source_model(path)
+
+
+def _logits(model, vocab_size):
+    input_ids = torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.eval()(input_ids)
+    return getattr(out, "logits", out)
+
+
+def test_transformers_weights_names_the_file(tmp_path):
+    """transformers 5 reads the file config.json's ``transformers_weights`` names; so does the loader."""
+    path = make_hf_llama(tmp_path / "src", seed=9)
+    expected = _logits(LlamaForCausalLM.from_pretrained(path), 512)
+    (path / "model.safetensors").rename(path / "custom.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    for name, error in (
+        ("../elsewhere.safetensors", "must name a .safetensors or .safetensors.index.json file inside"),
+        ("custom.bin", "must name a .safetensors or .safetensors.index.json file inside"),
+        ("gone.safetensors", r"transformers_weights='gone.safetensors' but .*gone.safetensors is not there"),
+    ):
+        (path / "config.json").write_text(json.dumps({**config, "transformers_weights": name}))
+        with pytest.raises(ValueError, match=error):
+            load_source_model(path)
+    (path / "config.json").write_text(json.dumps({**config, "transformers_weights": "custom.safetensors"}))
+    ours, _ = load_source_model(path)
+    torch.testing.assert_close(_logits(ours, 512), expected)
+
+
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=128,
+)
+
+
+def as_transformers5_config(path, **extra):
+    """Rewrite ``path``'s config.json in the form transformers 5 writes: ``rope_parameters`` (theta inside)
+    instead of ``rope_theta``/``rope_scaling``, ``dtype`` instead of ``torch_dtype``."""
+    raw = json.loads((path / "config.json").read_text())
+    if "rope_parameters" not in raw:
+        raw["rope_parameters"] = {**(raw.pop("rope_scaling") or {"rope_type": "default"})}
+        raw["rope_parameters"]["rope_theta"] = raw.pop("rope_theta")
+        raw["dtype"] = raw.pop("torch_dtype")
+    (path / "config.json").write_text(json.dumps({**raw, **extra}))
+    return raw
+
+
+def test_transformers5_rope_parameters_are_read(tmp_path):
+    """A source saved by transformers 5 keeps its RoPE (theta 500000, llama3 scaling) under 4.x, which
+    ignores ``rope_parameters`` and would fall back to theta 10000: same logits as stock HF on the original."""
+    path = make_hf_llama(tmp_path / "src", seed=10, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)
+    expected = _logits(LlamaForCausalLM.from_pretrained(path), 512)
+    raw = as_transformers5_config(path)
+    assert raw["rope_parameters"]["rope_theta"] == 500000.0 and "rope_theta" not in raw
+    ours, _ = load_source_model(path)
+    torch.testing.assert_close(_logits(ours, 512), expected)
+
+
+@pytest.mark.skipif(
+    "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters,
+    reason="transformers 5 reads rope_parameters itself",
+)
+def test_rope_parameters_that_disagree_with_rope_theta(tmp_path):
+    path = make_hf_llama(tmp_path / "src", seed=10, rope_theta=500000.0)
+    as_transformers5_config(path, rope_theta=10000.0)
+    with pytest.raises(ValueError, match=r"rope_parameters .* and rope_theta=10000.0, which disagree"):
+        load_source_model(path)
 
 
 def test_index_naming_a_missing_shard(tmp_path):

@@ -7,11 +7,20 @@ rotary ``inv_freq`` buffers written by old transformers versions, and an ``lm_he
 from a checkpoint with tied embeddings.
 
 Which files hold the weights is decided as ``transformers.PreTrainedModel.from_pretrained`` decides it
-for a local folder (4.51), in this order: ``model.safetensors``; else ``model.safetensors.index.json``
-and exactly the shard files its ``weight_map`` names; else ``pytorch_model.bin``; else
-``pytorch_model.bin.index.json`` and its shards. Any other file is ignored, so a Mistral-style folder
-with a ``consolidated.safetensors`` (the same weights under original names) next to the HF files loads
-what HF loads. Every safetensors file's header is checked (``check_safetensors_file``: it parses, and
+for a local folder (4.51 and 5.x alike), in this order: the file ``config.json``'s ``transformers_weights``
+names (5.x only: a ``.safetensors`` or ``.safetensors.index.json`` inside the folder; 4.51 ignores the key);
+``model.safetensors``; else ``model.safetensors.index.json`` and exactly the shard files its ``weight_map``
+names; else ``pytorch_model.bin``; else ``pytorch_model.bin.index.json`` and its shards. transformers 4.51
+writes all four layouts; 5.x writes only the safetensors ones (``save_pretrained(safe_serialization=False)``
+is ignored there). Any other file is ignored, so a Mistral-style folder with a ``consolidated.safetensors``
+(the same weights under original names) next to the HF files loads what HF loads; a folder with none of
+these (shards without their index, original-format or GGUF weights only) is refused naming what it holds.
+
+Config: transformers 5.x writes RoPE settings as one ``rope_parameters`` dict (``rope_theta`` inside) where
+4.x writes ``rope_theta`` and ``rope_scaling``; 4.x ignores ``rope_parameters`` and would silently fall back
+to theta 10000. ``config_from_dict`` therefore turns a 5.x-written config into the 4.x fields when the
+installed transformers is 4.x (and refuses a folder whose two forms disagree), so a source saved by 5.x
+prunes with its own RoPE under 4.51. 5.x reads both forms itself. Every safetensors file's header is checked (``check_safetensors_file``: it parses, and
 the file is as long as the header says) before any tensor is read, so a truncated download is an
 error naming the file, not a crash half-way through the load.
 
@@ -24,6 +33,7 @@ inf counts before training starts, not a NaN loss or a "reference loss must be f
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
@@ -33,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import PretrainedConfig
@@ -76,11 +87,46 @@ def config_from_shape(shape: LlamaShape, family: ModelFamily | str = "llama", **
 
 def config_from_dict(raw: Mapping[str, Any]) -> PretrainedConfig:
     """An HF config of its family's class (``Qwen2Config`` for model_type qwen2, ...) from a config dict;
-    ``head_dim`` set explicitly when the dict lacks it."""
-    config = family_of(raw).config_class.from_dict(dict(raw))
+    ``head_dim`` set explicitly when the dict lacks it; RoPE fields in the installed transformers' form."""
+    config_class = family_of(raw).config_class
+    config = config_class.from_dict(rope_fields_for(config_class, raw))
     if getattr(config, "head_dim", None) is None:
         config.head_dim = config.hidden_size // config.num_attention_heads
     return config
+
+
+def rope_fields_for(config_class: type[PretrainedConfig], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with its RoPE settings in the form ``config_class`` reads (see the module note).
+
+    A 5.x config class takes ``rope_parameters`` and converts 4.x's ``rope_theta``/``rope_scaling`` itself:
+    ``raw`` is returned as is. For a 4.x class, ``rope_parameters`` becomes ``rope_theta`` plus
+    ``rope_scaling`` (None for ``rope_type`` default), and ``dtype`` becomes ``torch_dtype``."""
+    out = dict(raw)
+    if "rope_parameters" in inspect.signature(config_class.__init__).parameters:
+        return out
+    if out.get("dtype") is not None and out.get("torch_dtype") is None:
+        out["torch_dtype"] = out.pop("dtype")
+    params = out.pop("rope_parameters", None)
+    if params is None:
+        return out
+    if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError(
+            f"config rope_parameters {params!r} is not one dict of RoPE settings (per-layer-type RoPE is not "
+            f"supported by transformers {transformers.__version__}'s {config_class.__name__}): use a LLaMA, "
+            "Mistral or Qwen2 config with a single rope_parameters dict"
+        )
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    translated = {"rope_theta": params.get("rope_theta", out.get("rope_theta")), "rope_scaling": scaling}
+    for key, value in translated.items():
+        if out.get(key) is not None and out[key] != value:
+            raise ValueError(
+                f"config has rope_parameters {dict(params)} and {key}={out[key]!r}, which disagree: remove "
+                "one of the two (transformers 5 writes rope_parameters, 4.x writes rope_theta/rope_scaling)"
+            )
+    out.update({k: v for k, v in translated.items() if v is not None or k == "rope_scaling"})
+    return out
 
 
 def read_hf_config(path: str | os.PathLike) -> PretrainedConfig:
@@ -97,15 +143,64 @@ REFETCH = "download the checkpoint again (or re-save it with save_pretrained)"
 def hf_weight_files(path: str | os.PathLike) -> list[Path]:
     """The weight files ``from_pretrained`` would read from checkpoint folder ``path`` (see the module note)."""
     root = Path(path)
+    explicit = _explicit_weights(root)
+    if explicit is not None:
+        return _index_shards(explicit) if explicit.name.endswith(".index.json") else [explicit]
     for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
         if (root / single).is_file():
             return [root / single]
         if (root / index).is_file():
             return _index_shards(root / index)
     raise ValueError(
-        f"{root} holds none of {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS}, {BIN_INDEX}: the source model must "
-        "be a Hugging Face checkpoint folder (save_pretrained writes one)"
+        f"{root} holds none of {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS}, {BIN_INDEX}{_what_is_there(root)}: "
+        "the source model must be a Hugging Face checkpoint folder (save_pretrained writes one)"
     )
+
+
+def _explicit_weights(root: Path) -> Path | None:
+    """The file config.json's ``transformers_weights`` names (transformers 5.x), checked; None without one."""
+    try:
+        name = json.loads((root / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None  # no or unreadable config.json: read_config_json reports it
+    if name is None:
+        return None
+    target = (root / str(name)).resolve()
+    if not str(name).endswith((".safetensors", ".safetensors.index.json")) or not target.is_relative_to(
+        root.resolve()
+    ):
+        raise ValueError(
+            f"{root / 'config.json'} sets transformers_weights={name!r}, which must name a .safetensors or "
+            ".safetensors.index.json file inside the folder (as transformers 5 requires): fix or remove the key"
+        )
+    if not target.is_file():
+        raise ValueError(
+            f"{root / 'config.json'} sets transformers_weights={name!r} but {root / name} is not there: {REFETCH}"
+        )
+    return root / str(name)
+
+
+SHARD_PATTERNS = {"model-*-of-*.safetensors": SAFE_INDEX, "pytorch_model-*-of-*.bin": BIN_INDEX}
+OTHER_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def _what_is_there(root: Path) -> str:
+    """What a folder without HF weight files holds instead, and the fix, for the refusal's message."""
+    for pattern, index in SHARD_PATTERNS.items():
+        shards = sorted(p.name for p in root.glob(pattern))
+        if shards:
+            return (
+                f"; it has shard files ({', '.join(shards[:3])}{' ...' if len(shards) > 3 else ''}) but not "
+                f"their {index}, which says which tensor is in which shard: copy it too, or {REFETCH}"
+            )
+    others = sorted({p.name for pattern in OTHER_WEIGHTS for p in root.glob(pattern)})
+    if others:
+        return (
+            f"; its weights ({', '.join(others[:4])}{' ...' if len(others) > 4 else ''}) are not in a layout "
+            "from_pretrained reads (original-format or GGUF weights need converting to a Hugging Face "
+            "folder first)"
+        )
+    return ""
 
 
 def _index_shards(index: Path) -> list[Path]:
