@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -41,6 +42,9 @@ def test_tokenizer_info(tokenizer_dir: Path) -> None:
     )
     assert (info.bos_token_id, info.eos_token_id) == (1, 2)
     assert info.to_manifest()["fingerprint"] == info.fingerprint and len(info.fingerprint) == 64
+    # no special token trails the vocabulary: the core is all of it
+    assert (info.core_vocab_size, info.core_fingerprint) == (info.vocab_size, info.fingerprint)
+    assert info.to_manifest()["core_vocab_size"] == info.vocab_size
     assert info.bos_token == "<s>" and "the tokenizer adds its bos_token" in info.framing
 
 
@@ -139,3 +143,10 @@ def test_bos_eq_eos_refusal_reads_the_model_folder_eos(tmp_path: Path) -> None:
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))  # read first: its own eos
     with pytest.raises(ValueError, match=re.escape(plain)):
         load_tokenizer_info(folder)
+
+
+def test_saved_tokenizer_names_a_class_every_transformers_loads(tokenizer_dir: Path) -> None:
+    """transformers 5 saves tokenizer_class TokenizersBackend, which 4.x cannot load; ours names
+    PreTrainedTokenizerFast (4.51 writes it without "Fast")."""
+    saved = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert saved in ("PreTrainedTokenizer", "PreTrainedTokenizerFast")

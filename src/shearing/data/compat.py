@@ -14,11 +14,22 @@ lives or how its files are laid out, so it is stable across ``save_pretrained`` 
 (the serialised ``tokenizer.json`` is not: saving rewrites padding/truncation fields). Merges are not
 hashed: two tokenizers with one vocabulary index the same embedding rows.
 
+Across transformers versions the same files can load with extra tokens: transformers 5 loads a folder whose
+``config.json`` says ``model_type: qwen2`` with its ``Qwen2Tokenizer`` class, which adds its default
+``<|endoftext|>`` pad token when the files lack it (512 tokens under 4.51, 513 under 5.x), so the full
+fingerprint differs. The manifest therefore also records a core fingerprint: the same hash over the ids
+below ``core_vocab_size``, the vocabulary less its trailing special added tokens that the framing does not
+use (``core_vocab_size``). Data whose ``max_token_id`` is below ``core_vocab_size`` is accepted when the
+model's tokenizer has the same core fingerprint (every id the data holds means the same token): a special
+token one version appends does not make the same tokenizer look different, while a change of any id the
+data can hold (another vocabulary, a token moved or renamed) is still refused.
+
 Checks, in order (each ``ValueError`` names both tokenizers and the fix):
 
 1. the manifest's ``max_token_id`` must be below the model's ``vocab_size`` (an error even without a
    fingerprint: these ids cannot be embedded);
-2. the manifest's fingerprint must equal the model tokenizer's. A manifest written before fingerprints
+2. the manifest's fingerprint must equal the model tokenizer's, or its core fingerprint must (see above).
+   A manifest written before fingerprints
    (or with an older fingerprint method) is a warning, not an error; so is a model without a tokenizer
    (a random-init source), where only the id range can be checked.
 """
@@ -29,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +49,54 @@ log = logging.getLogger(__name__)
 FINGERPRINT_METHOD = "sha256(vocab id->token, special tokens, bos/eos ids) v1"
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """The fingerprint (hex sha256) of a Hugging Face tokenizer; see the module docstring."""
-    vocab = sorted((int(i), str(t)) for t, i in tokenizer.get_vocab().items())
-    special = sorted((str(t), int(tokenizer.convert_tokens_to_ids(t))) for t in tokenizer.all_special_tokens)
+def tokenizer_fingerprint(tokenizer: Any, below: int | None = None) -> str:
+    """The fingerprint (hex sha256) of a Hugging Face tokenizer; see the module docstring. With ``below``,
+    of its ids below ``below`` only (a bos/eos id at or above it counts as none): the core fingerprint."""
+
+    def keep(i: Any) -> bool:
+        return below is None or (i is not None and int(i) < below)
+
+    vocab = sorted((int(i), str(t)) for t, i in tokenizer.get_vocab().items() if keep(i))
+    special = sorted(
+        (str(t), int(i))
+        for t in tokenizer.all_special_tokens
+        if keep(i := tokenizer.convert_tokens_to_ids(t))
+    )
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     payload = {
         "vocab": vocab,
         "special": special,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": bos if keep(bos) else None,
+        "eos_token_id": eos if keep(eos) else None,
     }
     text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def core_vocab_size(tokenizer: Any, used: Iterable[int | None] = ()) -> int:
+    """``len(tokenizer)`` less its trailing special added tokens whose ids are not in ``used`` (the framing's
+    bos/eos): where the ids a transformers version may append start (see the module docstring)."""
+    used_ids = {int(i) for i in used if i is not None}
+    added = tokenizer.added_tokens_decoder
+    size = len(tokenizer)
+    while size > 0 and size - 1 not in used_ids and getattr(added.get(size - 1), "special", False):
+        size -= 1
+    return size
+
+
+def same_core(tokenizer: Any, entry: dict[str, Any], max_token_id: int | None) -> bool:
+    """Whether ``tokenizer`` means the same token as the manifest ``entry``'s tokenizer for every id the
+    data holds (``max_token_id``): same core fingerprint, and the data's ids all below the core."""
+    core, stored = entry.get("core_vocab_size"), entry.get("core_fingerprint")
+    if (
+        not core
+        or not stored
+        or max_token_id is None
+        or max_token_id >= int(core)
+        or len(tokenizer) < int(core)
+    ):
+        return False
+    return tokenizer_fingerprint(tokenizer, below=int(core)) == stored
 
 
 def _describe(entry: dict[str, Any]) -> str:
@@ -123,7 +171,18 @@ def check_data_tokenizer(
         )
         return
     mine = tokenizer_fingerprint(tokenizer)
-    if mine != stored:
+    if mine != stored and same_core(tokenizer, entry, manifest.max_token_id):
+        log.info(
+            "%s=%s: the model's tokenizer %s and the data's %s differ only in special tokens appended after "
+            "id %s (e.g. a default pad token transformers 5 adds); every id the data holds means the same "
+            "token in both",
+            where,
+            data,
+            model_desc,
+            data_desc,
+            int(entry["core_vocab_size"]) - 1,
+        )
+    elif mine != stored:
         raise ValueError(
             f"{where}={data} was tokenized with {data_desc}, fingerprint {stored[:16]}, but the model's "
             f"tokenizer is {model_desc}, fingerprint {mine[:16]}: token ids would mean different tokens. "
@@ -132,13 +191,14 @@ def check_data_tokenizer(
 
 
 def load_tokenizer_or_none(path: str | os.PathLike | None) -> Any | None:
-    """``AutoTokenizer.from_pretrained(path)``, or ``None`` for no path or a folder without a tokenizer."""
+    """The tokenizer saved in ``path`` (``shearing.data.tokenizer.load_hf_tokenizer``: transformers 4.x reads
+    a folder saved by 5.x too), or ``None`` for no path or a folder without a tokenizer."""
     if path is None:
         return None
-    from transformers import AutoTokenizer
+    from shearing.data.tokenizer import load_hf_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(Path(path)))
+        return load_hf_tokenizer(Path(path))
     except (OSError, ValueError, TypeError):
         return None
 

@@ -22,13 +22,21 @@ fingerprint (``shearing.data.compat``), which training and evaluation check the 
 ``tokenizers`` alone, not ``transformers``. The vocabulary size is ``len(tokenizer)``, added tokens
 included, because that is the largest id the shards can hold.
 
+transformers versions (``load_hf_tokenizer``): 5.x saves ``tokenizer_class: TokenizersBackend``, a class
+4.x does not know; such a folder is loaded under 4.x as the ``PreTrainedTokenizerFast`` its
+``tokenizer.json`` describes (same vocabulary, same ids). Tokenizers this module saves name
+``PreTrainedTokenizerFast``, which both load. Note that 5.x picks the tokenizer class from
+``config.json``'s ``model_type`` for some families (qwen2: ``Qwen2Tokenizer``, with its own
+pre-tokenizer and default special tokens) where 4.x follows ``tokenizer.json``: the same folder can then
+split text differently, with the same id -> token map (``shearing.data.compat`` compares that map).
+
 Training (``train_bpe_tokenizer``): a byte-level BPE (GPT-2 style pre-tokenisation, no normaliser) on the
 documents of ``RAW_DIR``, for tests and demos that have no source tokenizer. Byte-level means every
 string round-trips exactly through encode/decode, which the data tests rely on. Special tokens follow
 LLaMA's ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2; like LLaMA, ``tokenizer(text)`` prepends ``<s>`` (data
 preparation encodes without special tokens and frames documents itself). The result is saved as a
-``PreTrainedTokenizerFast`` so ``AutoTokenizer.from_pretrained(TOKENIZER_DIR)`` loads it; decoding does
-not "clean up" spaces, which would break the round trip.
+``PreTrainedTokenizerFast`` so ``AutoTokenizer.from_pretrained(TOKENIZER_DIR)`` loads it (under 4.x and
+5.x alike); decoding does not "clean up" spaces, which would break the round trip.
 """
 
 from __future__ import annotations
@@ -69,6 +77,8 @@ class TokenizerInfo:
     backend_json: str
     fingerprint: str = ""  # shearing.data.compat.tokenizer_fingerprint of the loaded tokenizer
     framing: str = ""
+    core_vocab_size: int = 0  # shearing.data.compat.core_vocab_size, and the fingerprint below it
+    core_fingerprint: str = ""
 
     @property
     def settings_digest(self) -> str:
@@ -92,6 +102,8 @@ class TokenizerInfo:
             "framing": self.framing,
             "fingerprint": self.fingerprint,
             "fingerprint_method": FINGERPRINT_METHOD,
+            "core_vocab_size": self.core_vocab_size,
+            "core_fingerprint": self.core_fingerprint,
         }
 
 
@@ -200,6 +212,33 @@ def choose_framing(
     return bos, bos_id, eos, eos_id, framing
 
 
+PORTABLE_CLASS = "PreTrainedTokenizerFast"  # a tokenizer_class transformers 4.x and 5.x both load
+V5_ONLY_CLASS = "TokenizersBackend"  # what 5.x saves for a tokenizer.json-backed tokenizer
+
+
+def load_hf_tokenizer(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(path)``; under transformers 4.x, a folder saved by 5.x (its
+    ``tokenizer_class`` is ``TokenizersBackend``) loads as ``PreTrainedTokenizerFast`` from its tokenizer.json."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except ValueError as err:
+        if V5_ONLY_CLASS not in str(err) or not (Path(path) / "tokenizer.json").is_file():
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(str(path), **kwargs)
+
+
+def make_portable(folder: str | os.PathLike) -> None:
+    """Name ``PORTABLE_CLASS`` instead of 5.x's ``TokenizersBackend`` in a saved tokenizer_config.json, so
+    transformers 4.x loads the folder too (5.x loads ``PreTrainedTokenizerFast`` as ``TokenizersBackend``)."""
+    config = Path(folder) / "tokenizer_config.json"
+    raw = json.loads(config.read_text())
+    if raw.get("tokenizer_class") == V5_ONLY_CLASS:
+        raw["tokenizer_class"] = PORTABLE_CLASS
+        config.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")
+
+
 def load_tokenizer_info(
     path: str | os.PathLike,
     bos_token: str | None = None,
@@ -207,12 +246,10 @@ def load_tokenizer_info(
     no_bos: bool = False,
 ) -> TokenizerInfo:
     """Load a Hugging Face tokenizer and decide the document framing (module docstring); fast backend only."""
-    from transformers import AutoTokenizer
-
-    from shearing.data.compat import tokenizer_fingerprint
+    from shearing.data.compat import core_vocab_size, tokenizer_fingerprint
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_hf_tokenizer(path)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"--tokenizer {path} could not be loaded with transformers.AutoTokenizer ({err}); point it at a "
@@ -225,6 +262,7 @@ def load_tokenizer_info(
             "AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(...) so tokenizer.json exists"
         )
     bos, bos_id, eos, eos_id, framing = choose_framing(tokenizer, path, bos_token, eos_token, no_bos)
+    core = core_vocab_size(tokenizer, used=(bos_id, eos_id))
     return TokenizerInfo(
         path=str(Path(path).resolve()) if Path(path).is_dir() else str(path),
         name=str(tokenizer.name_or_path),
@@ -236,6 +274,8 @@ def load_tokenizer_info(
         backend_json=tokenizer.backend_tokenizer.to_str(),
         fingerprint=tokenizer_fingerprint(tokenizer),
         framing=framing,
+        core_vocab_size=core,
+        core_fingerprint=tokenizer_fingerprint(tokenizer, below=core),
     )
 
 
@@ -298,6 +338,7 @@ def _save_atomically(tokenizer: Any, output: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         tokenizer.save_pretrained(str(tmp))
+        make_portable(tmp)
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)

@@ -2,7 +2,10 @@
 
 A folder without ``config.json`` or without weights is a ``ValueError`` that says what to pass instead,
 rather than transformers' attempt to resolve the path as a hub id. The default dtype is bfloat16 on CUDA
-(what the models are trained and served in) and float32 on CPU.
+(what the models are trained and served in) and float32 on CPU. The dtype is passed as ``dtype`` to
+transformers 5.x and as ``torch_dtype`` to 4.x (``dtype_kwargs``: 4.x does not know ``dtype``, 5.x deprecates
+``torch_dtype``); the tokenizer loads with ``shearing.data.tokenizer.load_hf_tokenizer`` (a folder saved by
+5.x loads under 4.x too).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype keyword for the installed transformers: ``dtype`` (5.x), ``torch_dtype`` (4.x)."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype" if major >= 5 else "torch_dtype": dtype}
 
 
 def check_hf_dir(path: str | os.PathLike, flag: str = "--model") -> Path:
@@ -62,17 +73,17 @@ def load_model(
     from shearing.models.hf_io import check_model_finite
 
     root = check_hf_dir(path, flag)
-    model = AutoModelForCausalLM.from_pretrained(root, torch_dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(root, local_files_only=True, **dtype_kwargs(dtype))
     check_model_finite(model, root)  # a damaged or overflowed checkpoint, named, before any evaluation
     return model.to(device).eval()
 
 
 def load_tokenizer(path: str | os.PathLike, flag: str = "--tokenizer") -> Any:
     """The tokenizer saved in ``path`` (an exported model folder carries its source tokenizer)."""
-    from transformers import AutoTokenizer
+    from shearing.data.tokenizer import load_hf_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return load_hf_tokenizer(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"no tokenizer could be loaded from {path} ({err}): save one next to the model or pass {flag}"
