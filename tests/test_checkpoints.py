@@ -160,7 +160,7 @@ def two_checkpoints(tmp_path_factory, tiny_gqa_dir, tiny_data):
     return run
 
 
-def train_tiny(run, tiny_gqa_dir, tiny_data, max_duration):
+def train_tiny(run, tiny_gqa_dir, tiny_data, max_duration, *extra):
     from tiny import run_overrides
 
     from shearing.train import train_from_yaml
@@ -173,6 +173,7 @@ def train_tiny(run, tiny_gqa_dir, tiny_data, max_duration):
         f"max_duration={max_duration}",
         "save_interval=1ba",
         "eval_interval=100ba",
+        *extra,
     )
     return train_from_yaml("yamls/testing/prune_tiny.yaml", overrides)
 
@@ -214,3 +215,59 @@ def test_a_run_whose_latest_link_is_missing_resumes_from_its_newest_checkpoint(
     assert {b: (run / f"ep0-ba{b}-rank0.pt").stat().st_mtime_ns for b in (1, 2)} == written
     assert any("latest-rank0.pt was missing" in str(w.message) for w in warned)
     assert os.readlink(run / "latest-rank0.pt") == "ep0-ba3-rank0.pt"
+
+
+def names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_only_the_newest_n_checkpoints_are_kept_whoever_wrote_them(tmp_path):
+    """No training: the after-checkpoint sweep on a folder earlier processes filled."""
+    from shearing.checkpoints import remove_old_checkpoints
+
+    write_checkpoints(tmp_path, [10, 20, 30, 40, 50])  # latest -> ba50
+    (tmp_path / "ep0-ba60-rank0.pt").write_bytes(b"PK")  # newer than latest: a write in progress
+    others = ["ep0-ba5-rank0.pt.corrupt", "ep0-ba6-rank0.pt.bak", "ep0-ba7-rank1.pt", "best-ba8-rank0.pt"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"x")
+    os.symlink("ep0-ba10-rank0.pt", tmp_path / "ep0-ba11-rank0.pt")  # a link, not a checkpoint file
+    assert remove_old_checkpoints(tmp_path, -1) == [] and remove_old_checkpoints(tmp_path, 0) == []
+    tracked = [tmp_path / "ep0-ba20-rank0.pt"]  # Composer's saver rotates this one itself
+    removed = remove_old_checkpoints(tmp_path, 2, tracked)
+    assert sorted(p.name for p in removed) == ["ep0-ba10-rank0.pt", "ep0-ba30-rank0.pt"]
+    kept = ["ep0-ba20-rank0.pt", "ep0-ba40-rank0.pt", "ep0-ba50-rank0.pt", "ep0-ba60-rank0.pt"]
+    assert names(tmp_path) == sorted([*kept, *others, "ep0-ba11-rank0.pt", "latest-rank0.pt"])
+    assert {p.name for p in remove_old_checkpoints(tmp_path, 1)} == {"ep0-ba20-rank0.pt", "ep0-ba40-rank0.pt"}
+    assert os.readlink(tmp_path / "latest-rank0.pt") == "ep0-ba50-rank0.pt"
+
+
+def test_latest_is_kept_even_when_newer_checkpoints_exist(tmp_path):
+    from shearing.checkpoints import remove_old_checkpoints
+
+    write_checkpoints(tmp_path, [10, 20, 30])
+    os.replace(tmp_path / "latest-rank0.pt", tmp_path / "old-link")
+    os.symlink("ep0-ba10-rank0.pt", tmp_path / "latest-rank0.pt")  # re-pointed back (a fallback)
+    assert remove_old_checkpoints(tmp_path, 1) == []
+    assert {p.name for p in tmp_path.glob("ep*")} == {f"ep0-ba{b}-rank0.pt" for b in (10, 20, 30)}
+
+
+def test_resumed_runs_keep_exactly_save_num_checkpoints_to_keep(
+    tmp_path, two_checkpoints, tiny_gqa_dir, tiny_data
+):
+    """Composer 0.32.1's saver forgets on resume what earlier processes wrote: before, every resume left them."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run, symlinks=True)  # ba1, ba2 written by an earlier process
+    keep = "save_num_checkpoints_to_keep=2"
+    trainer = train_tiny(run, tiny_gqa_dir, tiny_data, "4ba", keep)
+    assert int(trainer.state.timestamp.batch) == 4
+    # Before: ep0-ba1 and ep0-ba2 stayed (4 checkpoints); Composer only removed the ones this process wrote.
+    assert sorted(p.name for p in run.glob("ep*")) == ["ep0-ba3-rank0.pt", "ep0-ba4-rank0.pt"]
+    written = (run / "ep0-ba4-rank0.pt").stat().st_mtime_ns
+    trainer = train_tiny(run, tiny_gqa_dir, tiny_data, "5ba", keep)  # resumes from ba4
+    assert int(trainer.state.timestamp.batch) == 5
+    assert (run / "ep0-ba4-rank0.pt").stat().st_mtime_ns == written  # resumed, not retrained from step 0
+    assert sorted(p.name for p in run.glob("ep*")) == ["ep0-ba4-rank0.pt", "ep0-ba5-rank0.pt"]
+    assert os.readlink(run / "latest-rank0.pt") == "ep0-ba5-rank0.pt"
+    assert all(checkpoint_is_readable(p) for p in run.glob("ep*"))

@@ -56,7 +56,13 @@ from typing import Any
 import torch
 from huggingface_hub import save_torch_state_dict
 
-from shearing.checkpoints import LATEST, checkpoint_batch, checkpoint_is_readable
+from shearing.checkpoints import (
+    LATEST,
+    UntrustedCheckpointError,
+    checkpoint_batch,
+    checkpoint_is_readable,
+    load_checkpoint_file,
+)
 from shearing.data.manifest import MANIFEST_NAME, SPLITS
 from shearing.gguf_export import DEFAULT_NAME as GGUF_DEFAULT_NAME
 from shearing.gguf_export import check_gguf_name, write_gguf
@@ -153,7 +159,9 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], int 
     """``(model state dict, batch, tokens it was trained to, file)`` of a checkpoint or run folder."""
     file = find_checkpoint(checkpoint)
     try:
-        raw = torch.load(file, map_location="cpu", weights_only=False)
+        raw = load_checkpoint_file(file)  # weights_only: a .pt from elsewhere runs nothing (or is refused)
+    except UntrustedCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001  (a damaged archive can fail in many ways)
         raise ValueError(f"checkpoint {file} cannot be loaded ({type(e).__name__}: {e})") from None
     try:

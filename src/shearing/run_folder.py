@@ -54,11 +54,20 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from shearing.checkpoints import LATEST, remove_superseded_corrupt, unwritable_save_folder
+from shearing.checkpoints import (
+    CHECKPOINTS,
+    LATEST,
+    checkpoint_batch,
+    load_checkpoint_file,
+    remove_old_checkpoints,
+    remove_superseded_corrupt,
+    unwritable_save_folder,
+)
 from shearing.io import write_json_atomic
 from shearing.models.shapes import resolve_source_shape, shape_from_hf_config
 from shearing.pruning.plan import PruningPlan
@@ -270,21 +279,34 @@ def hold_save_folder(save_folder: str | os.PathLike | None) -> Iterator[SaveFold
 
 
 class SupersededCheckpointSweep(Callback):
-    """After each checkpoint (placed after Composer's saver), rank 0 deletes the ``*.corrupt`` it supersedes."""
+    """After each checkpoint (placed after Composer's saver), rank 0 deletes the ``*.corrupt`` it supersedes
+    and keeps only the newest ``keep`` checkpoints of the folder, earlier processes' included (``keep`` is
+    the run's ``save_num_checkpoints_to_keep``; -1 keeps all): ``checkpoints.remove_old_checkpoints``."""
 
-    def __init__(self, save_folder: str | os.PathLike):
+    def __init__(self, save_folder: str | os.PathLike, keep: int = -1):
         self.folder = Path(save_folder)
+        self.keep = keep
 
-    def _sweep(self) -> None:
-        latest = self.folder / LATEST
-        if dist.get_global_rank() == 0 and latest.exists():  # written complete: Composer links it afterwards
-            remove_superseded_corrupt(self.folder, latest.resolve())
+    def _sweep(self, state: State | None) -> None:
+        latest = self.folder / LATEST  # written complete: Composer links it afterwards
+        if dist.get_global_rank() != 0 or not latest.exists():
+            return
+        remove_superseded_corrupt(self.folder, latest.resolve())
+        callbacks = state.callbacks if state is not None else []
+        # The files Composer's saver wrote in this process: it rotates those itself
+        tracked = [
+            path for cb in callbacks if isinstance(cb, CheckpointSaver) for path in cb.saved_checkpoints
+        ]
+        remove_old_checkpoints(self.folder, self.keep, tracked)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._sweep()
+        self._sweep(state)
 
     def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self._sweep()
+        self._sweep(state)
+
+    def iteration_checkpoint(self, state: State, logger: Logger) -> None:
+        self._sweep(state)
 
 
 def _resolve(path: Any) -> Any:
@@ -314,21 +336,18 @@ def run_record(cfg) -> dict[str, Any]:
 
 
 def _has_checkpoint(folder: Path) -> bool:
-    return (
-        (folder / LATEST).is_symlink() or (folder / LATEST).exists() or any(folder.glob("ep*-ba*-rank0.pt"))
-    )
+    return (folder / LATEST).is_symlink() or (folder / LATEST).exists() or any(folder.glob(CHECKPOINTS))
 
 
 def record_from_checkpoint(folder: Path) -> dict[str, Any] | None:
     """The comparable part of a run record, from the metadata in the folder's latest checkpoint."""
-    import torch
-
     latest = folder / LATEST
-    candidates = [latest] if latest.exists() else sorted(folder.glob("ep*-ba*-rank0.pt"))[-1:]
+    newest = max(folder.glob(CHECKPOINTS), key=checkpoint_batch, default=None)
+    candidates = [latest] if latest.exists() else [newest] if newest is not None else []
     if not candidates:
         return None
     try:
-        raw = torch.load(candidates[0], map_location="cpu", mmap=True, weights_only=False)
+        raw = load_checkpoint_file(candidates[0], mmap=True)  # weights_only: runs nothing from the file
         meta = raw["state"]["model"]["_extra_state"]
         return {
             "source_shape": shape_from_hf_config(meta["hf_config"]).prunable(),  # any family's config dict

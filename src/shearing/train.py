@@ -317,7 +317,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         dist_timeout=cfg.dist_timeout,
     )
     if cfg.save_folder is not None:  # after Composer's saver, which the Trainer appended last
-        trainer.state.callbacks.append(SupersededCheckpointSweep(cfg.save_folder))
+        trainer.state.callbacks.append(
+            SupersededCheckpointSweep(cfg.save_folder, cfg.save_num_checkpoints_to_keep)
+        )
     return trainer
 
 
