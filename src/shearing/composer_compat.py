@@ -20,6 +20,15 @@ what to check when Composer is upgraded.
    fixed it), ``apply`` leaves it alone and this entry can go; if it was renamed or moved, ``apply``
    raises, naming this module; re-read its callers (grep ``get_node_signal_file_name`` in composer and
    llmfoundry) for any new one that bypasses the module attribute.
+
+2. **A torch newer than any tested one** (``warn_if_torch_untested``, called once at the start of
+   ``train_from_yaml``). The stack is tested on two profiles (``TESTED_TORCH``, the Makefile's and
+   ``locks/``): torch 2.7.0 on Python 3.11 (the canonical lock) and torch 2.11.0 on Python 3.12, where
+   Composer and llm-foundry's ``torch<2.7.1`` cap is overridden. A newer torch is not refused (the golden
+   trace stays within 1e-4 on 2.15), but ops change behaviour across releases (torch 2.15 changed
+   ``clamp``'s gradient at the bound), so global rank 0 says so once per process, as a Python warning and a
+   log line, naming the tested versions. *On an upgrade*: when a new profile is tested, add it to
+   ``TESTED_TORCH`` (``tests/test_composer_compat.py`` checks it against ``locks/``).
 """
 
 from __future__ import annotations
@@ -27,13 +36,18 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import warnings
 
 import composer
+import torch
 from composer.utils import dist
+from packaging.version import Version
 
 log = logging.getLogger(__name__)
 
 _SIGNAL_NAME = re.compile(r"^\._signal_file_node\d+_")
+TESTED_TORCH = {"2.7.0": "3.11", "2.11.0": "3.12"}  # torch -> Python of each tested profile (locks/)
+_torch_warned = False
 
 
 def per_node_signal_file_name(name: str, node_rank: int) -> str:
@@ -72,3 +86,23 @@ def _patch_signal_file_name() -> bool:
 def apply() -> None:
     """Install every workaround; calling it again changes nothing."""
     _patch_signal_file_name()
+
+
+def warn_if_torch_untested() -> str | None:
+    """Workaround 2: on global rank 0, once per process, warn (and log) when this torch is newer than every
+    tested one; returns the message when it warned."""
+    global _torch_warned
+    installed = Version(torch.__version__)
+    newest = max(Version(v) for v in TESTED_TORCH)
+    if _torch_warned or installed.release <= newest.release or dist.get_global_rank() != 0:
+        return None
+    _torch_warned = True
+    tested = " and ".join(f"torch {t} (Python {py})" for t, py in TESTED_TORCH.items())
+    message = (
+        f"torch {torch.__version__} is newer than the versions shearing is tested with ({tested}): the run "
+        "goes on, but numerics or Composer/llm-foundry behaviour may differ. For a tested stack install a "
+        "lock file (make install, or make install PROFILE=py312-torch211)"
+    )
+    warnings.warn(message, stacklevel=2)
+    log.warning(message)
+    return message

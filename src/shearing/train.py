@@ -326,6 +326,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 def train_from_yaml(path: str | os.PathLike, overrides: list[str] | None = None) -> Trainer:
     """Load the yaml, build the trainer, train; returns the trainer (its state holds the result)."""
     setup_console_logging()  # rank 0 shows shearing's INFO lines (reference losses, export location)
+    composer_compat.warn_if_torch_untested()  # a torch newer than the tested ones: said once, on rank 0
     cfg = load_config(path, overrides)
     start_process_group(cfg)
     with hold_save_folder(cfg.save_folder):  # one run per save_folder (rank 0), released on any exit
