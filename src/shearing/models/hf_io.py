@@ -20,7 +20,8 @@ Config: transformers 5.x writes RoPE settings as one ``rope_parameters`` dict (`
 4.x writes ``rope_theta`` and ``rope_scaling``; 4.x ignores ``rope_parameters`` and would silently fall back
 to theta 10000. ``config_from_dict`` therefore turns a 5.x-written config into the 4.x fields when the
 installed transformers is 4.x (and refuses a folder whose two forms disagree), so a source saved by 5.x
-prunes with its own RoPE under 4.51. 5.x reads both forms itself. Every safetensors file's header is checked (``check_safetensors_file``: it parses, and
+prunes with its own RoPE under 4.51. 5.x reads both forms itself, also together: ``portable_config_dict``
+writes both, for a ``config.json`` that stock 4.x and 5.x load alike. Every safetensors file's header is checked (``check_safetensors_file``: it parses, and
 the file is as long as the header says) before any tensor is read, so a truncated download is an
 error naming the file, not a crash half-way through the load.
 
@@ -96,36 +97,44 @@ def config_from_dict(raw: Mapping[str, Any]) -> PretrainedConfig:
 
 
 def rope_fields_for(config_class: type[PretrainedConfig], raw: Mapping[str, Any]) -> dict[str, Any]:
-    """``raw`` with its RoPE settings in the form ``config_class`` reads (see the module note).
-
-    A 5.x config class takes ``rope_parameters`` and converts 4.x's ``rope_theta``/``rope_scaling`` itself:
-    ``raw`` is returned as is. For a 4.x class, ``rope_parameters`` becomes ``rope_theta`` plus
-    ``rope_scaling`` (None for ``rope_type`` default), and ``dtype`` becomes ``torch_dtype``."""
-    out = dict(raw)
+    """``raw`` with its RoPE settings in the form ``config_class`` reads (see the module note): as is for a
+    5.x class (it converts 4.x's ``rope_theta``/``rope_scaling`` itself); for a 4.x class,
+    ``portable_config_dict`` less the 5.x-only ``rope_parameters`` and ``dtype``."""
     if "rope_parameters" in inspect.signature(config_class.__init__).parameters:
-        return out
+        return dict(raw)
+    out = portable_config_dict(raw)
+    out.pop("rope_parameters", None)
+    out.pop("dtype", None)
+    return out
+
+
+def portable_config_dict(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict both transformers 4.x and 5.x read alike: a 5.x ``rope_parameters`` also written as
+    4.x's ``rope_theta`` + ``rope_scaling`` (None for ``rope_type`` default), ``dtype`` also as
+    ``torch_dtype``. 5.x reads the two forms together; a dict whose two forms disagree is refused."""
+    out = dict(raw)
     if out.get("dtype") is not None and out.get("torch_dtype") is None:
-        out["torch_dtype"] = out.pop("dtype")
-    params = out.pop("rope_parameters", None)
+        out["torch_dtype"] = out["dtype"]
+    params = out.get("rope_parameters")
     if params is None:
         return out
     if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
         raise ValueError(
-            f"config rope_parameters {params!r} is not one dict of RoPE settings (per-layer-type RoPE is not "
-            f"supported by transformers {transformers.__version__}'s {config_class.__name__}): use a LLaMA, "
-            "Mistral or Qwen2 config with a single rope_parameters dict"
+            f"config rope_parameters {params!r} is not one dict of RoPE settings (per-layer-type RoPE has no "
+            f"transformers 4.x form; installed: {transformers.__version__}): use a LLaMA, Mistral or Qwen2 "
+            "config with a single rope_parameters dict"
         )
     scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
-    translated = {"rope_theta": params.get("rope_theta", out.get("rope_theta")), "rope_scaling": scaling}
-    for key, value in translated.items():
+    legacy = {"rope_theta": params.get("rope_theta", out.get("rope_theta")), "rope_scaling": scaling}
+    for key, value in legacy.items():
         if out.get(key) is not None and out[key] != value:
             raise ValueError(
                 f"config has rope_parameters {dict(params)} and {key}={out[key]!r}, which disagree: remove "
                 "one of the two (transformers 5 writes rope_parameters, 4.x writes rope_theta/rope_scaling)"
             )
-    out.update({k: v for k, v in translated.items() if v is not None or k == "rope_scaling"})
+    out.update({k: v for k, v in legacy.items() if v is not None or k == "rope_scaling"})
     return out
 
 
