@@ -27,7 +27,7 @@ def test_the_smollm2_recipe_plans_against_the_real_checkpoint(smollm2_dir):
     assert (
         cfg.callbacks["dynamic_loading"]["reference_losses"] == "./data_smol/ref.json"
     )  # a file, not 'source'
-    assert cfg.optimizer.lr == 1.0e-4 and cfg.pruning.lagrangian_warmup == "0.2dur"
+    assert cfg.optimizer.lr == 1.0e-3 and cfg.pruning.lagrangian_warmup == "0.2dur"
     text = render_plan(str(PRUNE), [f"variables.source_model={smollm2_dir}"])
     assert "2/3 per group" in text  # 6 of 9 heads: 2 of 3 in each of the 3 KV groups
 
