@@ -98,11 +98,17 @@ def test_what_this_transformers_save_pretrained_writes(tmp_path):
         assert_same_logits(out)
 
 
-def test_shards_without_their_index(tmp_path):
-    path = make_hf_llama(tmp_path / "src", seed=5)
+def sharded_safetensors(path):
+    """A tiny HF folder whose weights are safetensors shards named by model.safetensors.index.json."""
+    path = make_hf_llama(path, seed=5)
     hf = LlamaForCausalLM.from_pretrained(path)
     (path / "model.safetensors").unlink()
     hf.save_pretrained(path, max_shard_size="200KB")
+    return path
+
+
+def test_shards_without_their_index(tmp_path):
+    path = sharded_safetensors(tmp_path / "src")
     (path / "model.safetensors.index.json").unlink()
     with pytest.raises(
         ValueError,
@@ -182,10 +188,7 @@ def test_rope_parameters_that_disagree_with_rope_theta(tmp_path):
 
 
 def test_index_naming_a_missing_shard(tmp_path):
-    path = make_hf_llama(tmp_path / "src", seed=5)
-    hf = LlamaForCausalLM.from_pretrained(path)
-    (path / "model.safetensors").unlink()
-    hf.save_pretrained(path, max_shard_size="200KB")
+    path = sharded_safetensors(tmp_path / "src")
     shard = sorted(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())[-1]
     (path / shard).unlink()
     with pytest.raises(
