@@ -16,7 +16,16 @@ from tiny import SEQ_LEN, make_hf_llama
 from shearing.evaluate import EvalOptions, check_options, evaluate, main
 from shearing.evaluation.harness import flatten_metrics, parse_tasks, run_lm_eval
 from shearing.evaluation.loading import load_model
-from shearing.evaluation.speed import compare_speed, make_prompt, run_trials, spread_stats, time_generate
+from shearing.evaluation.speed import (
+    compare_speed,
+    make_prompt,
+    random_llama,
+    run_trials,
+    spread_stats,
+    time_generate,
+)
+from shearing.models.hf_io import config_from_shape
+from shearing.models.shapes import named_shape
 
 CPU = torch.device("cpu")
 DOMAIN_KEYS = {"loss", "perplexity", "tokens"}
@@ -372,3 +381,23 @@ def test_bad_inputs_raise_clear_errors(
     assert main(["--model", str(tiny_gqa_dir), "--tasks", "arc_easy", "--output", str(out)]) == 2
     assert "error: --tasks 'arc_easy' must start with a known prefix" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_random_llama_passes_its_dtype_as_the_installed_transformers_names_it(monkeypatch) -> None:
+    """``_from_config`` gets ``dtype`` under transformers 5 (where ``torch_dtype`` is deprecated), ``torch_dtype``
+    under 4.x (which does not know ``dtype``), and the model is built in it."""
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    calls = []
+    build = LlamaForCausalLM._from_config.__func__
+
+    def spy(cls, config, **kwargs):
+        calls.append({k: v for k, v in kwargs.items() if "dtype" in k})
+        return build(cls, config, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "_from_config", classmethod(spy))
+    model = random_llama(config_from_shape(named_shape("tiny_gqa")), CPU, torch.bfloat16)
+    keyword = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    assert calls == [{keyword: torch.bfloat16}]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -21,7 +21,7 @@ from tiny import make_hf_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from shearing.export import SUMMARY_NAME, export_model_state, load_checkpoint, main
-from shearing.gguf_export import write_gguf
+from shearing.gguf_export import rope_settings, write_gguf
 from shearing.gguf_vocab import identify_pre_tokenizer
 from shearing.model_card import last_eval
 
@@ -191,7 +191,8 @@ def test_gguf_of_real_smollm2_loads_back(smollm2_dir, tmp_path):
     ):
         info = write_gguf(model.config, state, folder, folder / "model.gguf")
     _, gg = _same_model_and_tokenizer(folder, "model.gguf", atol=1e-4)
-    assert gg.config.rope_theta == model.config.rope_theta and gg.config.tie_word_embeddings
+    assert rope_settings(gg.config) == rope_settings(model.config) == (100000.0, None)
+    assert gg.config.tie_word_embeddings
     fields = _gguf_fields(folder / "model.gguf")
     assert fields["tokenizer.ggml.pre"] == "gpt-2"  # as stored: a plain ByteLevel pre-tokenizer
     assert (fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.padding_token_id"]) == (2, 2)
@@ -264,17 +265,26 @@ def test_rope_scaling_llama3_factors_and_linear_metadata(tmp_path, tokenizer_dir
     tensors = {t.name: t for t in GGUFReader(src / "l3.gguf").tensors}
     factors = torch.from_numpy(tensors["rope_freqs.weight"].data.copy())
     # llama.cpp divides the default frequencies by these factors: they must give transformers' llama3 ones.
-    default, _ = ROPE_INIT_FUNCTIONS["default"](model.config, "cpu")
+    # (the plain frequencies by hand: transformers 5 has no "default" entry in ROPE_INIT_FUNCTIONS)
+    theta, _ = rope_settings(model.config)
+    head_dim = (
+        getattr(model.config, "head_dim", None)
+        or model.config.hidden_size // model.config.num_attention_heads
+    )
+    default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
     torch.testing.assert_close((default / factors).float(), scaled.float(), rtol=1e-5, atol=1e-7)
     assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the smooth band are present
 
-    src = make_hf_llama(tmp_path / "lin", tokenizer_dir, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    # theta and scaling are read alike from 4.x's rope_theta/rope_scaling and 5.x's rope_parameters
+    linear = {"rope_type": "linear", "factor": 2.0}
+    src = make_hf_llama(tmp_path / "lin", tokenizer_dir, rope_theta=500000.0, rope_scaling=linear)
     model = AutoModelForCausalLM.from_pretrained(src)
     write_gguf(model.config, model.state_dict(), src, src / "lin.gguf")
     fields = GGUFReader(src / "lin.gguf").fields
     assert bytes(fields["llama.rope.scaling.type"].parts[-1]).decode() == "linear"
     assert float(fields["llama.rope.scaling.factor"].parts[-1][0]) == 2.0
+    assert float(fields["llama.rope.freq_base"].parts[-1][0]) == 500000.0
 
 
 # ------------------------------------------------------------------ tokenizer.ggml.pre, special ids, F16

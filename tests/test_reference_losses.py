@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from streaming import MDSWriter
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from shearing.data.manifest import DomainEntry, Manifest, SplitStats, save_manifest
 from shearing.reference_losses import (
@@ -104,6 +105,7 @@ def test_load_reference_losses_mapping_and_errors(tmp_path: Path) -> None:
 
 
 SEQ, VOCAB = 12, 48
+DTYPE_KEYWORD = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
 def _tiny_model() -> LlamaForCausalLM:
@@ -155,11 +157,19 @@ def test_domain_eval_losses_match_hf_loss(tmp_path: Path) -> None:
     )
 
 
-def test_model_cli_and_vocab_mismatch(tmp_path: Path) -> None:
+def test_model_cli_and_vocab_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _eval_dir(tmp_path / "data", {"cc": np.full((2, SEQ), 3, dtype=np.uint16)})
     model = _tiny_model()
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "ref.json"
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
     assert (
         main(
             [
@@ -177,6 +187,8 @@ def test_model_cli_and_vocab_mismatch(tmp_path: Path) -> None:
     )
     result = json.loads(out.read_text())
     assert result["method"] == "model_eval" and result["model"] == str(tmp_path / "model")
+    # the dtype under the name the installed transformers reads (5.x deprecates torch_dtype, 4.x ignores dtype)
+    assert [{k: v for k, v in kw.items() if "dtype" in k} for kw in loads] == [{DTYPE_KEYWORD: torch.float32}]
     assert result["reference_losses"]["cc"] > 0
     bad = _eval_dir(tmp_path / "bad", {"cc": np.full((1, SEQ), VOCAB + 5, dtype=np.uint16)})
     with pytest.raises(ValueError, match="another tokenizer"):

@@ -29,6 +29,18 @@ run's last eval, the gate's numbers, the command) and ``shearing_export.json`` /
 checkpoint was trained to). ``--gguf`` adds ``model.gguf`` (``shearing.gguf_export``: llama.cpp's
 format, F32 or F16, loadable with ``from_pretrained(OUT, gguf_file="model.gguf")``).
 
+transformers versions. The folder loads alike in transformers 4.x and 5.x whichever of them wrote it.
+``config.json`` is what ``save_pretrained`` writes, passed through
+``shearing.models.hf_io.portable_config_dict``: 5.x writes RoPE only as ``rope_parameters``, which 4.x
+ignores (it would run with theta 10000), so ``rope_theta``/``rope_scaling`` are written too (and ``torch_dtype``
+beside 5.x's ``dtype``). The tokenizer files are the source's, copied byte for byte (``copy_tokenizer``), not
+re-saved: a tokenizer re-saved by 5.x names ``TokenizersBackend``, a class 4.x does not have, and for a
+``model_type: qwen2`` folder 5.x loads its own ``Qwen2Tokenizer``, whose save would bake its default pad token
+and its own pre-tokenizer into ``tokenizer.json``. The one edit is ``make_portable``'s (``tokenizer_class``
+``TokenizersBackend`` -> ``PreTrainedTokenizerFast``, same tokenizer) for a source saved by 5.x; a source
+with only slow vocabulary files also gets the ``tokenizer.json`` transformers builds from them (the GGUF
+writer reads it).
+
 Output safety. Writes are atomic: everything goes to a temporary sibling folder that is renamed into
 place only when complete, so a crash never leaves a directory that looks finished; leftovers of a killed
 export (``.OUT.tmp-*``, ``.OUT.old-*`` whose process is gone) are removed by the next export to OUT.
@@ -64,12 +76,14 @@ from shearing.checkpoints import (
     load_checkpoint_file,
 )
 from shearing.data.manifest import MANIFEST_NAME, SPLITS
+from shearing.data.tokenizer import load_hf_tokenizer, make_portable
+from shearing.evaluation.loading import dtype_kwargs
 from shearing.gguf_export import DEFAULT_NAME as GGUF_DEFAULT_NAME
 from shearing.gguf_export import check_gguf_name, write_gguf
 from shearing.io import apply_umask
 from shearing.model_card import RUN_RECORD, model_card, run_facts, write_generation_config
 from shearing.models.family import family_of
-from shearing.models.hf_io import config_from_dict, load_state_dict_strict
+from shearing.models.hf_io import config_from_dict, load_state_dict_strict, portable_config_dict
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.models.shapes import PRUNABLE_FIELDS, count_params, shape_from_hf_config
 from shearing.pruning.gate import (
@@ -94,16 +108,29 @@ SUMMARY_NAME = "shearing_export.json"
 # What marks a run folder or a checkpoint: an export target holding any of these is never replaced.
 RUN_FILES = (LATEST, "metrics.jsonl", "dynamic_loading.json")
 RUN_SUFFIXES = (".pt", ".pt.corrupt")
+# A tokenizer's files as transformers 4.x and 5.x save and read them (tokenization_utils_base's names), plus
+# the loaded class's own vocabulary files (``vocab_files_names``: vocab.json/merges.txt, tokenizer.model).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKENIZER_DIRS = ("additional_chat_templates",)  # 5.x: one .jinja per named chat template
 
 __all__ = [
     "ExportRefused",
     "check_export_target",
+    "copy_tokenizer",
     "export_checkpoint",
     "export_model_state",
     "find_checkpoint",
     "load_checkpoint",
     "load_model_state",
     "rebuild",
+    "write_config",
 ]
 
 
@@ -406,7 +433,8 @@ def export_model_state(
         )
     config = model.config
     config.architectures = [family_of(config).architecture]
-    config.torch_dtype = dtype
+    (dtype_field,) = dtype_kwargs(DTYPES[dtype])  # torch_dtype (4.x), dtype (5.x: torch_dtype is deprecated)
+    setattr(config, dtype_field, dtype)
     summary = {
         "source": {**source_shape.to_dict(), "num_params": count_params(source_shape)},
         "target": {**shape.to_dict(), "num_params": count_params(shape)},
@@ -453,9 +481,9 @@ def _write(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-{os.getpid()}-", dir=output.parent))
     try:
         apply_umask(tmp, directory=True)  # mkdtemp makes 0700; an export is meant to be shared
-        config.save_pretrained(tmp)
+        write_config(config, tmp)
         save_torch_state_dict(state, tmp, max_shard_size="5GB", safe_serialization=True)
-        _copy_tokenizer(tokenizer, tmp)
+        copy_tokenizer(tokenizer, tmp)
         summary["generation_config"] = write_generation_config(summary.get("source_path"), config, tmp)
         if gguf is not None:
             summary["gguf"] = write_gguf(config, state, tmp, tmp / gguf, dtype=summary["dtype"])
@@ -470,12 +498,37 @@ def _write(
         raise
 
 
-def _copy_tokenizer(tokenizer: str | None, dest: Path) -> None:
-    if not tokenizer or not Path(tokenizer).is_dir():
-        return
-    from transformers import AutoTokenizer
+def write_config(config: Any, dest: Path) -> None:
+    """``dest/config.json``: what ``config.save_pretrained`` writes, with RoPE settings and dtype in both
+    transformers 4.x's and 5.x's form (``portable_config_dict``; see the module note)."""
+    config.save_pretrained(dest)
+    path = dest / "config.json"
+    portable = portable_config_dict(json.loads(path.read_text()))
+    path.write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n")
 
-    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(dest)
+
+def copy_tokenizer(tokenizer: str | os.PathLike | None, dest: Path) -> list[str]:
+    """Copy the tokenizer folder ``tokenizer``'s files into ``dest`` byte for byte (see the module note) and
+    return their names; nothing for a tokenizer that is not a local folder (a hub name, or none)."""
+    if not tokenizer or not Path(tokenizer).is_dir():
+        return []
+    source = Path(tokenizer)
+    loaded = load_hf_tokenizer(source)  # it must load here; its class names its vocabulary files
+    names = {*TOKENIZER_FILES, *(n for n in loaded.vocab_files_names.values() if isinstance(n, str))}
+    copied = []
+    for name in sorted(names):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+            copied.append(name)
+    for name in TOKENIZER_DIRS:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, dest / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied and loaded.is_fast:
+        loaded.backend_tokenizer.save(str(dest / "tokenizer.json"))  # built from the slow files
+    if "tokenizer_config.json" in copied:
+        make_portable(dest)  # TokenizersBackend (a 5.x save) -> PreTrainedTokenizerFast, which 4.x loads
+    return copied
 
 
 def _replace_dir(tmp: Path, output: Path) -> None:

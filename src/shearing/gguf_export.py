@@ -13,7 +13,9 @@ What goes in:
   not equal its hidden size; transformers reads head_dim back from ``rope.dimension_count``), rope freq
   base, RMS eps, vocab size; ``general.file_type`` (``ALL_F32`` or ``MOSTLY_F16``). Rope scaling:
   ``linear`` is written as llama.cpp's ``rope.scaling.type/factor``; LLaMA-3's ``llama3`` scaling as the
-  per-frequency ``rope_freqs.weight`` factors llama.cpp reads; any other type is refused.
+  per-frequency ``rope_freqs.weight`` factors llama.cpp reads; any other type is refused. RoPE theta and
+  scaling are read through ``shearing.models.hf_io.portable_config_dict`` (transformers 5's config has
+  ``rope_parameters`` and no ``rope_theta`` attribute; 4.x's has ``rope_theta``/``rope_scaling``).
 - The tokenizer (``shearing.gguf_vocab``): byte-level BPE (ours, SmolLM2's, LLaMA-3's, Qwen2's) as
   ``tokenizer.ggml.model = "gpt2"``, with ``tokenizer.ggml.pre`` identified from what the pre-tokenizer
   does (a tokenizer llama.cpp would split differently is refused), the tokens in id order (padded with
@@ -47,6 +49,7 @@ import numpy as np
 import torch
 
 from shearing.gguf_vocab import gguf_tokenizer
+from shearing.models.hf_io import portable_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +106,18 @@ def permute_for_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def rope_settings(config: Any) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling)`` of an HF config under transformers 4.x and 5.x alike (the 4.x form of
+    ``portable_config_dict``; ``rope_scaling`` is None for plain RoPE)."""
+    portable = portable_config_dict(config.to_dict())
+    return float(portable["rope_theta"]), portable.get("rope_scaling")
+
+
 def llama3_rope_factors(config: Any) -> np.ndarray:
     """Per-frequency divisors of LLaMA-3's rope scaling, in the form llama.cpp's ``rope_freqs`` holds."""
-    scaling = config.rope_scaling
+    theta, scaling = rope_settings(config)
     head_dim = _head_dim(config)
-    freqs = 1.0 / (config.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     factor = float(scaling["factor"])
     low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
     old_len = float(scaling.get("original_max_position_embeddings", 8192))
@@ -175,10 +185,11 @@ def write_gguf(
     writer.add_rope_dimension_count(head_dim)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(config.rope_theta))
+    theta, scaling = rope_settings(config)
+    writer.add_rope_freq_base(theta)
     if rope_kind == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(config.rope_scaling["factor"]))
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(file_type)
@@ -268,7 +279,7 @@ def _tensor_arrays(
 
 
 def _rope_scaling(config: Any) -> tuple[str | None, np.ndarray | None]:
-    scaling = getattr(config, "rope_scaling", None)
+    _, scaling = rope_settings(config)
     if not scaling:
         return None, None
     kind = scaling.get("rope_type", scaling.get("type"))

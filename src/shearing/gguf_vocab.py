@@ -233,7 +233,7 @@ def gguf_tokenizer(folder: str | os.PathLike, config: Any) -> dict[str, Any]:
     Returns ``tokens``, ``types``, ``merges``, ``pre``, ``special`` (see ``special_token_ids``),
     ``add_bos``, ``add_eos`` and ``chat_template``. Raises ValueError for tokenizers llama.cpp would not
     reproduce (see the module docstring), before anything is written."""
-    from transformers import AutoTokenizer
+    from shearing.data.tokenizer import load_hf_tokenizer
 
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
@@ -242,7 +242,7 @@ def gguf_tokenizer(folder: str | os.PathLike, config: Any) -> dict[str, Any]:
             "source has a fast (tokenizers) tokenizer, or drop --gguf"
         )
     vocab_size = int(config.vocab_size)
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = load_hf_tokenizer(folder)  # as AutoTokenizer; a folder saved by transformers 5 loads under 4.x too
     spec = json.loads(tok.backend_tokenizer.to_str())  # what transformers runs, after its own adjustments
     pre = identify_pre_tokenizer(spec, f"{folder}")
     vocab = tok.get_vocab()

@@ -36,7 +36,12 @@ def render_plan(config_path: str, overrides: list[str] | None = None) -> str:
     cfg = load_config(config_path, overrides)
     if cfg.pruning is None:
         model = cfg.model.source
-        if isinstance(model, str) and "/" in model and not Path(model).exists() and cfg.model.source_shape is None:
+        if (
+            isinstance(model, str)
+            and "/" in model
+            and not Path(model).exists()
+            and cfg.model.source_shape is None
+        ):
             # A CPT recipe's model is an earlier step's export: not there before that step ran.
             return f"{config_path}: no pruning section; model {model} is not there yet (an earlier step's export?)\n"
         source = resolve_source_shape(model, cfg.model.source_shape)

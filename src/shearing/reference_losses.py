@@ -270,11 +270,12 @@ def _from_model(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from shearing.data.compat import check_model_dir_data
+    from shearing.evaluation.loading import dtype_kwargs
 
     check_model_dir_data(args.data, args.model)  # the data's tokenizer must be the model's
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **dtype_kwargs(dtype)).to(device)
     losses = domain_eval_losses(model, args.data, args.batch_size, args.max_seqs)
     return {
         "reference_losses": losses,

@@ -93,10 +93,10 @@ def build_tokenizer(cfg: RunConfig):
     path = tokenizer_path(cfg)
     if path is None:
         return None
-    from transformers import AutoTokenizer
+    from shearing.data.tokenizer import load_hf_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return load_hf_tokenizer(path)
     except (OSError, ValueError) as e:
         if cfg.model.tokenizer:
             raise ValueError(f"model.tokenizer={path} could not be loaded: {e}") from None

@@ -5,9 +5,12 @@ final masks (random soft values) == ``prune_model``'s output; (c) that cut expor
 ``export_model_state`` loads strictly as the stock class with the same logits and ``count_params``
 parameters. Tiny random configs: Qwen2 (GQA, random q/k/v biases, tied and untied, and a distilled-style
 config with ``use_sliding_window: false``) and Mistral (GQA, sliding_window null or never in effect).
-The sliding-window rule is checked against what transformers 4.51.3 computes (equal logits up to
-``sliding_window`` tokens, different one token past it) and on the configs that ship (``Qwen2Config()``'s
-defaults, DeepSeek-R1-Distill-Qwen-1.5B's). The end-to-end test prunes a Qwen2 with prune_tiny.
+The sliding-window rule is checked against what the installed transformers computes (equal logits up to
+``sliding_window`` tokens, different one token past it exactly where a window applies: 4.51's eager/sdpa
+Qwen2 applies it to every layer, flag or not; 5.x only with ``use_sliding_window`` to its ``layer_types``)
+and on the configs that ship (``Qwen2Config()``'s defaults, DeepSeek-R1-Distill-Qwen-1.5B's); the masked
+model's own guard follows the same rule. The end-to-end test prunes a Qwen2 with prune_tiny and checks the
+export's tokenizer files are the source's.
 """
 
 import json
@@ -17,7 +20,7 @@ import torch
 from tiny import TINY_TARGET, make_hf_family, run_overrides, unit_masks
 from transformers import AutoModelForCausalLM, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from shearing.models.family import FAMILIES, check_sliding_window, family_of
+from shearing.models.family import FAMILIES, TRANSFORMERS_5, check_sliding_window, family_of
 from shearing.models.hf_io import config_from_shape, load_source_model
 from shearing.models.shapes import (
     count_params,
@@ -44,6 +47,10 @@ FAMILY_CASES = {
 # DeepSeek-R1-Distill-Qwen-1.5B's config.json, its window fields (the shape is the tiny one)
 DISTILLED_QWEN2 = dict(
     use_sliding_window=False, sliding_window=4096, max_window_layers=21, max_position_embeddings=131072
+)
+# Qwen2Config()'s window fields as transformers 4.x writes them (and Qwen2 checkpoints ship them)
+QWEN2_DEFAULTS_4X = dict(
+    use_sliding_window=False, sliding_window=4096, max_window_layers=28, max_position_embeddings=32768
 )
 STOCK = {"qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM}
 FAMILIES_ALL = ["hidden", "head", "intermediate", "layer"]
@@ -192,8 +199,9 @@ UNUSED_WINDOW += r".*or lower max_seq_len to at most 4096"
 @pytest.mark.parametrize(
     "raw, seq_len",
     [
-        (Qwen2Config().to_dict(), 4096),  # window 4096, max positions 32768, use_sliding_window false
+        (Qwen2Config().to_dict(), 4096),  # 4.x: window 4096, flag false; 5.x: no window
         (Qwen2Config().to_dict(), 64),
+        (_raw("qwen2", **QWEN2_DEFAULTS_4X), 4096),
         (_raw("qwen2", **DISTILLED_QWEN2), 4096),
         (_raw("mistral", sliding_window=128), 64),  # window shorter than max positions, longer than the run
         (_raw("mistral", sliding_window=64), 64),  # a position never looks 64 back in 64 tokens
@@ -203,6 +211,7 @@ UNUSED_WINDOW += r".*or lower max_seq_len to at most 4096"
     ids=[
         "qwen2_defaults",
         "qwen2_defaults_short",
+        "qwen2_defaults_4x",
         "distilled_qwen2",
         "mistral_longer",
         "mistral_equal",
@@ -217,11 +226,14 @@ def test_windows_that_never_apply_are_accepted(tmp_path, raw, seq_len):
     check_sliding_window(raw, seq_len, "config.json")
 
 
+QWEN2_LAYERS_2_3 = (
+    r"layers 2\.\.3 of this Qwen2 attend within a 32-token window.*lower max_seq_len to at most 32"
+)
+
+
 @pytest.mark.parametrize(
     "raw, seq_len, match",
     [
-        (Qwen2Config().to_dict(), 4097, UNUSED_WINDOW),
-        (_raw("qwen2", **DISTILLED_QWEN2), 8192, UNUSED_WINDOW),
         (
             _raw("mistral", sliding_window=32),
             64,
@@ -233,24 +245,16 @@ def test_windows_that_never_apply_are_accepted(tmp_path, raw, seq_len):
         (
             _raw("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=2),
             64,
-            "use_sliding_window=true and max_window_layers=2: layers 2..3 of this Qwen2 attend within a "
-            "32-token window.*lower max_seq_len to at most 32",
+            "sliding_window=32 with use_sliding_window=true.*" + QWEN2_LAYERS_2_3,
         ),
+        # no sliding_window key: Qwen2Config's __init__ default (4096), which 5.x keeps when the flag is on
         (
-            _raw("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=4),  # no layer >= 4
-            64,
-            "use_sliding_window=true but max_window_layers=4 >= num_hidden_layers=4: the model uses no window, "
-            'but.*eager and sdpa.*Set "sliding_window": null',
+            _raw("qwen2", use_sliding_window=True, max_window_layers=2, max_position_embeddings=32768),
+            8192,
+            "sliding_window=4096 with use_sliding_window=true",
         ),
     ],
-    ids=[
-        "qwen2_defaults",
-        "distilled_qwen2",
-        "mistral_shorter",
-        "mistral_default",
-        "qwen2_used_window",
-        "qwen2_window_layers_past_the_last",
-    ],
+    ids=["mistral_shorter", "mistral_default", "qwen2_used_window", "qwen2_used_default_window"],
 )
 def test_windows_that_apply_are_refused_with_why(raw, seq_len, match):
     with pytest.raises(ValueError, match=match):
@@ -258,40 +262,83 @@ def test_windows_that_apply_are_refused_with_why(raw, seq_len, match):
 
 
 @pytest.mark.parametrize(
-    "model_type, fields",
+    "raw, seq_len, match",
     [
-        ("mistral", dict(sliding_window=16)),
-        ("qwen2", dict(sliding_window=16, use_sliding_window=False)),
-        ("qwen2", dict(sliding_window=16, use_sliding_window=True, max_window_layers=2)),
+        (_raw("qwen2", **QWEN2_DEFAULTS_4X), 4097, UNUSED_WINDOW),
+        (_raw("qwen2", **DISTILLED_QWEN2), 8192, UNUSED_WINDOW),
+        (
+            _raw("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=4),  # no layer >= 4
+            64,
+            "use_sliding_window=true but max_window_layers=4 >= num_hidden_layers=4: the model uses no window, "
+            'but.*eager and sdpa.*Set "sliding_window": null',
+        ),
+        (
+            _raw("qwen2", use_sliding_window=True, sliding_window=32, layer_types=["full_attention"] * 4),
+            64,
+            "max_window_layers=28 >= num_hidden_layers=4: the model uses no window",  # 4.51 reads no layer_types
+        ),
     ],
-    ids=["mistral", "qwen2_unused", "qwen2_upper_layers"],
+    ids=["qwen2_defaults", "distilled_qwen2", "qwen2_window_layers_past_the_last", "qwen2_layer_types_full"],
+)
+def test_unused_qwen2_windows_follow_the_installed_transformers(raw, seq_len, match):
+    """4.51's eager/sdpa Qwen2 applies sliding_window to every layer, flag or not: refused there. 5.x applies
+    it only with use_sliding_window, to the layers layer_types marks: these configs have no window there."""
+    if TRANSFORMERS_5:
+        check_sliding_window(raw, seq_len, "config.json")
+    else:
+        with pytest.raises(ValueError, match=match):
+            check_sliding_window(raw, seq_len, "config.json")
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, applies",
+    [
+        ("mistral", dict(sliding_window=16), (True, True)),
+        ("qwen2", dict(sliding_window=16, use_sliding_window=False), (True, False)),
+        ("qwen2", dict(sliding_window=16, use_sliding_window=True, max_window_layers=2), (True, True)),
+        ("qwen2", dict(sliding_window=16, use_sliding_window=True, max_window_layers=4), (True, False)),
+        (
+            "qwen2",
+            dict(
+                sliding_window=16,
+                use_sliding_window=True,
+                max_window_layers=4,
+                layer_types=["sliding_attention"] + ["full_attention"] * 3,
+            ),
+            (True, True),
+        ),
+    ],
+    ids=["mistral", "qwen2_unused", "qwen2_upper_layers", "qwen2_layers_past_the_last", "qwen2_layer_types"],
 )
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_window_rule_is_what_stock_transformers_computes(tmp_path, model_type, fields, attn):
+def test_window_rule_is_what_stock_transformers_computes(tmp_path, model_type, fields, applies, attn):
     """Accepted exactly where our windowless model gives the stock class's logits: up to sliding_window
-    tokens; one token more and transformers 4.51 applies the window (Qwen2's too, flag or no flag)."""
+    tokens always; one token more only where the installed transformers applies no window (``applies``:
+    under 4.51, under 5.x). The masked model's own guard refuses exactly the sequences the check refuses."""
+    applies = applies[TRANSFORMERS_5]
     path = make_hf_family(tmp_path, model_type, seed=3, **fields)
     raw = json.loads((path / "config.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
     ours, _ = load_source_model(path)
+    ours.eval()
     for seq_len in (16, 17):
         ids = torch.randint(0, 512, (2, seq_len), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            if seq_len > 16:  # the model itself refuses a sequence the window would apply to ...
+            if seq_len > 16 and applies:  # the model itself refuses a sequence the window would apply to ...
                 with pytest.raises(
                     ValueError, match="17-token sequence is longer than this model's sliding_window=16"
                 ):
-                    ours.eval()(ids)
+                    ours(ids)
                 ours.window = (
                     None  # ... and without that guard it would compute what the stock model does not
                 )
-            same = torch.allclose(ours.eval()(ids), _logits(hf, ids), atol=1e-5, rtol=1e-4)
+            same = torch.allclose(ours(ids), _logits(hf, ids), atol=1e-5, rtol=1e-4)
         try:
             check_sliding_window(raw, seq_len, "config.json")
             accepted = True
         except ValueError:
             accepted = False
-        assert accepted == same == (seq_len <= 16), (seq_len, accepted, same)
+        assert accepted == same == (seq_len <= 16 or not applies), (seq_len, accepted, same)
 
 
 @pytest.mark.parametrize("role", ["source", "teacher"])
@@ -321,7 +368,9 @@ def test_run_validation_checks_the_window_against_max_seq_len(tmp_path, role):
 @pytest.mark.slow
 def test_qwen2_prune_run_exports_stock_qwen2(tmp_path, tokenizer_dir, tiny_data):
     """End to end: prune_tiny from a tied Qwen2 source for a few steps, exported at fit end (forced: the
-    masks have not converged) as a Qwen2ForCausalLM of the exact target shape."""
+    masks have not converged) as a Qwen2ForCausalLM of the exact target shape, with the source's tokenizer
+    files (transformers 5 loads a qwen2 folder's tokenizer as its own Qwen2Tokenizer, whose save would
+    write its default pad token and its own pre-tokenizer into tokenizer.json)."""
     from shearing.train import train_from_yaml
 
     source = make_hf_family(
@@ -343,6 +392,7 @@ def test_qwen2_prune_run_exports_stock_qwen2(tmp_path, tokenizer_dir, tiny_data)
     hf, info = AutoModelForCausalLM.from_pretrained(run_dir / "hf", output_loading_info=True)
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert type(hf) is Qwen2ForCausalLM and hf.config.tie_word_embeddings
+    assert (run_dir / "hf" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
     for name, value in TINY_TARGET.items():
         assert getattr(hf.config, name) == value
     target = resolve_target_shape(

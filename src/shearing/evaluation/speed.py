@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shearing.evaluation.loading import count_parameters
+from shearing.evaluation.loading import count_parameters, dtype_kwargs
 from shearing.models.shapes import LlamaShape, layer_params, outside_layer_params
 
 
@@ -418,7 +418,7 @@ def random_llama(
     if layers is not None:
         config.num_hidden_layers = 0
     with _default_device_dtype(device, dtype):
-        model = LlamaForCausalLM._from_config(config, torch_dtype=dtype, attn_implementation="sdpa")
+        model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", **dtype_kwargs(dtype))
         for i, (heads, kv_heads, channels) in enumerate(layers or ()):
             layer_config = copy.deepcopy(model.config)
             layer_config.num_attention_heads = heads

@@ -43,7 +43,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from shearing.models.family import family_of
+from shearing.models.family import family_of, window_in_effect
 from shearing.pruning.masks import Masks
 
 ATTN_IMPLS = ("sdpa", "flash", "eager")
@@ -190,7 +190,7 @@ class MaskedLlamaForCausalLM(nn.Module):
                 "(pip install -e '.[gpu]') or use attn_impl: sdpa"
             )
         self.config = config
-        self.window = getattr(config, "sliding_window", None)  # Mistral/Qwen2; see the module docstring
+        self.window = window_in_effect(config)  # Mistral/Qwen2: the window some layer applies (family.py)
         self.model = MaskedLlamaModel(config, attn_impl)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.activation_checkpointing = False

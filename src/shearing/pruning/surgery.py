@@ -20,11 +20,13 @@ hidden channels — and which gates fold into it. A bias (Qwen2's q/k/v, per ``M
 with its rows. The unit axis is sliced first, the gates multiplied, then the hidden axis sliced.
 Layers whose gate is zero are dropped and the rest renumbered. KV heads follow their group (GQA) or
 their query head (MHA). The pruned config is the source family's config class with the shape and the
-inherited fields (``INHERITED_FIELDS`` plus the family's own, e.g. ``sliding_window``).
+inherited fields (``INHERITED_FIELDS`` plus the family's own, e.g. ``sliding_window``), copied; RoPE as the
+installed transformers holds it (4.x ``rope_theta``/``rope_scaling``, 5.x ``rope_parameters``).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -218,11 +220,14 @@ def prune_model(model: MaskedLlamaForCausalLM, masks: Masks | Mapping[str, torch
 
 
 # Config fields that are not part of the shape and carry over to the pruned model unchanged (plus each
-# family's ``extra_fields``, e.g. Qwen2's sliding_window / use_sliding_window / max_window_layers).
+# family's ``extra_fields``, e.g. Qwen2's sliding_window / use_sliding_window / max_window_layers). RoPE:
+# transformers 4.x has rope_theta and rope_scaling; 5.x has rope_parameters (theta inside), no rope_theta
+# attribute, and rope_scaling only as a deprecated alias of rope_parameters, which is not passed on.
 INHERITED_FIELDS = (
     "rms_norm_eps",
     "rope_theta",
     "rope_scaling",
+    "rope_parameters",
     "max_position_embeddings",
     "bos_token_id",
     "eos_token_id",
@@ -235,5 +240,8 @@ INHERITED_FIELDS = (
 
 
 def _inherited_fields(config) -> dict:
+    """The pruned config's non-shape fields: copies of ``config``'s (a pruned config shares no dict with it)."""
     names = (*INHERITED_FIELDS, *family_of(config).extra_fields)
-    return {name: getattr(config, name) for name in names if hasattr(config, name)}
+    if hasattr(config, "rope_parameters"):  # transformers 5: rope_scaling is an alias of rope_parameters
+        names = tuple(name for name in names if name != "rope_scaling")
+    return {name: copy.deepcopy(getattr(config, name)) for name in names if hasattr(config, name)}
