@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import pytest
 import torch
 
 from shearing.metrics import DomainLanguageCrossEntropy
@@ -70,8 +72,6 @@ def test_states_reduce_by_sum_across_ranks():
 
 
 def train_records(run_dir):
-    import json
-
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
@@ -114,3 +114,62 @@ def test_a_domain_absent_from_a_batch_logs_no_train_loss(tmp_path, tiny_gqa_dir,
     assert all("metrics/train/LanguageCrossEntropy" in r for r in records if train_keys.keys() & r.keys())
     evals = [r for r in records if any(k in r for k in eval_keys)]
     assert len(evals) == 2 and all(r[k] > 1.0 for r in evals for k in eval_keys)  # steps 4 and 8
+
+
+def test_one_cross_entropy_pass_per_batch_feeds_the_loss_and_every_metric(tmp_path, tiny_gqa_dir, tiny_data):
+    """A real tiny pruning run, with two micro-batches a step and evaluations: over the vocabulary, exactly one
+    log-softmax/cross-entropy per model forward (each train micro-batch, each eval batch), though the loss, the
+    overall and per-domain cross-entropies, the perplexity and dynamic loading all read it."""
+    import torch.nn.functional as F
+
+    from shearing.models.composer_model import ComposerShearedLlama
+    from shearing.train import train_from_yaml
+
+    vocab = json.loads((tiny_gqa_dir / "config.json").read_text())["vocab_size"]
+    counts = {"passes": 0, "forwards": 0, "eval_forwards": 0}
+
+    def counting(function):
+        def wrapper(input, *args, **kwargs):
+            if input.shape[-1] == vocab:
+                counts["passes"] += 1
+            return function(input, *args, **kwargs)
+
+        return wrapper
+
+    forward = ComposerShearedLlama.forward
+
+    def counted_forward(self, batch):
+        counts["forwards"] += 1
+        counts["eval_forwards"] += not self.training
+        return forward(self, batch)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "log_softmax", counting(F.log_softmax))
+        patch.setattr(F, "cross_entropy", counting(F.cross_entropy))
+        patch.setattr(ComposerShearedLlama, "forward", counted_forward)
+        trainer = train_from_yaml(
+            "yamls/testing/prune_tiny.yaml",
+            [
+                f"variables.source_model={tiny_gqa_dir}",
+                f"variables.data_local={tiny_data}",
+                f"variables.save_folder={tmp_path / 'run'}",
+                "variables.max_duration=4ba",
+                "variables.eval_interval=2ba",
+                "variables.save_interval=4ba",
+                "variables.reference_losses={code: 3.0, docs: 3.0}",
+                "global_train_batch_size=4",
+                "device_train_microbatch_size=2",
+            ],
+        )
+        trainer.close()
+    train_forwards = counts["forwards"] - counts["eval_forwards"]
+    assert train_forwards == 4 * 2 and counts["eval_forwards"] > 0, counts
+    assert counts["passes"] == counts["forwards"], counts  # was 1 + 1 + 1 + one per domain's rows
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {key for record in records for key in record}
+    assert {
+        "metrics/train/LanguageCrossEntropy",
+        "metrics/train/LanguagePerplexity",
+        "metrics/eval/code_LanguageCrossEntropy",
+        "metrics/eval/docs_LanguageCrossEntropy",
+    } <= logged

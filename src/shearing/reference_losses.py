@@ -170,8 +170,9 @@ def domain_eval_totals(
     Domains come in the manifest's order; ``tokens`` counts predicted positions (T - 1 per sequence).
     """
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
+
+    from shearing.metrics import token_losses
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
@@ -201,8 +202,9 @@ def domain_eval_totals(
                 out = model(input_ids=ids)
                 logits = out.logits if hasattr(out, "logits") else out
             for row in range(ids.shape[0]):  # one row at a time keeps the fp32 logits small
-                total += F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="sum").item()
-            count += ids.shape[0] * (ids.shape[1] - 1)
+                token = token_losses(logits[row : row + 1], ids[row : row + 1])  # the training metrics' pass
+                total += float(token.sum)
+                count += int(token.valid.sum())
         if count == 0:
             raise ValueError(f"domain {name!r} has no eval sequences in {folder}")
         results[name] = DomainLoss(loss=total / count, tokens=count)

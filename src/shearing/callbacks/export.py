@@ -29,18 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from shearing.metrics import token_losses
 from shearing.models.composer_model import composer_model
 from shearing.pruning.gate import ExportRefused, GateThresholds
 from shearing.pruning.l0 import L0Module
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 def find_l0(model: torch.nn.Module) -> L0Module | None:
@@ -78,15 +76,9 @@ def measure_mask_losses(state: State, l0: L0Module, max_batches: int) -> dict[st
                 batch = state.device.batch_to_device(data_spec.batch_transforms(batch))
                 with get_precision_context(state.precision):
                     logits = state.model(batch)  # the wrapped forward: FSDP gathers what it needs
-                labels = batch.get("labels", batch["input_ids"])
-                targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-                totals[0] += F.cross_entropy(
-                    logits.flatten(0, 1).float(),
-                    targets.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                ).double()
-                totals[1] += (targets != IGNORE_INDEX).sum()
+                token = token_losses(logits, batch.get("labels", batch["input_ids"]))  # the one CE (metrics)
+                totals[0] += token.sum.double()
+                totals[1] += token.valid.sum()
             dist.all_reduce(totals)
             losses[key] = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     finally:

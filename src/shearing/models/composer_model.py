@@ -23,26 +23,30 @@ Run metadata (source config, target shape, mask families, tokenizer) is kept in 
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
-from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
 from shearing.distill import Teacher, mix_losses
+from shearing.metrics import (
+    IGNORE_INDEX,
+    DomainLanguageCrossEntropy,
+    LanguageCrossEntropy,
+    LanguagePerplexity,
+    TokenCrossEntropy,
+    TokenLosses,
+    shift_labels,
+    token_losses,
+)
 from shearing.models.llama import MaskedLlamaForCausalLM
 from shearing.parallelism import keep_fp32
 from shearing.pruning.l0 import L0Module, L0Output, PruningClock
 
-IGNORE_INDEX = -100
 METADATA_VERSION = 1
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Targets aligned with the logits: position t predicts labels[t + 1]; the last position is ignored."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 class ModelOutput(NamedTuple):
@@ -79,6 +83,9 @@ class ComposerShearedLlama(ComposerModel):
         self.pruning_clock = PruningClock()  # set before each batch by LagrangianPruning
         self.train_metrics: dict[str, Metric] = {}
         self.eval_metrics: dict[str, Metric] = {}
+        self._token_losses: tuple[weakref.ref, TokenLosses] | None = (
+            None  # the last batch's pass (token_losses)
+        )
         self.set_domains(domains or [])
 
     # ------------------------------------------------------------------------- Composer API
@@ -96,7 +103,7 @@ class ComposerShearedLlama(ComposerModel):
 
     def loss(self, outputs: ModelOutput | torch.Tensor, batch: dict[str, torch.Tensor]) -> Any:
         logits = logits_of(outputs)
-        lm_loss = self.lm_loss(logits, batch)
+        lm_loss = self.token_losses(logits, batch, grad=True).mean
         lagrangian = outputs.lagrangian if isinstance(outputs, ModelOutput) else None
         if lagrangian is None and self.teacher is None:
             return lm_loss
@@ -110,10 +117,20 @@ class ComposerShearedLlama(ComposerModel):
             parts["lagrangian"] = lagrangian.detach()
         return {"total": total, **parts}
 
-    @staticmethod
-    def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        targets = shift_labels(batch["labels"])
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    def token_losses(
+        self, logits: torch.Tensor, batch: dict[str, torch.Tensor], grad: bool = False
+    ) -> TokenLosses:
+        """The batch's one cross-entropy pass (``shearing.metrics``): computed for ``logits`` the first time they
+        are seen (in ``loss`` with ``grad``, else for the first eval metric), then reused, detached, by every
+        metric update on the same logits. The cache holds the [B,T] losses and a weak reference to the logits, so
+        it never keeps a batch's logits alive."""
+        cached = self._token_losses
+        if cached is not None and cached[0]() is logits and not grad:
+            return cached[1]
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            losses = token_losses(logits, batch["labels"], IGNORE_INDEX)
+        self._token_losses = (weakref.ref(logits), losses._replace(mean=losses.mean.detach()))
+        return losses
 
     def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any | None = None) -> torch.Tensor:
         return logits_of(outputs) if outputs is not None else logits_of(self.forward(batch))
@@ -134,12 +151,14 @@ class ComposerShearedLlama(ComposerModel):
         return self.train_metrics if is_train else self.eval_metrics
 
     def update_metric(self, batch: dict[str, torch.Tensor], outputs: Any, metric: Metric) -> None:
-        outputs = logits_of(outputs)
-        targets = shift_labels(batch["labels"])
-        if getattr(metric, "per_domain", False):
-            metric.update(outputs, batch["labels"], batch["domain_idx"])
-        else:
-            metric.update(outputs, targets)
+        logits = logits_of(outputs)
+        if not isinstance(
+            metric, TokenCrossEntropy
+        ):  # any other torchmetrics metric: logits and shifted targets
+            metric.update(logits, shift_labels(batch["labels"]))
+            return
+        losses = self.token_losses(logits, batch)  # the loss's pass in training; one per batch in evaluation
+        metric.update(losses, domain_idx=batch["domain_idx"] if metric.per_domain else None)
 
     # ----------------------------------------------------------------------------- metrics
     def set_domains(self, domains: list[str]) -> None:
@@ -147,11 +166,9 @@ class ComposerShearedLlama(ComposerModel):
         self.domains = list(domains)
         for metrics in (self.train_metrics, self.eval_metrics):
             metrics.clear()
-            metrics["LanguageCrossEntropy"] = LanguageCrossEntropy(ignore_index=IGNORE_INDEX)
-            metrics["LanguagePerplexity"] = LanguagePerplexity(ignore_index=IGNORE_INDEX)
+            metrics["LanguageCrossEntropy"] = LanguageCrossEntropy()
+            metrics["LanguagePerplexity"] = LanguagePerplexity()
         if self.domains:
-            from shearing.metrics import DomainLanguageCrossEntropy
-
             for index, name in enumerate(self.domains):
                 self.train_metrics[f"{name}_LanguageCrossEntropy"] = DomainLanguageCrossEntropy(index)
                 self.eval_metrics[f"{name}_LanguageCrossEntropy"] = DomainLanguageCrossEntropy(index)
