@@ -28,12 +28,24 @@ from shearing.plan import render_plan
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-PROGRAMS = ("make", "python", "composer", "source", "export", "srun", "bash")
+PROGRAMS = (
+    "make",
+    "python",
+    "composer",
+    "source",
+    "export",
+    "srun",
+    "bash",
+    "docker",
+    "sbatch",
+    "scripts/launch_multinode.sh",
+)
 # Blocks that are program output or a file's text, not commands: their first line.
 NOT_SHELL = ("field ", "#!/bin/bash")
 # Commands run on CPU: (regex on the command) -> runner below.
 RUNS_ON_CPU = {
     r"^python -m shearing\.plan yamls/\S+\.yaml$": "plan",
+    r"^python -m shearing\.plan --source \w+ --target-params \S+$": "plan",
     r"^composer train\.py yamls/testing/prune_tiny\.yaml ": "tiny_prune",
     r"^source \.venv/bin/activate$": "activate",
 }
@@ -46,12 +58,19 @@ NOT_RUN = {
     ("make", "install-gpu"): "GPU machines: builds flash-attn",
     ("python", "data_prep/redpajama.py"): "needs a RedPajama download",
     ("python", "data_prep/tokenize_domains.py"): "0.4B tokens of real data",
+    ("python", "-m shearing.reference_losses"): "a 7B source on real data (the SmolLM2 walk-through runs it)",
     ("python", "-m shearing.export"): "needs a pruning run of a 7B model",
     ("python", "-m shearing.evaluate"): "needs a 2.7B model and a GPU",
     ("python", "-m shearing.report"): "needs the 7B runs",
     ("composer", "yamls/pruning/llama2_7b_to_2.7b.yaml"): "LLaMA2-7B on GPUs",
     ("composer", "yamls/continued_pretraining/llama2_2.7b.yaml"): "50B tokens on GPUs",
     ("export", "MASTER_ADDR"): "Slurm environment",
+    ("make", "test-torch211"): "the second profile's test subset (CI runs it)",
+    ("docker", "build"): "no Docker here: tests/test_dockerfile.py checks the Dockerfile",
+    ("docker", "run"): "needs the image and a GPU",
+    ("scripts/launch_multinode.sh", "yamls/pruning/llama2_7b_to_2.7b.yaml"): "two GPU nodes "
+    "(tests/test_multinode.py runs the script with two launchers on one machine)",
+    ("sbatch", "--nodes=2"): "a Slurm cluster",
 }
 
 
@@ -115,6 +134,31 @@ def inline_commands() -> list[str]:
 
 
 ALL = commands()
+
+# The SmolLM2 walk-through: its commands run, as written, in test_the_smollm2_walk_through_runs_as_written.
+WALK_THROUGH_TITLE = "## A real small model on CPU: SmolLM2-135M, step by step\n"
+WALK_THROUGH_TEXT = README.split(WALK_THROUGH_TITLE, 1)[1].split("\n## ", 1)[0]
+WALK_THROUGH = [c for lines in code_blocks(WALK_THROUGH_TEXT) for c in logical_lines(lines)]
+# What that test adds to each command (the first pattern that matches): sizes and step counts only, through
+# the flags and overrides the README uses, and --force on the export: two pruning steps cannot converge, so the
+# gate refuses them (the test checks that the export records it). The README section lists these.
+WALK_THROUGH_STEPS = (
+    "variables.max_seq_len=64 variables.max_duration=2ba variables.eval_interval=2ba "
+    "variables.save_interval=2ba global_train_batch_size=2 device_train_microbatch_size=2"
+)
+WALK_THROUGH_SMOKE = {
+    r"^python bench/corpus\.py ": "--chars 40000",
+    r"^python data_prep/tokenize_domains\.py ": "--seq-len 64 --eval-seqs 4",
+    r"^python -m shearing\.reference_losses ": "",
+    r"^python -m shearing\.plan ": "",
+    r"^composer train\.py yamls/small/smollm2_135m_to_51m\.yaml ": WALK_THROUGH_STEPS,
+    r"^python -m shearing\.export ": "--force",
+    r"^composer train\.py yamls/small/smollm2_51m_cpt\.yaml ": WALK_THROUGH_STEPS,
+    r"^python -m shearing\.evaluate .*--tasks ": "--limit 4",
+    r"^python -m shearing\.report ": "",
+}
+# The repository paths the walk-through reads, linked into the folder it runs in (its outputs land there).
+WALK_THROUGH_LINKS = ("train.py", "yamls", "data_prep", "bench", "examples")
 CLIS = sorted(
     {f"-m {m}" for m in re.findall(r"python -m (shearing\.\w+)", README)}
     | set(re.findall(r"\b((?:data_prep|bench)/\w+\.py)\b", README))
@@ -187,6 +231,19 @@ def check_command(part: str, help_texts: dict[str, str]) -> None:
         return
     if program in ("source", "export"):
         return
+    if program == "docker":
+        assert (REPO / "Dockerfile").is_file(), f"{part!r}: no Dockerfile"
+        return
+    if program in ("sbatch", "scripts/launch_multinode.sh"):  # [sbatch flags] SCRIPT yaml overrides
+        script = next(w for w in words if w.startswith("scripts/"))
+        assert os.access(REPO / script, os.X_OK), f"{part!r}: {script} is not an executable script"
+        yaml = next(w for w in words if w.endswith(".yaml"))
+        overrides = [w for w in words[words.index(yaml) + 1 :] if "=" in w]
+        cfg = load_config(REPO / yaml, overrides)
+        for key in (item.split("=", 1)[0] for item in overrides):
+            if key.startswith("variables."):
+                assert key.split(".")[1] in cfg.variables, f"{part!r}: {yaml} has no {key}"
+        return
     flags = re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", " ".join(w for w in words if "=" not in w))
     if program == "python":
         cli = f"-m {words[2]}" if words[1] == "-m" else words[1]
@@ -220,7 +277,7 @@ def test_every_command_names_what_exists(command, help_texts):
 @pytest.mark.parametrize("command", ALL)
 def test_every_command_is_run_here_or_listed_as_not_run(command):
     for part in parts(command):
-        if any(re.search(pattern, part) for pattern in RUNS_ON_CPU):
+        if any(re.search(pattern, part) for pattern in RUNS_ON_CPU) or part in WALK_THROUGH:
             continue
         words = split(part)
         if words[0] == "srun":
@@ -268,3 +325,58 @@ def test_the_cpu_commands_run(tmp_path, tiny_gqa_dir, tiny_data):
             else:
                 assert "[batch=10/10]" in proc.stdout + proc.stderr
     assert ran == set(RUNS_ON_CPU.values()), ran
+
+
+def test_the_walk_through_has_the_whole_chain():
+    """Data prep from raw text, reference losses, plan (and --target-params), prune, export, CPT, evaluate
+    (with the local lm-eval task), report: each command has its smoke sizes, each smoke pattern a command."""
+    steps = [next((p for p in WALK_THROUGH_SMOKE if re.search(p, c)), None) for c in WALK_THROUGH]
+    assert None not in steps, [c for c, p in zip(WALK_THROUGH, steps, strict=True) if p is None]
+    assert set(steps) == set(WALK_THROUGH_SMOKE)
+    assert any("--no-bos --eos-token '<|im_end|>'" in c for c in WALK_THROUGH)
+    assert any("--target-params" in c for c in WALK_THROUGH)
+    assert any("--include-path examples/lm_eval --local-tasks-only" in c for c in WALK_THROUGH)
+
+
+@pytest.mark.slow
+def test_the_smollm2_walk_through_runs_as_written(tmp_path, smollm2_dir):
+    """The README's SmolLM2 commands, in order, as a user types them in a fresh folder (the repository's
+    scripts and yamls linked in), SMOLLM2_DIR replaced; only WALK_THROUGH_SMOKE's sizes are added."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in WALK_THROUGH_LINKS:
+        (work / name).symlink_to(REPO / name)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    outputs = {}
+    for command in WALK_THROUGH:
+        extra = next(value for pattern, value in WALK_THROUGH_SMOKE.items() if re.search(pattern, command))
+        line = f"{command.replace('SMOLLM2_DIR', str(smollm2_dir))} {extra}".strip()
+        proc = subprocess.run(
+            shlex.split(line), cwd=work, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, f"{line}\n{(proc.stdout + proc.stderr)[-4000:]}"
+        outputs[command] = proc.stdout + proc.stderr
+
+    manifest = json.loads((work / "data_smol/manifest.json").read_text())
+    assert set(manifest["domains"]) == {"code", "docs", "legal", "prose"}
+    assert set(json.loads((work / "data_smol/ref.json").read_text())["reference_losses"]) == set(
+        manifest["domains"]
+    )
+    planned = "\n".join(out for c, out in outputs.items() if c.startswith("python -m shearing.plan"))
+    assert "51,330,432" in planned and "56,198,784" in planned  # the recipe; --target-params 56M's first
+    export = json.loads((work / "out/smol_51m_pruned/shearing_export.json").read_text())
+    assert export["target"]["num_params"] == 51_330_432
+    assert export["gate"]["forced"] is True and export["gate"]["failures"]  # 2 steps: refused, then forced
+    cpt = json.loads((work / "runs/smol_cpt/hf/config.json").read_text())
+    assert (cpt["num_hidden_layers"], cpt["hidden_size"]) == (20, 384)
+    for name in ("source", "pruned", "cpt"):
+        result = json.loads((work / f"out/{name}_results.json").read_text())
+        assert set(result["domains"]) == set(manifest["domains"]) and "tiny_facts" in result["tasks"]
+    report = (work / "report_smol/report.md").read_text()
+    assert "smol_51m_pruned (export)" in report and "smol_cpt" in report
