@@ -117,6 +117,14 @@ def test_resume_with_another_target_is_refused(tmp_path, tiny_gqa_dir, tiny_data
         (run_dir / "shearing_run.json").write_text(json.dumps(record))
         with pytest.raises(ValueError, match=r"seed: the run has 17, the yaml 18"):
             train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, run_dir, "variables.seed=18"))
+        # another batch size changes what a step means; another domain list what domain_idx means
+        with pytest.raises(ValueError, match=r"global_train_batch_size: the run has 8, the yaml 4"):
+            train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, run_dir, "global_train_batch_size=4"))
+        reordered = ("train_loader.dataset.domains=[docs, code]", "eval_loader.dataset.domains=[docs, code]")
+        with pytest.raises(
+            ValueError, match=r"train_domains: the run has \['code', 'docs'\], the yaml \['docs', 'code'\]"
+        ):
+            train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, run_dir, *reordered))
     # what may change (a longer max_duration) resumes
     trainer = train_from_yaml(YAML, overrides(tiny_gqa_dir, tiny_data, run_dir, "max_duration=3ba"))
     assert int(trainer.state.timestamp.batch) == 3

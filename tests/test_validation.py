@@ -299,3 +299,142 @@ def test_every_committed_yaml_validates_without_files():
 
     for path in sorted((REPO / "yamls").rglob("*.yaml")):
         validate_config(load_config(path), local=False)
+
+
+# ----------------------------------------------------------------------------- refused before the model loads
+
+BEFORE_LOAD = {
+    "proportions_sum": (
+        ["train_loader.dataset.proportions=[0.3, 0.3]"],
+        r"proportions=\[0.3, 0.3\]: proportions sum to 0.6",
+    ),
+    "proportions_negative": (
+        ["train_loader.dataset.proportions=[-0.5, 1.5]"],
+        "'code' is -0.5: proportions must be finite and >= 0",
+    ),
+    "proportions_nan": (["train_loader.dataset.proportions=[.nan, 1.0]"], "'code' is nan"),
+    "proportions_length": (
+        ["train_loader.dataset.proportions=[0.5, 0.3, 0.2]"],
+        r"got 3 proportions for 2 domains \['code', 'docs'\]",
+    ),
+    "initial_proportions": (
+        ["callbacks.dynamic_loading.initial_proportions={code: 1.5, docs: 0.5}"],
+        "initial_proportions=.*sum to 2",
+    ),
+    "global_batch_0": (["global_train_batch_size=0"], "global_train_batch_size=0 must be a positive integer"),
+    "micro_batch_0": (
+        ["device_train_microbatch_size=0"],
+        "device_train_microbatch_size=0 must be a positive integer",
+    ),
+    "eval_batch_0": (["device_eval_batch_size=0"], "device_eval_batch_size=0 must be a positive integer"),
+    "lr_nan": (["optimizer.lr=.nan"], "optimizer.lr=nan must be a finite number"),
+    "lr_zero": (["optimizer.lr=0.0"], "need lr > 0"),
+    "betas": (
+        ["optimizer.betas=[0.9, 1.5]"],
+        r"optimizer.betas=\[0.9, 1.5\] must be two numbers in \[0, 1\)",
+    ),
+    "eta": (["callbacks.dynamic_loading.eta=-1.0"], "dynamic_loading.eta=-1.0 must be a finite number >= 0"),
+    "smoothing": (
+        ["callbacks.dynamic_loading.smoothing=2.0"],
+        r"dynamic_loading.smoothing=2.0 must be in \[0, 1\]",
+    ),
+    "max_seqs_0": (
+        ["eval_loader.dataset.max_seqs_per_domain=0"],
+        "max_seqs_per_domain=0 must be a positive integer",
+    ),
+    "reference_negative": (
+        ["variables.reference_losses={code: -1.0, docs: 3.0}"],
+        "reference_losses.code=-1.0 must be positive",
+    ),
+    "load_path": (
+        ["load_path=/nonexistent/latest-rank0.pt"],
+        "load_path=/nonexistent/latest-rank0.pt does not exist",
+    ),
+    "autoresume": (["autoresume=true", "variables.save_folder=null"], "autoresume=true needs a save_folder"),
+    "variables_typo": (
+        ["variables.save_foldr=/tmp/x"],
+        r"variables.save_foldr: .* has no variable 'save_foldr'.*did you mean variables.save_folder\?",
+    ),
+    "target_is_source": (["variables.target_model=tiny_gqa"], "is the source's own shape.*nothing to prune"),
+}
+
+
+@pytest.mark.parametrize("case", list(BEFORE_LOAD))
+def test_mistakes_are_refused_before_the_model_loads(case, tiny_gqa_dir, tiny_data, tmp_path, monkeypatch):
+    """Each mistake is refused by the run's own entry point, with the key and the fix, while building the model
+    would raise: a check that moved after the model load fails here."""
+    from tiny import run_overrides
+
+    import shearing.train
+
+    def build_model(cfg):
+        raise AssertionError(f"{case}: the model was built before the mistake was refused")
+
+    monkeypatch.setattr(shearing.train, "build_model", build_model)
+    extra, match = BEFORE_LOAD[case]
+    overrides = run_overrides(
+        tiny_gqa_dir,
+        tiny_data,
+        tmp_path / "run",
+        "variables.max_duration=4ba",
+        "variables.eval_interval=2ba",
+        "variables.reference_losses={code: 3.0, docs: 3.0}",
+        *extra,
+    )
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        shearing.train.train_from_yaml(PRUNE, overrides)
+
+
+def test_paths_refused_before_the_model_loads(tiny_gqa_dir, tiny_data, tmp_path, monkeypatch):
+    """A save_folder inside the data or the source model's folder, and a domain folder without index.json."""
+    import shutil
+
+    from tiny import run_overrides
+
+    import shearing.train
+
+    monkeypatch.setattr(shearing.train, "build_model", lambda cfg: pytest.fail("the model was built"))
+    quick = (
+        "variables.max_duration=4ba",
+        "variables.eval_interval=2ba",
+        "variables.reference_losses={code: 3.0, docs: 3.0}",
+    )
+    for inside, key in (
+        (tiny_data / "runs" / "x", "train_loader.dataset.local"),
+        (tiny_gqa_dir / "run", "model.source"),
+    ):
+        with pytest.raises(ValueError, match=f"save_folder={inside} is inside {key}"):
+            shearing.train.train_from_yaml(PRUNE, run_overrides(tiny_gqa_dir, tiny_data, inside, *quick))
+        assert not inside.exists()
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "eval" / "docs" / "index.json").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"eval_loader.dataset.local=.*domain 'docs' has no .*index.json"
+    ):
+        shearing.train.train_from_yaml(PRUNE, run_overrides(tiny_gqa_dir, data, tmp_path / "run", *quick))
+
+
+def test_short_runs_are_warned_about_not_refused(tiny_gqa_dir, tiny_data, tmp_path, caplog):
+    """A warmup or an eval interval longer than the run (a shortened smoke run of a recipe) is said, not refused."""
+    from tiny import run_overrides
+
+    from shearing.config import load_config
+    from shearing.validation import validate_config
+
+    cfg = load_config(
+        PRUNE,
+        run_overrides(
+            tiny_gqa_dir,
+            tiny_data,
+            tmp_path / "run",
+            "variables.max_duration=4ba",
+            "pruning.lagrangian_warmup=640ba",
+            "variables.reference_losses={code: 3.0, docs: 3.0}",
+        ),
+    )
+    with caplog.at_level("WARNING", logger="shearing.validation"):
+        validate_config(cfg)
+    text = caplog.text
+    assert "lagrangian_warmup='640ba' is longer than max_duration='4ba'" in text and "ends at 1%" in text
+    assert "eval_interval='100ba' is longer than max_duration='4ba'" in text

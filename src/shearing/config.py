@@ -174,6 +174,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             bad = [item for item in overrides if "=" not in item]
             if bad:
                 raise ValueError(f"overrides must look like key=value, got {bad}")
+            check_variable_overrides(path, raw.get("variables"), overrides)
             raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
         container = OmegaConf.to_container(raw, resolve=True)
     except (OmegaConfBaseException, yaml.YAMLError) as e:
@@ -190,6 +191,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             f"{path}: variables is missing {missing}; every run yaml sets {list(REQUIRED_VARIABLES)}"
         )
     return from_dict(RunConfig, container, where=str(path))
+
+
+def check_variable_overrides(path: Path, variables: Any, overrides: list[str]) -> None:
+    """A ``variables.NAME=...`` override must name a variable the yaml has: a typo (``variables.save_foldr``)
+    would otherwise add an unused variable while the run writes to, or trains for, the yaml's own value."""
+    known = list(variables or {})
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("variables."):
+            continue
+        name = key.split(".")[1]
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean variables.{close[0]}? " if close else ""
+            raise ValueError(
+                f"{key}: {path} has no variable {name!r}, so this override would change nothing: {hint}"
+                f"its variables are {known}"
+            )
 
 
 # llm-foundry spelling -> shearing spelling (README "Configuration reference").

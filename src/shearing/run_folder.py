@@ -321,6 +321,8 @@ def run_record(cfg) -> dict[str, Any]:
         source, target, families = plan.source, plan.target.prunable(), list(plan.families)
     else:
         source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
+    from shearing.validation import configured_domains
+
     data = ((cfg.train_loader or {}).get("dataset") or {}).get("local")
     return {
         "source": dict(cfg.model.source)
@@ -332,6 +334,9 @@ def run_record(cfg) -> dict[str, Any]:
         "seed": cfg.seed,
         "max_seq_len": cfg.max_seq_len,
         "train_data": _resolve(data),
+        # a resume with another batch size or domain list would change what each step and domain_idx mean
+        "global_train_batch_size": cfg.global_train_batch_size,
+        "train_domains": configured_domains("train_loader", cfg.train_loader, local=True),
     }
 
 

@@ -48,7 +48,7 @@ from shearing.run_folder import (
     run_is_finished,
 )
 from shearing.trainer import ShearingTrainer
-from shearing.validation import validate_config
+from shearing.validation import check_paths, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +328,7 @@ def train_from_yaml(path: str | os.PathLike, overrides: list[str] | None = None)
     setup_console_logging()  # rank 0 shows shearing's INFO lines (reference losses, export location)
     composer_compat.warn_if_torch_untested()  # a torch newer than the tested ones: said once, on rank 0
     cfg = load_config(path, overrides)
+    check_paths(cfg)  # before the save_folder is created (its lock), and again in validate_run
     start_process_group(cfg)
     with hold_save_folder(cfg.save_folder):  # one run per save_folder (rank 0), released on any exit
         trainer = build_trainer(cfg)

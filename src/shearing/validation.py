@@ -32,6 +32,17 @@ fix. The checks, in order:
 5. Files (``check_source_files``, and the manifests read by 4): a damaged ``manifest.json``,
    ``config.json`` or safetensors file is an error naming the file; safetensors are checked by their
    headers only (``hf_io.check_safetensors_file``), so this costs no weight reads.
+6. Numbers and paths (``check_numbers``, ``check_paths``), each by the rule of the component that reads
+   it: batch sizes positive; optimizer learning rates finite (``lr`` > 0), betas in [0, 1), eps > 0,
+   weight decay >= 0; ``max_seqs_per_domain`` positive; initial proportions (``train_loader.dataset.proportions``,
+   ``dynamic_loading.initial_proportions`` as numbers) by the mixture's own ``validate_proportions`` against
+   the train domains; ``eta``/``smoothing`` by the callback's ``check_update_options``; reference losses
+   positive; ``autoresume`` with a
+   ``save_folder``; a local ``load_path`` that exists; a ``save_folder`` that is not, and is not inside, the
+   data or the source model's folder; every domain folder a loader reads holds its ``index.json``.
+   Warned, not refused (a shortened smoke run of a recipe does both): in batches, a Lagrangian warmup
+   longer than the run (the export gate will refuse the masks) and, with dynamic loading, an
+   ``eval_interval`` longer than the run (the mixture never changes).
 
 ``local=False`` skips everything that reads files or asks about this machine (used for yamls that
 point at folders which exist only on the cluster, e.g. when testing the committed recipes).
@@ -41,12 +52,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from shearing.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 DOMAIN_LOADERS = ("domain_mixture", "domain_eval")
 INFINITE_TRAIN_LOADERS = ("domain_mixture",)
@@ -83,8 +97,10 @@ def validate_config(cfg: RunConfig, local: bool = True) -> None:
     check_importance_init(cfg, local=local)
     check_domains(cfg, local=local)
     check_context_length(cfg, local=local)
+    check_numbers(cfg, local=local)
     if local:
         check_source_files(cfg)
+        check_paths(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,7 +358,7 @@ def check_importance_init(cfg: RunConfig, local: bool = True) -> None:
         )
 
 
-def _loader_domains(key: str, loader: Mapping[str, Any] | None, local: bool) -> list[str] | None:
+def configured_domains(key: str, loader: Mapping[str, Any] | None, local: bool) -> list[str] | None:
     """The domains a domain loader reads: its ``dataset.domains``, else its manifest's (``local`` only)."""
     if not loader or loader.get("name") not in DOMAIN_LOADERS:
         return None
@@ -375,8 +391,8 @@ def _loader_domains(key: str, loader: Mapping[str, Any] | None, local: bool) -> 
 
 def check_domains(cfg: RunConfig, local: bool = True) -> None:
     """With dynamic loading: train and eval domains agree, and a reference-loss mapping names exactly them."""
-    train = _loader_domains("train_loader", cfg.train_loader, local)
-    evaluation = _loader_domains("eval_loader", cfg.eval_loader, local)
+    train = configured_domains("train_loader", cfg.train_loader, local)
+    evaluation = configured_domains("eval_loader", cfg.eval_loader, local)
     options = (cfg.callbacks or {}).get("dynamic_loading")
     if options is None:
         return
@@ -548,3 +564,163 @@ def check_weight_files(folder: Any) -> None:
     for file in hf_weight_files(folder):
         if file.suffix == ".safetensors":
             check_safetensors_file(file)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Numbers and paths
+
+
+def _positive_int(field: str, value: Any, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field}={value!r} must be a positive integer: {fix}")
+
+
+def _batches(field: str, value: Any) -> int | None:
+    """``value`` in batches when it is written in batches, else None (other units are not compared)."""
+    if value is None:
+        return None
+    from composer.core import Time
+
+    time = Time.from_timestring(str(value).strip())
+    return int(time.value) if time.unit.value == "ba" else None
+
+
+def check_numbers(cfg: RunConfig, local: bool = True) -> None:
+    """Batch sizes, optimizer numbers, proportions, dynamic-loading options and warmups (point 6)."""
+    _positive_int("global_train_batch_size", cfg.global_train_batch_size, "the sequences per optimizer step")
+    if cfg.device_train_microbatch_size != "auto":
+        _positive_int(
+            "device_train_microbatch_size",
+            cfg.device_train_microbatch_size,
+            "the sequences per forward on each device, or 'auto' (GPU only)",
+        )
+    _positive_int("device_eval_batch_size", cfg.device_eval_batch_size, "the sequences per eval forward")
+    opt = cfg.optimizer
+    for name in ("lr", "mask_lr", "lambda_lr", "eps", "weight_decay"):
+        value = getattr(opt, name)
+        if not _finite(value):
+            raise ValueError(f"optimizer.{name}={value!r} must be a finite number")
+    if opt.lr <= 0 or opt.eps <= 0 or opt.weight_decay < 0:
+        raise ValueError(
+            f"optimizer: need lr > 0, eps > 0 and weight_decay >= 0, got lr={opt.lr}, eps={opt.eps}, "
+            f"weight_decay={opt.weight_decay}"
+        )
+    betas = list(opt.betas or ())
+    if len(betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"optimizer.betas={opt.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    eval_dataset = (cfg.eval_loader or {}).get("dataset") or {}
+    if eval_dataset.get("max_seqs_per_domain") is not None:
+        _positive_int(
+            "eval_loader.dataset.max_seqs_per_domain",
+            eval_dataset["max_seqs_per_domain"],
+            "how many eval sequences of each domain to read, or null for all of them",
+        )
+    domains = configured_domains("train_loader", cfg.train_loader, local)
+    options = (cfg.callbacks or {}).get("dynamic_loading")
+    candidates = [
+        (
+            "train_loader.dataset.proportions",
+            ((cfg.train_loader or {}).get("dataset") or {}).get("proportions"),
+        )
+    ]
+    if options is not None:
+        candidates.append(
+            ("callbacks.dynamic_loading.initial_proportions", options.get("initial_proportions"))
+        )
+    for field, value in candidates:
+        if value is None or isinstance(value, str):  # a str is a run folder or a file (read later)
+            continue
+        from shearing.data.mixture import validate_proportions
+
+        try:
+            validate_proportions(
+                value, domains if domains is not None else [str(i) for i in range(len(value))]
+            )
+        except ValueError as e:
+            raise ValueError(f"{field}={value!r}: {e}") from None
+    if options is not None:
+        from shearing.callbacks.dynamic_loading import check_update_options
+
+        check_update_options(
+            options.get("update", "paper"), options.get("eta", 1.0), options.get("smoothing", 1e-4)
+        )
+        refs = options.get("reference_losses")
+        if isinstance(refs, Mapping):
+            for domain, value in refs.items():
+                if _finite(value) and value <= 0:
+                    raise ValueError(
+                        f"callbacks.dynamic_loading.reference_losses.{domain}={value!r} must be positive: a "
+                        "reference loss is a cross-entropy the pruned model should reach (the source's own, say)"
+                    )
+    run = _batches("max_duration", cfg.max_duration)
+    if run is None:
+        return
+    # Legal, and what a shortened smoke run of a recipe does, but rarely meant in a real run: said before
+    # the model loads (a warning, not a refusal: the export gate still refuses unconverged masks).
+    warmup = _batches("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup if cfg.pruning else None)
+    if warmup is not None and warmup > run:
+        log.warning(
+            "pruning.lagrangian_warmup=%r is longer than max_duration=%r: the target sparsity ramp ends at %.0f%% "
+            "of the target and the export gate will refuse the masks; write the warmup as a fraction (e.g. "
+            "0.2dur) or in batches at most max_duration",
+            cfg.pruning.lagrangian_warmup,
+            cfg.max_duration,
+            100 * run / warmup,
+        )
+    interval = _batches("eval_interval", cfg.eval_interval)
+    if options is not None and interval is not None and interval > run:
+        log.warning(
+            "eval_interval=%r is longer than max_duration=%r: dynamic loading updates the mixture after an "
+            "evaluation, so this run trains on its initial proportions throughout; lower eval_interval for the "
+            "mixture to adapt",
+            cfg.eval_interval,
+            cfg.max_duration,
+        )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """``autoresume``, ``load_path`` and ``save_folder`` against this machine's folders (point 6)."""
+    if cfg.autoresume and cfg.save_folder is None:
+        raise ValueError(
+            "autoresume=true needs a save_folder to resume from: set variables.save_folder (or save_folder), "
+            "or drop autoresume"
+        )
+    if cfg.load_path and "://" not in str(cfg.load_path) and not Path(cfg.load_path).exists():
+        raise FileNotFoundError(
+            f"load_path={cfg.load_path} does not exist: give a Composer checkpoint file (a save_folder's "
+            "latest-rank0.pt or ep*-ba*-rank0.pt), or drop load_path"
+        )
+    for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
+        local = ((loader or {}).get("dataset") or {}).get("local")
+        domains = configured_domains(key, loader, local=True)
+        for domain in domains or ():
+            index = Path(local) / domain / "index.json"
+            if not index.is_file():
+                raise FileNotFoundError(
+                    f"{key}.dataset.local={local}: domain {domain!r} has no {index} (its manifest lists it): the "
+                    "data folder is incomplete; re-run data_prep/tokenize_domains.py into a new folder, or copy "
+                    "the missing domain folder back"
+                )
+    if cfg.save_folder is None or "://" in str(cfg.save_folder):
+        return
+    save = Path(cfg.save_folder).expanduser().resolve()
+    protected = []
+    if isinstance(cfg.model.source, str) and Path(cfg.model.source).is_dir():
+        protected.append(("model.source", Path(cfg.model.source)))
+    for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
+        local = ((loader or {}).get("dataset") or {}).get("local")
+        if local is not None:
+            folder = Path(local)
+            protected.append(
+                (f"{key}.dataset.local", folder.parent if folder.name in ("train", "eval") else folder)
+            )
+    for key, folder in protected:
+        if _inside(save, folder.expanduser().resolve()):
+            raise ValueError(
+                f"save_folder={cfg.save_folder} is inside {key} ({folder}): checkpoints and the export would be "
+                "written among the inputs; set variables.save_folder to a folder of its own"
+            )

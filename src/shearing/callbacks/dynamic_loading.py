@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -78,6 +79,25 @@ def _load_initial_proportions(spec: Any, domains: Sequence[str]) -> list[float]:
     return validate_proportions(spec, domains)
 
 
+def check_update_options(update: Any, eta: Any, smoothing: Any) -> None:
+    """The update rule's options (the run validation calls this before the model loads, the callback again)."""
+    where = "callbacks.dynamic_loading"
+    if update not in UPDATES:
+        raise ValueError(f"{where}.update must be one of {list(UPDATES)}, got {update!r}")
+    for name, value, ok, bound in (
+        ("eta", eta, lambda v: v >= 0, "a finite number >= 0 (the step size; 1.0 in the paper)"),
+        (
+            "smoothing",
+            smoothing,
+            lambda v: 0 <= v <= 1,
+            "in [0, 1] (the uniform floor's weight; 1e-4 in the paper)",
+        ),
+    ):
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not ok(value):
+            raise ValueError(f"{where}.{name}={value!r} must be {bound}")
+
+
 class DynamicLoading(Callback):
     """Re-weights the train mixture after each evaluation (see the module docstring).
 
@@ -102,10 +122,7 @@ class DynamicLoading(Callback):
         eval_label: str = "eval",
         output_dir: str | os.PathLike | None = None,
     ):
-        if update not in UPDATES:
-            raise ValueError(f"dynamic_loading update must be one of {UPDATES}, got {update!r}")
-        if not eta >= 0 or not 0 <= smoothing <= 1:
-            raise ValueError(f"need eta >= 0 and 0 <= smoothing <= 1, got eta={eta}, smoothing={smoothing}")
+        check_update_options(update, eta, smoothing)
         self.reference_spec = reference_losses
         self.update = update
         self.eta = float(eta)

@@ -132,6 +132,12 @@ class PruningPlan:
             cfg.model.source, cfg.model.source_shape, need_checkpoint=need_checkpoint
         )
         target = resolve_target_shape(source, cfg.pruning.target)
+        if target == source:
+            raise ValueError(
+                f"pruning.target={cfg.pruning.target!r} is the source's own shape ({source.to_dict()}): there is "
+                "nothing to prune; give a smaller target (python -m shearing.plan --target-params proposes some), "
+                "or drop the pruning: section to continue pre-training the source as it is"
+            )
         return cls.build(source, target, cfg.pruning.families)
 
     @property
