@@ -12,21 +12,28 @@ then times, for 0, 2 and 4 DataLoader workers:
   llm-foundry's text loader hands the model, and what the mixture loader yields).
 
 Each measurement runs in a fresh subprocess (streaming keeps per-process shared state), skips
-``--warmup`` batches (worker start-up), then times ``--batches`` batches. The target is a ratio of at
-least 0.9 (mixture / plain).
+``--warmup`` batches (worker start-up), then times ``--batches`` batches. The three loaders of a worker
+count are measured interleaved, ``--repeats`` rounds of plain, plain_long, mixture (the order reversed
+every other round), and each round gives its own ratios, so a load change on a shared machine hits both
+sides of a ratio alike; printed: the median batches/s of each loader and the median ratio with its
+min-max over rounds. The like-for-like comparison is mixture / plain_long (both hand the model int64
+``input_ids`` and ``labels``); mixture / plain is against raw uint16 batches that still need that
+conversion. The target is a ratio of at least 0.9 (mixture / plain_long). The largest domain is made big
+enough for one epoch of the plain loader to cover ``--warmup`` + ``--batches`` batches.
 
 It also measures the mixture loader's update lag for each worker count: two loaders run side by side,
 one gets ``set_proportions`` after step ``LAG_STEP`` (as ``DynamicLoading`` does), and the lag is the
 number of batches after ``LAG_STEP`` that still match the loader without the update (0: the next batch
 uses the new proportions). Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/loader_throughput.py [--batches 300] [--workers 0 2 4]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/loader_throughput.py [--batches 300] [--workers 0 2 4] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,6 +158,49 @@ def time_loader(kind: str, root: Path, workers: int, batches: int, warmup: int) 
     return batches / elapsed
 
 
+KINDS = ("plain", "plain_long", "mixture")
+
+
+def measure(kind: str, root: Path, workers: int, batches: int, warmup: int) -> float:
+    """One measurement in a fresh subprocess (batches/s; the lag in batches for ``lag``)."""
+    cmd = [sys.executable, __file__, "--batches", str(batches), "--warmup", str(warmup)]
+    out = subprocess.run([*cmd, "--_measure", kind, str(root), str(workers)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} with {workers} workers failed:\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def interleaved_cell(root: Path, workers: int, batches: int, warmup: int, rounds: int) -> dict:
+    """``rounds`` rounds of the three loaders, the order reversed every other round; per-round ratios."""
+    speeds: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    ratios: dict[str, list[float]] = {"mixture/plain": [], "mixture/plain_long": []}
+    for r in range(rounds):
+        got = {
+            kind: measure(kind, root, workers, batches, warmup)
+            for kind in (KINDS if r % 2 == 0 else KINDS[::-1])
+        }
+        for kind, value in got.items():
+            speeds[kind].append(value)
+        ratios["mixture/plain"].append(got["mixture"] / got["plain"])
+        ratios["mixture/plain_long"].append(got["mixture"] / got["plain_long"])
+        print(
+            f"  workers {workers} round {r + 1}/{rounds}: "
+            + ", ".join(f"{kind} {got[kind]:.1f}" for kind in KINDS)
+            + f" batches/s; mixture/plain_long {ratios['mixture/plain_long'][-1]:.2f}",
+            flush=True,
+        )
+    return {
+        "workers": workers,
+        "batches_per_s": {kind: spread(values) for kind, values in speeds.items()},
+        "ratios": {name: {**spread(values), "rounds": values} for name, values in ratios.items()},
+        "update_lag": int(measure("lag", root, workers, batches, warmup)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,7 +208,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per cell")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per worker count")
+    parser.add_argument("--json", type=Path, help="write the record here")
     parser.add_argument("--_measure", nargs=3, metavar=("KIND", "ROOT", "WORKERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -166,54 +217,48 @@ def main() -> None:
         kind, root, workers = args._measure
         print(json.dumps(time_loader(kind, Path(root), int(workers), args.batches, args.warmup)))
         return
+    if args.batches < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--batches and --repeats must be positive, --warmup non-negative")
 
-    if (args.batches + args.warmup) * BATCH > DOMAINS["cc"]:
-        parser.error(f"the plain loader reads one epoch of {DOMAINS['cc']} samples: lower --batches")
+    # one epoch of the plain loader (the largest domain) must cover the warm-up and the timed batches
+    domains = {**DOMAINS, "cc": max(DOMAINS["cc"], (args.batches + args.warmup) * BATCH)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        build_root(root)
-        print(f"built {sum(DOMAINS.values())} x {SEQ_LEN}-token samples in {time.perf_counter() - t0:.0f}s")
-        rows = []
-        for workers in args.workers:
-            cell = {}
-            for kind in ("plain", "plain_long", "mixture"):
-                runs = []
-                for _ in range(args.repeats):
-                    cmd = [
-                        sys.executable,
-                        __file__,
-                        "--batches",
-                        str(args.batches),
-                        "--warmup",
-                        str(args.warmup),
-                    ]
-                    out = subprocess.run(
-                        [*cmd, "--_measure", kind, str(root), str(workers)],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    )
-                    runs.append(float(out.stdout.strip().splitlines()[-1]))
-                cell[kind] = max(runs)
-            out = subprocess.run(
-                [sys.executable, __file__, "--_measure", "lag", str(root), str(workers)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            cell["lag"] = int(float(out.stdout.strip().splitlines()[-1]))
-            rows.append((workers, cell["plain"], cell["plain_long"], cell["mixture"], cell["lag"]))
-        print(f"\nbatches/s, seq {SEQ_LEN}, batch {BATCH}, {len(DOMAINS)} domains, best of {args.repeats}")
+        build_root(root, domains=domains)
         print(
-            f"{'workers':>7} | {'plain':>7} | {'plain_long':>10} | {'mixture':>7} | {'vs plain':>8} | "
-            f"{'vs plain_long':>13} | {'update lag':>10}"
+            f"built {sum(domains.values())} x {SEQ_LEN}-token samples in {time.perf_counter() - t0:.0f}s",
+            flush=True,
         )
-        for workers, plain, plain_long, mixture, lag in rows:
-            print(
-                f"{workers:>7} | {plain:>7.1f} | {plain_long:>10.1f} | {mixture:>7.1f} | "
-                f"{mixture / plain:>8.2f} | {mixture / plain_long:>13.2f} | {lag:>10d}"
-            )
+        cells = [interleaved_cell(root, w, args.batches, args.warmup, args.repeats) for w in args.workers]
+    print(
+        f"\nbatches/s (median of {args.repeats} interleaved rounds), seq {SEQ_LEN}, batch {BATCH}, "
+        f"{len(domains)} domains; ratios: median [min-max] of the per-round ratios"
+    )
+    print(
+        f"{'workers':>7} | {'plain':>7} | {'plain_long':>10} | {'mixture':>7} | {'mixture/plain_long':>20} | {'mixture/plain':>17} | lag"
+    )
+    for cell in cells:
+        speed, ratio = cell["batches_per_s"], cell["ratios"]
+        like, raw = ratio["mixture/plain_long"], ratio["mixture/plain"]
+        print(
+            f"{cell['workers']:>7} | {speed['plain']['median']:>7.1f} | {speed['plain_long']['median']:>10.1f} | "
+            f"{speed['mixture']['median']:>7.1f} | {like['median']:>5.2f} [{like['min']:.2f}-{like['max']:.2f}]"
+            f"{'':>6} | {raw['median']:>5.2f} [{raw['min']:.2f}-{raw['max']:.2f}]{'':>3} | {cell['update_lag']}"
+        )
+    if args.json:
+        record = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "seq_len": SEQ_LEN,
+            "batch": BATCH,
+            "domains": domains,
+            "batches": args.batches,
+            "warmup": args.warmup,
+            "rounds": args.repeats,
+            "cells": cells,
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
