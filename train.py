@@ -1,10 +1,18 @@
-"""Entry point: ``composer train.py <yaml> [key=value ...]`` (or ``python train.py ...`` on one process)."""
+"""Entry point: ``composer train.py <yaml> [key=value ...]`` (or ``python train.py ...`` on one process).
+
+A config refused before the model is built prints one message (what, which key, the fix) and exits 2; an
+error during training keeps its traceback."""
 
 import sys
 
-from shearing.train import train_from_yaml
+from shearing.train import report_refusal, train_from_yaml
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: composer train.py <run.yaml> [key=value ...]")
-    train_from_yaml(sys.argv[1], sys.argv[2:])
+    try:
+        train_from_yaml(sys.argv[1], sys.argv[2:])
+    except Exception as error:
+        if not report_refusal(error):
+            raise
+        sys.exit(2)

@@ -438,3 +438,42 @@ def test_short_runs_are_warned_about_not_refused(tiny_gqa_dir, tiny_data, tmp_pa
     text = caplog.text
     assert "lagrangian_warmup='640ba' is longer than max_duration='4ba'" in text and "ends at 1%" in text
     assert "eval_interval='100ba' is longer than max_duration='4ba'" in text
+
+
+@pytest.mark.slow
+def test_a_refusal_is_a_message_and_exit_2_not_a_traceback(tiny_gqa_dir, tiny_data, tmp_path):
+    """``python train.py`` and ``composer train.py`` (the launcher) with a refused config: exit 2 (the launcher
+    passes on its rank's failure), the message once per rank with the key and the fix, no Python traceback."""
+    import subprocess
+    import sys
+
+    from tiny import run_overrides
+
+    overrides = run_overrides(tiny_gqa_dir, tiny_data, tmp_path / "run", "global_train_batch_size=0")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run(
+        [sys.executable, "train.py", str(PRUNE), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plain.returncode == 2, plain.stderr[-3000:]
+    assert "shearing: the run was refused before it started:" in plain.stderr
+    assert "global_train_batch_size=0 must be a positive integer" in plain.stderr
+    assert "Traceback" not in plain.stderr + plain.stdout
+    composer = Path(sys.executable).with_name("composer")
+    launched = subprocess.run(
+        [str(composer), "-n", "1", "train.py", str(PRUNE), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = launched.stdout + launched.stderr
+    assert (
+        launched.returncode != 0 and out.count("global_train_batch_size=0 must be a positive integer") == 1
+    ), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]

@@ -10,8 +10,10 @@ separate learning rates for weights, mask logits and Lagrange multipliers, sched
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,32 @@ from shearing.validation import check_paths, validate_config
 log = logging.getLogger(__name__)
 
 composer_compat.apply()  # Composer 0.32 workarounds (multi-node signal files), once per process
+
+
+# What a refused config raises: these, from the checks that run before the model is built (``refusing``).
+REFUSALS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+@contextlib.contextmanager
+def refusing():
+    """Marks a ``REFUSALS`` exception raised inside as a refusal (``exc.shearing_refusal = True``; type and
+    message unchanged), so that ``train.py`` prints it as one message and exits 2 instead of a traceback.
+    Used only around the checks before the model is built: an error during training keeps its traceback."""
+    try:
+        yield
+    except REFUSALS as e:
+        e.shearing_refusal = True
+        raise
+
+
+def report_refusal(error: BaseException, stream=None) -> bool:
+    """Print a refusal (see ``refusing``) as one block and return True; False for any other exception."""
+    if not getattr(error, "shearing_refusal", False):
+        return False
+    stream = stream or sys.stderr
+    rank = f" (rank {dist.get_global_rank()})" if dist.get_world_size() > 1 else ""
+    print(f"\nshearing: the run was refused before it started{rank}:\n  {error}\n", file=stream, flush=True)
+    return True
 
 
 def validate_run(cfg: RunConfig, tokenizer=None) -> None:
@@ -262,11 +290,12 @@ def start_process_group(cfg: RunConfig) -> None:
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
-    tokenizer = build_tokenizer(cfg)  # loaded once: the data check and the loaders share it
-    validate_run(cfg, tokenizer)
-    announce_outputs(cfg)  # rank 0: where checkpoints and the export go, before anything loads
-    parallelism = build_parallelism_config(cfg.fsdp_config, pruning=cfg.pruning is not None)  # FSDP2 default
-    check_run_record(cfg)  # a resume must continue the same run (source, target, families, data, ...)
+    with refusing():  # everything before the model is built: a refusal is a message, not a traceback
+        tokenizer = build_tokenizer(cfg)  # loaded once: the data check and the loaders share it
+        validate_run(cfg, tokenizer)
+        announce_outputs(cfg)  # rank 0: where checkpoints and the export go, before anything loads
+        parallelism = build_parallelism_config(cfg.fsdp_config, pruning=cfg.pruning is not None)  # FSDP2
+        check_run_record(cfg)  # a resume must continue the same run (source, target, families, data, ...)
     reproducibility.seed_all(cfg.seed)
     model = build_model(cfg)
     prepare_save_folder(cfg, model)
@@ -327,10 +356,13 @@ def train_from_yaml(path: str | os.PathLike, overrides: list[str] | None = None)
     """Load the yaml, build the trainer, train; returns the trainer (its state holds the result)."""
     setup_console_logging()  # rank 0 shows shearing's INFO lines (reference losses, export location)
     composer_compat.warn_if_torch_untested()  # a torch newer than the tested ones: said once, on rank 0
-    cfg = load_config(path, overrides)
-    check_paths(cfg)  # before the save_folder is created (its lock), and again in validate_run
+    with refusing():
+        cfg = load_config(path, overrides)
+        check_paths(cfg)  # before the save_folder is created (its lock), and again in validate_run
     start_process_group(cfg)
-    with hold_save_folder(cfg.save_folder):  # one run per save_folder (rank 0), released on any exit
+    with contextlib.ExitStack() as held:
+        with refusing():  # one run per save_folder (rank 0), released on any exit
+            held.enter_context(hold_save_folder(cfg.save_folder))
         trainer = build_trainer(cfg)
         if run_is_finished(trainer):  # Composer's fit() would raise "No training would occur"
             finish_run(trainer)
