@@ -499,7 +499,7 @@ def memory_pass(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """Each trainer's memory in its own process, one after another (see the module docstring)."""
     measure = memory_in_fork if args.memory_process == "fork" else memory_in_subprocess
     trainers = {}
-    for kind in KINDS:
+    for kind in [k for k in KINDS if any(k in pair for pair in selected(args))]:
         trainers[kind] = measure(kind, setup, args.memory_steps)
         print(f"memory {kind:<13} {_memory_line(trainers[kind])}", flush=True)
     key = "peak_allocated_mb" if args.device == "gpu" else "peak_rss_mb"
@@ -515,7 +515,11 @@ def memory_pass(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         ),
         "steps": args.memory_steps,
         "trainers": trainers,
-        "ratios": {f"{a}/{b}": trainers[a][key] / trainers[b][key] for a, b in MEMORY_RATIOS},
+        "ratios": {
+            f"{a}/{b}": trainers[a][key] / trainers[b][key]
+            for a, b in MEMORY_RATIOS
+            if a in trainers and b in trainers
+        },
     }
 
 
@@ -680,13 +684,18 @@ def warm_up(runner: Runner, steps: int) -> None:
         runner.trainer.fit(duration=f"{steps}ba")
 
 
+def selected(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The comparisons ``--only`` names (all of ``COMPARISONS`` by default)."""
+    return [pair for pair in COMPARISONS if not args.only or "/".join(pair) in args.only]
+
+
 def run_all(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """Every comparison in one process: ``cpt`` stays built throughout, each other trainer is built,
     warmed up, compared (and profiled, for ``foundry_sdpa``) and freed."""
     runners = {"cpt": build_runner("cpt", setup)}
     warm_up(runners["cpt"], args.warmup)
     comparisons, profile = [], None
-    for first, second in COMPARISONS:
+    for first, second in selected(args):
         other = first if first != "cpt" else second
         print(f"\n[{first}/{second}] building {other}: {KINDS[other]}", flush=True)
         runners[other] = build_runner(other, setup)
@@ -726,6 +735,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps-per-segment", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2, help="steps of each trainer before timing")
     parser.add_argument("--profile-steps", type=int, default=3, help="0: no profile")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["/".join(pair) for pair in COMPARISONS],
+        help="run only these comparisons (and measure only their trainers' memory)",
+    )
     parser.add_argument(
         "--memory-steps", type=int, default=2, help="steps of each memory subprocess; 0: none"
     )

@@ -83,17 +83,24 @@ def chunked_kd_value_and_grad(
     keep = targets != ignore_index
     count = keep.sum().clamp_min(1).float()
     total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-    grad = torch.zeros_like(student_logits)
+    grad = torch.empty_like(student_logits)  # every position is written below
+    # Vocabulary-wide work is most of the cost (B·c·V elements per op): two log-softmaxes, one exp each way,
+    # and the rest in place on their buffers; no division when temperature is 1.
     for start in range(0, T, chunk):
         stop = min(start + chunk, T)
-        kept = keep[:, start:stop, None].float()  # B c 1
-        log_p_s = F.log_softmax(student_logits[:, start:stop].float() / temperature, dim=-1)  # B c V
-        teacher = lm_head(teacher_hidden[:, start:stop])
-        log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+        kept = keep[:, start:stop].float()  # B c
+        z_s = student_logits[:, start:stop].float()
+        z_t = lm_head(teacher_hidden[:, start:stop]).float()
+        if temperature != 1.0:
+            z_s, z_t = z_s / temperature, z_t / temperature
+        log_p_s = F.log_softmax(z_s, dim=-1)  # B c V
+        log_p_t = F.log_softmax(z_t, dim=-1)
         p_t = log_p_t.exp()
-        total += ((p_t * (log_p_t - log_p_s)) * kept).sum()
+        kl = torch.sub(log_p_t, log_p_s, out=log_p_t).mul_(p_t).sum(-1)  # B c: KL(p_t || p_s) per position
+        total += (kl * kept).sum()
         # d/dz_s of τ² Σ_v p_t (log p_t - log softmax(z_s / τ)) = τ (p_s - p_t)
-        grad[:, start:stop] = (temperature * (log_p_s.exp() - p_t) * kept / count).to(grad.dtype)
+        scale = (temperature * kept / count)[..., None]
+        grad[:, start:stop] = log_p_s.exp_().sub_(p_t).mul_(scale)
     return temperature**2 * total / count, grad
 
 
