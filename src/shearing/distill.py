@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shearing.metrics import IGNORE_INDEX
 from shearing.models.llama import MaskedDecoderLayer, MaskedLlamaForCausalLM
-
-IGNORE_INDEX = -100
 
 
 def kd_loss(

@@ -50,7 +50,7 @@ class TokenLosses(NamedTuple):
     valid: torch.Tensor  # [B,T] bool, the positions that count
     sum: (
         torch.Tensor
-    )  # float32 scalar: the batch's summed loss, as cross_entropy(reduction="sum") gives it (detached)
+    )  # float32 scalar: the summed loss, as cross_entropy(reduction="sum") gives it (detached)
     mean: torch.Tensor  # float32 scalar: the LM loss, as cross_entropy(reduction="mean") gives it (with grad)
 
 
@@ -134,8 +134,9 @@ class LanguageCrossEntropy(TokenCrossEntropy):
     state_dtype = torch.float32
 
 
-class LanguagePerplexity(TokenCrossEntropy):
-    """``exp`` of ``LanguageCrossEntropy`` (Composer's metric of that name, from the one pass)."""
+class LanguagePerplexity(LanguageCrossEntropy):
+    """``exp`` of ``LanguageCrossEntropy``, with its float32 state (Composer's metric of that name, from the one
+    pass)."""
 
     def compute(self) -> torch.Tensor:
         return torch.exp(super().compute()) if int(self.total) else torch.tensor(math.nan)

@@ -627,11 +627,11 @@ def check_numbers(cfg: RunConfig, local: bool = True) -> None:
         candidates.append(
             ("callbacks.dynamic_loading.initial_proportions", options.get("initial_proportions"))
         )
+    from shearing.data.mixture import validate_proportions
+
     for field, value in candidates:
         if value is None or isinstance(value, str):  # a str is a run folder or a file (read later)
             continue
-        from shearing.data.mixture import validate_proportions
-
         try:
             validate_proportions(
                 value, domains if domains is not None else [str(i) for i in range(len(value))]

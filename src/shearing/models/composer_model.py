@@ -83,9 +83,8 @@ class ComposerShearedLlama(ComposerModel):
         self.pruning_clock = PruningClock()  # set before each batch by LagrangianPruning
         self.train_metrics: dict[str, Metric] = {}
         self.eval_metrics: dict[str, Metric] = {}
-        self._token_losses: tuple[weakref.ref, TokenLosses] | None = (
-            None  # the last batch's pass (token_losses)
-        )
+        # the last batch's cross-entropy pass (see token_losses)
+        self._token_losses: tuple[weakref.ref, TokenLosses] | None = None
         self.set_domains(domains or [])
 
     # ------------------------------------------------------------------------- Composer API
@@ -152,9 +151,7 @@ class ComposerShearedLlama(ComposerModel):
 
     def update_metric(self, batch: dict[str, torch.Tensor], outputs: Any, metric: Metric) -> None:
         logits = logits_of(outputs)
-        if not isinstance(
-            metric, TokenCrossEntropy
-        ):  # any other torchmetrics metric: logits and shifted targets
+        if not isinstance(metric, TokenCrossEntropy):  # another torchmetrics metric: logits, shifted targets
             metric.update(logits, shift_labels(batch["labels"]))
             return
         losses = self.token_losses(logits, batch)  # the loss's pass in training; one per batch in evaluation
