@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from composer.utils import dist
 from torchmetrics import Metric
 
-IGNORE_INDEX = -100
+from shearing.data.labels import IGNORE_INDEX
 
 
 class TokenLosses(NamedTuple):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from shearing.data.compat import FINGERPRINT_METHOD, check_data_tokenizer, tokenizer_fingerprint
+from shearing.data.compat import check_data_tokenizer
+from shearing.data.fingerprint import FINGERPRINT_METHOD, tokenizer_fingerprint
 from shearing.data.manifest import SPLITS, load_manifest, save_manifest
 
 from .conftest import streaming_samples

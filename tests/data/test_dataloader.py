@@ -1,7 +1,9 @@
-"""The mixture and eval loaders over real MDS shards: composition, ranks, workers, lag, resume, errors."""
+"""The mixture and eval loaders over real MDS shards: composition, ranks, reader threads, updates, resume,
+errors, a manifest read once."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -72,20 +74,20 @@ def test_mixture_batches_follow_the_allocation(root, world, workers):
     steps = 1000
     specs = mixture_loaders(root, world, workers)
     ds = specs[0].dataloader.dataset
-    lag = 0  # an update after step s is in effect for batch s, the next one, whatever num_workers says
-    assert ds.update_lag == lag and ds.global_batch_size == 4 * world
+    assert ds.global_batch_size == 4 * world
     assert ds.read_threads == workers and specs[0].dataloader.num_workers == 0
     batches = run(specs, steps, UPDATES)
 
-    # Composition equals the pure allocation with each update in effect from step s + lag.
+    # Composition equals the pure allocation with the update published after step s in effect from batch
+    # s on (the next one), whatever num_workers says.
     replay = Mixture(
         NAMES, [n for n, _ in DOMAINS.values()], 4 * world, 3, True, proportions=ds.initial_proportions
     )
     for s, p in UPDATES.items():
-        replay.schedule(s + lag, p)
+        replay.schedule(s, p)
     in_effect, p_now = [], np.asarray(ds.initial_proportions)
     for step, rows in enumerate(batches):
-        p_now = np.asarray(UPDATES[step - lag]) if step - lag in UPDATES else p_now
+        p_now = np.asarray(UPDATES[step]) if step in UPDATES else p_now
         in_effect.append(p_now)
         plan = replay.next_batch()
         assert sorted(Counter(d for d, _ in rows).items()) == [(d, c) for d, c in enumerate(plan.counts) if c]
@@ -125,25 +127,25 @@ def test_update_applies_at_the_next_batch_with_the_shipped_worker_settings(root)
     assert outputs[0] == outputs[2] == outputs[8]
 
 
-def test_processes_need_the_lag_and_match_the_replay(root):
-    """A hand-built DataLoader with worker processes over the dataset: updates take effect update_lag late,
-    exactly as the replay says, and a lag below the prefetch window is refused (tested below)."""
+def test_a_hand_built_loader_matches_the_replay(root):
+    """A plain DataLoader over the dataset: each update is in effect from the batch after its step on
+    (``set_proportions`` returns that batch), exactly as the replay says."""
     from torch.utils.data import DataLoader
 
     from shearing.data.dataloader import collate
 
-    lag, updates = 4, {3: [0.1, 0.1, 0.8], 9: [0.8, 0.1, 0.1]}
-    ds = DomainMixtureDataset(root / "train", 4, rank=0, world_size=1, seed=3, update_lag=lag)
-    loader = DataLoader(ds, batch_size=4, num_workers=2, prefetch_factor=2, collate_fn=collate)
+    updates = {3: [0.1, 0.1, 0.8], 9: [0.8, 0.1, 0.1]}
+    ds = DomainMixtureDataset(root / "train", 4, rank=0, world_size=1, seed=3)
+    loader = DataLoader(ds, batch_size=4, collate_fn=collate)
     got, it = [], iter(loader)
     for step in range(16):
         if step in updates:
-            assert ds.set_proportions(updates[step], after_step=step) == step + lag
+            assert ds.set_proportions(updates[step], after_step=step) == step
         batch = next(it)
         got.append(list(zip(batch["domain_idx"].tolist(), batch["sample_id"].tolist())))
     replay = Mixture(NAMES, [n for n, _ in DOMAINS.values()], 4, 3, True, proportions=ds.initial_proportions)
     for s, p in updates.items():
-        replay.schedule(s + lag, p)
+        replay.schedule(s, p)
     expected = [list(zip(*(x.tolist() for x in replay.rank_slots(replay.next_batch(), 0, 1)))) for _ in got]
     assert got == expected
 
@@ -215,18 +217,26 @@ def test_resume_refuses_a_different_configuration(root):
         other.state_dict(3)
 
 
-def test_update_lag_must_cover_the_workers(root, monkeypatch):
+def test_worker_processes_and_late_updates_are_refused(root, monkeypatch):
     import shearing.data.dataloader as module
 
-    ds = DomainMixtureDataset(root / "train", 2, rank=0, world_size=1, update_lag=0)
+    ds = DomainMixtureDataset(root / "train", 2, rank=0, world_size=1)
     # As seen from inside worker 0 of 2 (a real failing worker pool takes 10 s to shut down).
     monkeypatch.setattr(module, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=2))
-    with pytest.raises(ValueError, match="update_lag 0 is below num_workers 2"):
+    with pytest.raises(ValueError, match="builds its batches in the main process"):
         next(iter(ds))
     monkeypatch.undo()
+    stream = iter(ds)
+    for _ in range(3 * 2):  # batches 0, 1 and 2
+        next(stream)
+    ds.set_proportions([0.2, 0.2, 0.6], after_step=3)  # in time: batch 3 is not asked for yet
+    for _ in range(2):  # batch 3
+        next(stream)
+    ds.set_proportions([0.2, 0.2, 0.6], after_step=3)  # late: batch 3 is already composed
+    with pytest.raises(ValueError, match="already composed"):
+        next(stream)
     with pytest.raises(ValueError, match="step order"):
-        ds.set_proportions([0.2, 0.2, 0.6], after_step=5)
-        ds.set_proportions([0.2, 0.2, 0.6], after_step=4)
+        ds.set_proportions([0.2, 0.2, 0.6], after_step=2)
 
 
 def test_default_proportions_come_from_the_manifest(root):
@@ -240,6 +250,33 @@ def test_default_proportions_come_from_the_manifest(root):
     )
     stream = iter(given)
     assert {int(next(stream)["domain_idx"]) for _ in range(40)} == {0, 1}
+
+
+def test_a_given_manifest_is_not_read_again(root, monkeypatch):
+    import shearing.data.shards as shards
+
+    def eval_ids(**dataset):
+        spec = build_domain_eval_dataloader(
+            None, 3, {"local": root / "eval", "rank": 0, "world_size": 1, **dataset}
+        )
+        return [batch["sample_id"].tolist() for batch in spec.dataloader]
+
+    manifest = load_manifest(root)
+    train, evaluated = run(mixture_loaders(root, 2, 0), 20, UPDATES), eval_ids()
+
+    def refuse(path):
+        raise AssertionError(f"manifest.json read again at {path}")
+
+    monkeypatch.setattr(shards, "load_manifest", refuse)
+    assert run(mixture_loaders(root, 2, 0, manifest=manifest), 20, UPDATES) == train
+    assert eval_ids(manifest=manifest) == evaluated
+
+
+@pytest.mark.parametrize("cls", [DomainMixtureDataset, DomainEvalDataset])
+def test_not_yaml_keys_are_constructor_arguments(cls):
+    """``NOT_YAML_KEYS`` (what the builder or the run fills in) are arguments validation must not accept."""
+    assert set(cls.NOT_YAML_KEYS) <= set(inspect.signature(cls).parameters)
+    assert {"device_batch_size", "manifest"} <= set(cls.NOT_YAML_KEYS)
 
 
 def _copy(root, tmp_path):

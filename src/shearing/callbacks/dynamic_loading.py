@@ -11,10 +11,10 @@ Thin Composer glue over ``shearing.data.weights.update_domain_weights`` and the 
 - ``EVAL_END`` of the evaluator labelled ``eval_label`` during ``fit`` (other evaluators, and standalone
   ``trainer.eval()`` calls such as llm-foundry's ``eval_first``, are ignored): reads each domain's eval
   cross-entropy and token count (summed over ranks), computes the new proportions on rank 0,
-  broadcasts them, and publishes them to the train dataset, which applies them from batch
-  ``step + update_lag`` on: the very next batch (``update_lag`` 0), since the loader builds each batch
-  in the main process when the trainer asks for it (``shearing.data.dataloader``). Each history entry
-  records both ``step`` and that ``effective_step``. A domain with no
+  broadcasts them, and publishes them to the train dataset, which applies them from batch ``step`` on
+  (0-based): the very next batch, since the loader builds each batch in the main process when the
+  trainer asks for it (``shearing.data.dataloader``). Each history entry records both ``step`` and that
+  ``effective_step``. A domain with no
   eval tokens is an error (``eval_subset_num_batches`` cutting the eval set short is the usual cause:
   use the eval loader's ``max_seqs_per_domain`` instead). ``update: constant`` logs but never changes.
 - Every update logs ``metrics/dynamic_loading/proportion/<domain>`` and

@@ -7,22 +7,13 @@ tokenizer's fingerprint and the largest token id written, and training (``sheari
 evaluation (``shearing.evaluate --data``) and reference losses (``shearing.reference_losses``) check
 them against the model before any expensive work.
 
-Fingerprint (``FINGERPRINT_METHOD``): sha256 over a canonical JSON of the vocabulary as sorted
-``[id, token]`` pairs (added tokens included), the special tokens with their ids, and the bos/eos ids.
-That is what decides which embedding row a stored id selects; it does not depend on where the tokenizer
-lives or how its files are laid out, so it is stable across ``save_pretrained`` / ``from_pretrained``
-(the serialised ``tokenizer.json`` is not: saving rewrites padding/truncation fields). Merges are not
-hashed: two tokenizers with one vocabulary index the same embedding rows.
-
-Across transformers versions the same files can load with extra tokens: transformers 5 loads a folder whose
-``config.json`` says ``model_type: qwen2`` with its ``Qwen2Tokenizer`` class, which adds its default
-``<|endoftext|>`` pad token when the files lack it (512 tokens under 4.51, 513 under 5.x), so the full
-fingerprint differs. The manifest therefore also records a core fingerprint: the same hash over the ids
-below ``core_vocab_size``, the vocabulary less its trailing special added tokens that the framing does not
-use (``core_vocab_size``). Data whose ``max_token_id`` is below ``core_vocab_size`` is accepted when the
-model's tokenizer has the same core fingerprint (every id the data holds means the same token): a special
-token one version appends does not make the same tokenizer look different, while a change of any id the
-data can hold (another vocabulary, a token moved or renamed) is still refused.
+The fingerprint and the core fingerprint are defined in ``shearing.data.fingerprint``. Across
+transformers versions the same files can load with extra special tokens (a default pad token appended),
+so the full fingerprint differs; data whose ``max_token_id`` is below the manifest's ``core_vocab_size``
+is therefore accepted when the model's tokenizer has the same core fingerprint (every id the data holds
+means the same token): a special token one version appends does not make the same tokenizer look
+different, while a change of any id the data can hold (another vocabulary, a token moved or renamed) is
+still refused.
 
 Checks, in order (each ``ValueError`` names both tokenizers and the fix):
 
@@ -36,52 +27,16 @@ Checks, in order (each ``ValueError`` names both tokenizers and the fix):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from shearing.data.fingerprint import FINGERPRINT_METHOD, tokenizer_fingerprint
+from shearing.data.tokenizer import load_hf_tokenizer
+
 log = logging.getLogger(__name__)
-
-FINGERPRINT_METHOD = "sha256(vocab id->token, special tokens, bos/eos ids) v1"
-
-
-def tokenizer_fingerprint(tokenizer: Any, below: int | None = None) -> str:
-    """The fingerprint (hex sha256) of a Hugging Face tokenizer; see the module docstring. With ``below``,
-    of its ids below ``below`` only (a bos/eos id at or above it counts as none): the core fingerprint."""
-
-    def keep(i: Any) -> bool:
-        return below is None or (i is not None and int(i) < below)
-
-    vocab = sorted((int(i), str(t)) for t, i in tokenizer.get_vocab().items() if keep(i))
-    special = sorted(
-        (str(t), int(i))
-        for t in tokenizer.all_special_tokens
-        if keep(i := tokenizer.convert_tokens_to_ids(t))
-    )
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    payload = {
-        "vocab": vocab,
-        "special": special,
-        "bos_token_id": bos if keep(bos) else None,
-        "eos_token_id": eos if keep(eos) else None,
-    }
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def core_vocab_size(tokenizer: Any, used: Iterable[int | None] = ()) -> int:
-    """``len(tokenizer)`` less its trailing special added tokens whose ids are not in ``used`` (the framing's
-    bos/eos): where the ids a transformers version may append start (see the module docstring)."""
-    used_ids = {int(i) for i in used if i is not None}
-    added = tokenizer.added_tokens_decoder
-    size = len(tokenizer)
-    while size > 0 and size - 1 not in used_ids and getattr(added.get(size - 1), "special", False):
-        size -= 1
-    return size
 
 
 def same_core(tokenizer: Any, entry: dict[str, Any], max_token_id: int | None) -> bool:
@@ -113,6 +68,7 @@ def check_data_tokenizer(
     tokenizer_path: str | os.PathLike | None,
     vocab_size: int | None,
     where: str,
+    manifest: Any = None,
 ) -> None:
     """Refuse data written by another tokenizer than the model's, or holding ids beyond its vocabulary.
 
@@ -122,10 +78,12 @@ def check_data_tokenizer(
         tokenizer_path: where it came from, for the messages.
         vocab_size: the model's embedding rows (``config.vocab_size``); ``None`` skips the range check.
         where: the setting that points at the data (e.g. ``train_loader.dataset.local``), for messages.
+        manifest: the data's manifest when the caller has read it (else read here).
     """
     from shearing.data.manifest import load_manifest
 
-    manifest = load_manifest(data)
+    if manifest is None:
+        manifest = load_manifest(data)
     entry = dict(manifest.tokenizer or {})
     data_desc = _describe(entry)
     model_desc = f"{tokenizer_path or getattr(tokenizer, 'name_or_path', '?')}"
@@ -195,8 +153,6 @@ def load_tokenizer_or_none(path: str | os.PathLike | None) -> Any | None:
     a folder saved by 5.x too), or ``None`` for no path or a folder without a tokenizer."""
     if path is None:
         return None
-    from shearing.data.tokenizer import load_hf_tokenizer
-
     try:
         return load_hf_tokenizer(Path(path))
     except (OSError, ValueError, TypeError):
@@ -204,12 +160,17 @@ def load_tokenizer_or_none(path: str | os.PathLike | None) -> Any | None:
 
 
 def check_run_data(
-    cfg: Any, tokenizer_path: str | None, vocab_size: int | None, tokenizer: Any | None = None
+    cfg: Any,
+    tokenizer_path: str | None,
+    vocab_size: int | None,
+    tokenizer: Any | None = None,
+    manifests: Any = None,
 ) -> None:
     """``check_data_tokenizer`` for every ``domain_mixture`` / ``domain_eval`` loader of a run config.
 
     ``tokenizer_path`` is the model's tokenizer (``shearing.train.tokenizer_path``); ``tokenizer`` is that
-    tokenizer already loaded (the trainer's), else it is loaded here, once.
+    tokenizer already loaded (the trainer's), else it is loaded here, once. ``manifests``: a function from a
+    data folder to its manifest (the run's ``RunFiles.manifest``, which reads each once), else ``load_manifest``.
     """
     loaders = [("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)]
     locals_ = [
@@ -229,6 +190,7 @@ def check_run_data(
             tokenizer_path=tokenizer_path,
             vocab_size=vocab_size,
             where=f"{key}.dataset.local",
+            manifest=None if manifests is None else manifests(local),
         )
 
 

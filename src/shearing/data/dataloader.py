@@ -7,7 +7,9 @@ with streaming's MDS readers (index parsing and decoding are streaming's; the by
 supported: copy the shards to local disk first. Every sample read, train or eval, is checked against the
 manifest's ``max_token_id``: a shard corrupted after preparation is refused naming the shard file and
 sample (``shearing.data.shards``) before its batch reaches the model, not as an ``IndexError`` (a
-device-side assert on a GPU) in the embedding.
+device-side assert on a GPU) in the embedding. A dataset given ``manifest`` (the run's, read once and
+checked before anything heavy; the builders take it as ``dataset["manifest"]``) does not read
+``manifest.json`` again; without it, each dataset reads it once.
 
 Train batches (``DomainMixtureDataset``) are dicts of ``input_ids`` and ``labels`` (LongTensor [b, T],
 equal: the model shifts), ``domain_idx`` (LongTensor [b], index into ``dataset.domains``) and
@@ -20,35 +22,29 @@ raw loader output ``labels`` is the ``input_ids`` tensor itself (the token block
 crosses from an eval worker once, not twice); the ``DataSpec``'s batch transform gives it its own storage
 before the model sees it.
 
-Where batches are built, and the update lag. The train loader built by
-``build_domain_mixture_dataloader`` composes and reads each batch in the main process at the moment the
-trainer asks for it (the DataLoader has no worker processes, so nothing is prefetched): a proportion
-update published after step s (``set_proportions(p, after_step=s)``, called by the ``DynamicLoading``
-callback once s batches were trained) is in effect for batch s (0-based), the very next batch. The lag is
-0 on every rank whatever ``num_workers`` says; the builder's ``num_workers`` is the number of reader
-threads that read one batch's samples in parallel (``os.pread`` releases the GIL; useful when the shards
-are not in the page cache), never a look-ahead. Why not worker processes: they build batches
-``num_workers * prefetch_factor`` ahead, so an update could only take effect that many batches late (16
-of every 50 pruning steps with 8 workers and prefetch 2), and for these pre-tokenized shards they are
-slower, not faster: a batch is a few ``pread`` calls and no tokenization, while a worker must pickle the
-batch through shared memory (``bench/loader_throughput.py``, seq 4096, batch 32, shared 2-core CPU: the
-old process loader gave 1002 batches/s in process vs 236 with 2 workers, and lag 4; now lag 0 at
-every ``num_workers``, 262-904 batches/s on a busier machine).
-
-The dataset itself still runs inside worker processes of a DataLoader built by hand, given
-``update_lag >= num_workers * prefetch_factor``: worker w of a rank yields that rank's device batches
-``start + w, start + w + W, ...`` (torch returns an iterable dataset's batches round-robin over its W
-workers), every worker composes every global batch (the allocation is cheap) and reads only its own, and
-updates reach the workers through a shared-memory log (a torch tensor created before workers start). In
-either mode an update for a batch that a loader process has already composed raises instead of
-diverging, so every rank and worker switches at the same batch on every run.
+Where batches are built. The train loader built by ``build_domain_mixture_dataloader`` composes and
+reads each batch in the main process at the moment the trainer asks for it (the DataLoader has no worker
+processes, so nothing is prefetched): a proportion update published after step s
+(``set_proportions(p, after_step=s)``, called by the ``DynamicLoading`` callback once s batches were
+trained) is in effect for batch s (0-based), the very next batch, on every rank. The builder's
+``num_workers`` is the number of reader threads that read one batch's samples in parallel (``os.pread``
+releases the GIL; useful when the shards are not in the page cache), never a look-ahead. Why not worker
+processes: they build batches ``num_workers * prefetch_factor`` ahead, so an update could only take
+effect that many batches late (16 of every 50 pruning steps with 8 workers and prefetch 2), and for these
+pre-tokenized shards they are slower, not faster: a batch is a few ``pread`` calls and no tokenization,
+while a worker must pickle the batch through shared memory (``bench/loader_throughput.py``, seq 4096,
+batch 32, shared 2-core CPU: a process loader gave 1002 batches/s in process vs 236 with 2 workers, and
+lag 4; the thread reader gives lag 0 at every ``num_workers``, 262-904 batches/s on a busier machine).
+The dataset refuses to run inside a DataLoader worker process. An update for a batch already composed
+raises instead of diverging, so every rank switches at the same batch on every run. (The eval loader's
+``num_workers`` are ordinary DataLoader worker processes: it has no proportions to follow.)
 
 Resumption. Composer calls ``state_dict(num_samples, from_beginning)`` when it checkpoints, with the
 number of samples trained (summed over ranks). The main process replays the cheap allocation up to
 that step (a ledger, advanced incrementally) and stores ``MixtureState``: the step, per-domain cursors
 and residuals, the proportions in effect and the updates not yet in effect. On load, Composer calls
 ``load_state_dict`` before the loader is iterated and marks the train dataset as resumed, so it does
-not also skip batches; the workers start composing at the saved step. Every ``iter()`` of the loader
+not also skip batches; the loader starts composing at the saved step. Every ``iter()`` of the loader
 starts from that base state (step 0, or the loaded checkpoint): Composer iterates an infinite train
 loader once per ``fit``.
 
@@ -61,7 +57,6 @@ row: token 0, ``labels`` all -100, ``domain_idx`` -1, ``sample_id`` -1, which no
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,14 +66,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from shearing.data.labels import IGNORE_INDEX
+from shearing.data.manifest import Manifest
 from shearing.data.mixture import Mixture, MixtureState, validate_proportions
 from shearing.data.shards import _domain_list, _open_domains, _split_root
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 STATE_VERSION = 1
-MAX_PENDING_UPDATES = 256  # the shared update log is a ring buffer of this many entries
 
 
 def _check_remote(remote: str | None) -> None:
@@ -135,13 +130,14 @@ class DomainMixtureDataset(IterableDataset):
         seed: seeds the per-domain epoch permutations and per-device-batch shuffles.
         shuffle: shuffle (``False``: each domain in storage order, slots in domain order).
         rank, world_size: default to Composer's distributed setup; give them to simulate ranks.
-        update_lag: batches between a ``set_proportions`` call and its effect (see the module
-            docstring): 0 (the builder's choice) in the main process; at least
-            ``num_workers * prefetch_factor`` inside the worker processes of a hand-built DataLoader.
         read_threads: threads reading one batch's samples in parallel (0 or 1: read inline); they
             never read ahead of the batch being composed.
         remote: unsupported; an error if given.
+        manifest: the data root's manifest, already read (it must be ``local``'s: every domain's sample
+            count is checked against it); ``None`` reads ``manifest.json``.
     """
+
+    NOT_YAML_KEYS: tuple[str, ...] = ("device_batch_size", "read_threads", "manifest")  # set by our code
 
     def __init__(
         self,
@@ -153,9 +149,10 @@ class DomainMixtureDataset(IterableDataset):
         shuffle: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
-        update_lag: int = 0,
         read_threads: int = 0,
         remote: str | None = None,
+        *,
+        manifest: Manifest | None = None,
     ):
         super().__init__()
         _check_remote(remote)
@@ -164,7 +161,7 @@ class DomainMixtureDataset(IterableDataset):
         self.read_threads = int(read_threads)
         if int(device_batch_size) != device_batch_size or device_batch_size <= 0:
             raise ValueError(f"device_batch_size must be a positive integer, got {device_batch_size}")
-        root, split, manifest = _split_root(local, "train")
+        root, split, manifest = _split_root(local, "train", manifest)
         self.local = str(root)
         self.domains = _domain_list(manifest, domains)
         if proportions is None:
@@ -182,18 +179,8 @@ class DomainMixtureDataset(IterableDataset):
         self.global_batch_size = self.device_batch_size * self.world_size
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        if update_lag < 0:
-            raise ValueError(f"update_lag must be >= 0, got {update_lag}")
-        self.update_lag = int(update_lag)
-        k = len(self.domains)
-        # Updates published in the main process, read by workers: (effective step, proportions...).
-        # The lock orders the row writes before the count on any memory model (a spawn-context lock
-        # also works in forked workers).
-        self._log = torch.zeros(MAX_PENDING_UPDATES, 1 + k, dtype=torch.float64).share_memory_()
-        self._log_count = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._log_lock = multiprocessing.get_context("spawn").Lock()
         self._base = MixtureState.initial(self.initial_proportions)
-        self._published: list[tuple[int, list[float]]] = []
+        self._published: list[tuple[int, list[float]]] = []  # (effective step, proportions), in step order
         self._ledger: Mixture | None = None
         self._ledger_seen = 0
 
@@ -217,23 +204,19 @@ class DomainMixtureDataset(IterableDataset):
         return list(pending[-1][1]) if pending else list(self._base.proportions)
 
     def set_proportions(self, proportions: Sequence[float] | Mapping[str, float], after_step: int) -> int:
-        """Use ``proportions`` from batch ``after_step + update_lag`` on; returns that (0-based) batch.
+        """Use ``proportions`` from batch ``after_step`` (0-based: the next one) on; returns that batch.
 
-        Call it in the main process after ``after_step`` batches were trained, with the same arguments
-        on every rank. Steps must not decrease from call to call.
+        Call it after ``after_step`` batches were trained, before the next one is asked for, with the
+        same arguments on every rank. Steps must not decrease from call to call.
         """
         values = validate_proportions(proportions, self.domains)
-        effective = int(after_step) + self.update_lag
+        effective = int(after_step)
         last = self._published[-1][0] if self._published else self._base.step
         if effective < last:
             raise ValueError(
                 f"proportion update for step {effective} comes after one for step {last}: "
                 "updates must be published in step order"
             )
-        with self._log_lock:
-            count = int(self._log_count.item())
-            self._log[count % MAX_PENDING_UPDATES] = torch.tensor([effective, *values], dtype=torch.float64)
-            self._log_count += 1
         self._published.append((effective, values))
         return effective
 
@@ -247,43 +230,24 @@ class DomainMixtureDataset(IterableDataset):
         self._base = MixtureState.initial(self.initial_proportions)
         self._ledger = None
 
-    def _poll(self, mixture: Mixture, seen: int) -> int:
-        with self._log_lock:
-            count = int(self._log_count.item())
-            if count - seen > MAX_PENDING_UPDATES:
-                raise RuntimeError(
-                    f"more than {MAX_PENDING_UPDATES} proportion updates within the prefetch window"
-                )
-            rows = [self._log[n % MAX_PENDING_UPDATES].tolist() for n in range(seen, count)]
-        for row in rows:
-            effective = int(row[0])
-            if effective < mixture.state.step:
-                raise RuntimeError(
-                    f"a proportion update for batch {effective} reached a loader process that had already "
-                    f"composed batch {mixture.state.step - 1}; update_lag ({self.update_lag}) must be at least "
-                    "num_workers * prefetch_factor of the DataLoader"
-                )
-            mixture.schedule(effective, row[1:])
-        return count
-
     # -------------------------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker, num_workers = _worker()
-        if num_workers > 1 and self.update_lag < num_workers:
+        if get_worker_info() is not None:
             raise ValueError(
-                f"update_lag {self.update_lag} is below num_workers {num_workers}: build the loader with "
-                "build_domain_mixture_dataloader, or set update_lag = num_workers * prefetch_factor"
+                "DomainMixtureDataset builds its batches in the main process (proportion updates apply at "
+                "the next batch): build the loader with build_domain_mixture_dataloader, whose num_workers "
+                "are reader threads, not with a DataLoader that has worker processes"
             )
         mixture = self._mixture(self._base)
-        start, seen = mixture.state.step, 0
-        threads = self.read_threads if num_workers == 1 and self.read_threads > 1 else 0
+        published, seen = self._published, 0  # the updates of the base state this iterator started from
+        threads = self.read_threads if self.read_threads > 1 else 0
         pool = ThreadPoolExecutor(threads, thread_name_prefix="mixture-read") if threads else None
         try:
             while True:
-                seen = self._poll(mixture, seen)  # every update published so far, before composing
+                for effective, values in published[seen:]:  # every update published so far, before composing
+                    mixture.schedule(effective, values)
+                seen = len(published)
                 plan = mixture.next_batch()
-                if (plan.step - start) % num_workers != worker:
-                    continue
                 if self.rank == 0:
                     for domain, epoch in plan.new_epochs:
                         log.info(
@@ -369,8 +333,6 @@ class DomainMixtureDataset(IterableDataset):
                 )
         self._base = MixtureState.from_dict(state["mixture"])
         self._published, self._ledger, self._ledger_seen = [], None, 0
-        with self._log_lock:
-            self._log_count.zero_()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -388,7 +350,10 @@ class DomainEvalDataset(IterableDataset):
         max_seqs_per_domain: read only the first N sequences of each domain (``None``: all).
         rank, world_size: default to Composer's distributed setup.
         remote: unsupported; an error if given.
+        manifest: the data root's manifest, already read (it must be ``local``'s); ``None`` reads it.
     """
+
+    NOT_YAML_KEYS: tuple[str, ...] = ("device_batch_size", "manifest")  # set by our code
 
     def __init__(
         self,
@@ -399,6 +364,8 @@ class DomainEvalDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         remote: str | None = None,
+        *,
+        manifest: Manifest | None = None,
     ):
         super().__init__()
         _check_remote(remote)
@@ -408,7 +375,7 @@ class DomainEvalDataset(IterableDataset):
             raise ValueError(
                 f"max_seqs_per_domain must be positive (or null for all), got {max_seqs_per_domain}"
             )
-        root, split, manifest = _split_root(local, "eval")
+        root, split, manifest = _split_root(local, "eval", manifest)
         self.local = str(root)
         self.domains = _domain_list(manifest, domains)
         self.shards = _open_domains(root, split, manifest, self.domains)
@@ -484,12 +451,21 @@ def own_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _loader(
-    dataset, batch_size, num_workers, prefetch_factor, pin_memory, persistent_workers, timeout
-) -> DataLoader:
-    return DataLoader(
+def _data_spec(
+    dataset: DomainMixtureDataset | DomainEvalDataset,
+    num_workers: int = 0,
+    prefetch_factor: int | None = None,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    timeout: float = 0,
+):
+    """What both builders return: ``dataset``'s device batches in a DataLoader, as a Composer ``DataSpec``
+    that gives ``labels`` their own storage and counts only real (non-pad) samples and tokens."""
+    from composer.core import DataSpec
+
+    loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=dataset.device_batch_size,
         collate_fn=collate,
         num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
@@ -497,11 +473,6 @@ def _loader(
         persistent_workers=persistent_workers and num_workers > 0,
         timeout=timeout,
     )
-
-
-def _data_spec(loader: DataLoader):
-    from composer.core import DataSpec
-
     return DataSpec(
         loader,
         batch_transforms=own_labels,
@@ -524,32 +495,30 @@ def build_domain_mixture_dataloader(
     """llm-foundry builder (``train_loader: {name: domain_mixture, dataset: {...}, ...}``) -> ``DataSpec``.
 
     ``dataset`` holds ``DomainMixtureDataset``'s arguments (``local``, ``domains``, ``proportions``,
-    ``seed``, ``shuffle``, ...). Batches are composed and read in the main process when the trainer asks
-    for them, so proportion updates take effect at the next batch (``update_lag`` 0; module docstring).
-    ``num_workers`` is the number of reader threads for one batch's samples, not worker processes;
-    ``prefetch_factor``, ``persistent_workers`` and ``timeout`` therefore have no effect. ``tokenizer``
-    is unused (the shards are tokenized) and ``drop_last`` has no effect (the stream is infinite); all are
-    accepted for the registry's calling convention.
+    ``seed``, ``shuffle``, ...), and may carry the run's ``manifest`` already read (not a yaml key).
+    Batches are composed and read in the main process when the trainer asks for them, so proportion
+    updates take effect at the next batch (module docstring). ``num_workers`` is the number of reader
+    threads for one batch's samples, not worker processes; ``prefetch_factor``, ``persistent_workers``
+    and ``timeout`` therefore have no effect. ``tokenizer`` is unused (the shards are tokenized) and
+    ``drop_last`` has no effect (the stream is infinite); all are accepted for the registry's calling
+    convention.
     """
     del tokenizer, drop_last, prefetch_factor, persistent_workers, timeout
     if int(num_workers) != num_workers or num_workers < 0:
         raise ValueError(f"train_loader.num_workers must be an integer >= 0, got {num_workers}")
-    dataset = dict(dataset)
     if "update_lag" in dataset:
         raise ValueError(
             f"train_loader.dataset.update_lag={dataset['update_lag']!r}: this loader builds batches in the main "
             "process, so updates always apply at the next batch; remove update_lag"
         )
-    ds = DomainMixtureDataset(
-        device_batch_size=device_batch_size, update_lag=0, read_threads=int(num_workers), **dataset
-    )
+    ds = DomainMixtureDataset(device_batch_size=device_batch_size, read_threads=int(num_workers), **dataset)
     if num_workers:
         log.info(
             "domain_mixture: batches are built in the main process on demand (proportion updates apply at "
             "the next batch); num_workers=%d reads each batch with that many threads",
             num_workers,
         )
-    return _data_spec(_loader(ds, ds.device_batch_size, 0, None, pin_memory, False, 0))
+    return _data_spec(ds, pin_memory=pin_memory)
 
 
 def build_domain_eval_dataloader(
@@ -565,18 +534,15 @@ def build_domain_eval_dataloader(
 ):
     """llm-foundry builder (``eval_loader: {name: domain_eval, dataset: {...}}``) -> ``DataSpec``.
 
-    ``dataset`` holds ``DomainEvalDataset``'s arguments (``local``, ``domains``, ``max_seqs_per_domain``).
-    ``drop_last`` must stay False: every eval sequence is read, by exactly one rank.
+    ``dataset`` holds ``DomainEvalDataset``'s arguments (``local``, ``domains``, ``max_seqs_per_domain``),
+    and may carry the run's ``manifest`` already read (not a yaml key). ``num_workers`` are DataLoader
+    worker processes. ``drop_last`` must stay False: every eval sequence is read, by exactly one rank.
     """
     del tokenizer
     if drop_last:
         raise ValueError("drop_last=True would skip eval sequences; the eval loader reads every one")
-    ds = DomainEvalDataset(device_batch_size=device_batch_size, **dict(dataset))
-    return _data_spec(
-        _loader(
-            ds, ds.device_batch_size, num_workers, prefetch_factor, pin_memory, persistent_workers, timeout
-        )
-    )
+    ds = DomainEvalDataset(device_batch_size=device_batch_size, **dataset)
+    return _data_spec(ds, num_workers, prefetch_factor, pin_memory, persistent_workers, timeout)
 
 
 def loader_domains(loader: Any) -> list[str]:

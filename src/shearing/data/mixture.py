@@ -1,9 +1,9 @@
 """Deterministic domain mixing: how many samples of each domain fill every global batch, and which.
 
 A global batch (``device_batch_size × world_size`` samples) is split among k domains by a pure function
-of (seed, step, proportion schedule). Every rank and every dataloader worker computes the same
-composition without talking to the others, and a resumed run composes exactly the batches an
-uninterrupted run would have. Nothing here does I/O; ``shearing.data.dataloader`` reads the samples.
+of (seed, step, proportion schedule). Every rank computes the same composition without talking to
+the others, and a resumed run composes exactly the batches an uninterrupted run would have. Nothing here
+does I/O; ``shearing.data.dataloader`` reads the samples.
 
 Allocation
 ----------
@@ -361,8 +361,8 @@ class Mixture:
         """Make ``proportions`` take effect from batch ``effective_step`` on (a step not yet composed)."""
         if effective_step < self.state.step:
             raise ValueError(
-                f"cannot change proportions from step {effective_step}: step {self.state.step} is already "
-                "composed (updates must respect the prefetch lag)"
+                f"cannot change proportions from batch {effective_step}: batches up to {self.state.step - 1} "
+                "are already composed (publish an update before the batch it applies to is asked for)"
             )
         values = validate_proportions(proportions, self.domains)
         keys = [e for e, _ in self.state.pending]

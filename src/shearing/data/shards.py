@@ -274,14 +274,20 @@ class DomainShards:
 # Configuration helpers
 
 
-def _split_root(local: str | os.PathLike, split: str) -> tuple[Path, str, Manifest]:
-    """The folder holding the domain folders, the split name and the manifest, for ``local``."""
+def _split_root(
+    local: str | os.PathLike, split: str, manifest: Manifest | None = None
+) -> tuple[Path, str, Manifest]:
+    """The folder holding the domain folders, the split name and the manifest, for ``local``.
+
+    ``manifest``: ``local``'s manifest already read (not read again; ``_open_domains`` checks every
+    domain's sample count against it); ``None`` reads ``manifest.json``.
+    """
     root = Path(local)
     if (root / MANIFEST_NAME).is_file():  # DATA_DIR itself
         root = root / split
     elif root.name in SPLITS:
         split = root.name
-    return root, split, load_manifest(root)
+    return root, split, load_manifest(root) if manifest is None else manifest
 
 
 def _domain_list(manifest: Manifest, domains: Sequence[str] | None) -> list[str]:

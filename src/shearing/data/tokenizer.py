@@ -17,7 +17,7 @@ tokenizer's own convention, so the data looks like what the model saw in pre-tra
   says id 2, ``<|im_end|>``), so the fix is ``--no-bos --eos-token '<|im_end|>'``: ``text <|im_end|>``.
 
 The choice (ids, strings, and why) goes into the manifest's ``tokenizer`` entry, with the tokenizer's
-fingerprint (``shearing.data.compat``), which training and evaluation check the model against. Only the Rust
+fingerprint (``shearing.data.fingerprint``), which training and evaluation check the model against. Only the Rust
 ("fast") backend is used: its serialised form travels to the worker processes, which then need
 ``tokenizers`` alone, not ``transformers``. The vocabulary size is ``len(tokenizer)``, added tokens
 included, because that is the largest id the shards can hold.
@@ -28,7 +28,7 @@ transformers versions (``load_hf_tokenizer``): 5.x saves ``tokenizer_class: Toke
 ``PreTrainedTokenizerFast``, which both load. Note that 5.x picks the tokenizer class from
 ``config.json``'s ``model_type`` for some families (qwen2: ``Qwen2Tokenizer``, with its own
 pre-tokenizer and default special tokens) where 4.x follows ``tokenizer.json``: the same folder can then
-split text differently, with the same id -> token map (``shearing.data.compat`` compares that map).
+split text differently, with the same id -> token map (``shearing.data.fingerprint`` hashes that map).
 
 Training (``train_bpe_tokenizer``): a byte-level BPE (GPT-2 style pre-tokenisation, no normaliser) on the
 documents of ``RAW_DIR``, for tests and demos that have no source tokenizer. Byte-level means every
@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shearing.data.fingerprint import FINGERPRINT_METHOD, core_vocab_size, tokenizer_fingerprint
 from shearing.data.raw import RawFile, discover_domains, read_documents
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -75,9 +76,9 @@ class TokenizerInfo:
     eos_token: str
     eos_token_id: int
     backend_json: str
-    fingerprint: str = ""  # shearing.data.compat.tokenizer_fingerprint of the loaded tokenizer
+    fingerprint: str = ""  # shearing.data.fingerprint.tokenizer_fingerprint of the loaded tokenizer
     framing: str = ""
-    core_vocab_size: int = 0  # shearing.data.compat.core_vocab_size, and the fingerprint below it
+    core_vocab_size: int = 0  # shearing.data.fingerprint.core_vocab_size, and the fingerprint below it
     core_fingerprint: str = ""
 
     @property
@@ -89,8 +90,6 @@ class TokenizerInfo:
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest's ``tokenizer`` entry."""
-        from shearing.data.compat import FINGERPRINT_METHOD
-
         return {
             "path": self.path,
             "name": self.name,
@@ -246,8 +245,6 @@ def load_tokenizer_info(
     no_bos: bool = False,
 ) -> TokenizerInfo:
     """Load a Hugging Face tokenizer and decide the document framing (module docstring); fast backend only."""
-    from shearing.data.compat import core_vocab_size, tokenizer_fingerprint
-
     try:
         tokenizer = load_hf_tokenizer(path)
     except (OSError, ValueError) as err:
