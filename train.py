@@ -5,14 +5,11 @@ error during training keeps its traceback."""
 
 import sys
 
-from shearing.train import report_refusal, train_from_yaml
+from shearing.refusals import exit_on_refusal
+from shearing.train import train_from_yaml
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit("usage: composer train.py <run.yaml> [key=value ...]")
-    try:
+    with exit_on_refusal("the run"):
         train_from_yaml(sys.argv[1], sys.argv[2:])
-    except Exception as error:
-        if not report_refusal(error):
-            raise
-        sys.exit(2)

@@ -260,10 +260,10 @@ def our_overrides(kind: str, setup: Setup) -> tuple[Path, list[str]]:
 
 def build_ours(kind: str, setup: Setup):
     from shearing.config import load_config
-    from shearing.train import build_trainer
+    from shearing.train import build_trainer, check_run
 
     yaml, overrides = our_overrides(kind, setup)
-    return build_trainer(load_config(yaml, overrides))
+    return build_trainer(*check_run(load_config(yaml, overrides)))
 
 
 def build_foundry(kind: str, setup: Setup):

@@ -15,6 +15,15 @@ import pytest
 from tiny import SEQ_LEN, VOCAB, make_hf_llama, write_raw_corpus
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs ``-n N --dist loadgroup``) the multi-process tests run one after
+    another on one worker: each already runs two ranks, and two such tests at once on a 2-core machine only
+    slow each other (and crowd their gloo timeouts) while the single-process tests fill the other workers."""
+    for item in items:
+        if item.get_closest_marker("multiprocess"):
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+
+
 @pytest.fixture(scope="session")
 def raw_corpus(tmp_path_factory) -> Path:
     return write_raw_corpus(tmp_path_factory.mktemp("raw"))

@@ -71,6 +71,14 @@ def test_unwritable_or_full_save_folder(tmp_path):
     )
 
 
+def exit_code(main, argv) -> int:
+    """A CLI's exit status, whether its ``main`` returns it or exits with it (``shearing.refusals``)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 @pytest.mark.parametrize("module", ["shearing.evaluate", "shearing.reference_losses"])
 def test_cli_refuses_an_unwritable_output_before_the_work(
     tmp_path, module, tiny_gqa_dir, tiny_data, monkeypatch, capsys
@@ -89,10 +97,10 @@ def test_cli_refuses_an_unwritable_output_before_the_work(
     blocker.write_text("not a folder")
     output = blocker / "out" / "results.json"
     argv = ["--model", str(tiny_gqa_dir), "--data", str(tiny_data / "eval"), "--output", str(output)]
-    assert cli.main(argv) == 2
+    assert exit_code(cli.main, argv) == 2
     err = capsys.readouterr().err
     assert f"--output {output} cannot be written" in err and "writable folder" in err
-    assert cli.main([*argv[:-1], str(tmp_path)]) == 2  # a folder, not a file
+    assert exit_code(cli.main, [*argv[:-1], str(tmp_path)]) == 2  # a folder, not a file
     assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
 
 

@@ -378,8 +378,11 @@ def test_bad_inputs_raise_clear_errors(
             check_options(EvalOptions(**speed, **{field: value}))
 
     out = tmp_path / "results.json"
-    assert main(["--model", str(tiny_gqa_dir), "--tasks", "arc_easy", "--output", str(out)]) == 2
-    assert "error: --tasks 'arc_easy' must start with a known prefix" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["--model", str(tiny_gqa_dir), "--tasks", "arc_easy", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert "shearing: the evaluation was refused before it started:" in err
+    assert "--tasks 'arc_easy' must start with a known prefix" in err
     assert not out.exists()
 
 

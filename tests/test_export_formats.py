@@ -111,8 +111,8 @@ def test_gguf_tied_embeddings_and_float16(tmp_path, tokenizer_dir):
 
 def test_bad_gguf_name_is_refused_before_work(pruned_run, tmp_path, capsys):
     _, run_dir = pruned_run
-    code = main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "x"), "--gguf", "sub/model.bin"])
-    assert code == 2
+    with pytest.raises(SystemExit, match="2"):
+        main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "x"), "--gguf", "sub/model.bin"])
     err = capsys.readouterr().err
     assert "--gguf 'sub/model.bin'" in err and "ending in .gguf" in err
     assert not (tmp_path / "x").exists()

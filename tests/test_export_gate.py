@@ -128,6 +128,8 @@ def test_callback_refuses_at_fit_end_and_keeps_the_checkpoints(tiny_gqa_dir, tin
     message = str(info.value)
     assert "under expected masks" in message and "under final masks" in message  # measured on the eval loader
     assert "export.force=true" in message
+    # An error of the run after training, never printed as a run "refused before it started" (train.py).
+    assert not getattr(info.value, "shearing_refusal", False)
     assert (run_dir / "ep0-ba3-rank0.pt").is_file() and (run_dir / "metrics.jsonl").is_file()
     assert not (run_dir / "hf").exists()
 
@@ -165,6 +167,23 @@ def test_converged_run_passes_the_gate(pruned_run):
         assert entry["kept_keep_probability"] > 0.9 and entry["dropped_keep_probability"] < 0.12
         assert 0.8 < entry["kept_mask_value"] <= 1.0
     assert "Convergence gate: passed" in (run_dir / "hf" / "shearing_export.md").read_text()
+
+
+def test_the_cli_and_the_callback_measure_the_gate_loss_alike(pruned_run, tiny_data, tmp_path):
+    """One measurement (``gate.mask_eval_losses``): the run's eval loader reads the first 16 sequences of
+    each domain in batches of 8, as ``--max-seqs 16`` does, so the loss the CLI measures on the final
+    checkpoint is the one the fit-end callback recorded."""
+    _, run_dir = pruned_run
+    recorded = json.loads((run_dir / "hf" / export_mod.SUMMARY_NAME).read_text())["gate"]["eval_loss"]
+    state, step, _ = export_mod.load_checkpoint(run_dir)
+    eval_data = tiny_data / "eval"
+    summary = export_mod.export_model_state(
+        state, tmp_path / "hf", step=step, eval_data=eval_data, max_seqs=16
+    )
+    measured = summary["gate"]["eval_loss"]
+    assert set(measured) == set(recorded) == {"expected_masks", "final_masks"}
+    for key, value in recorded.items():
+        assert measured[key] == pytest.approx(value, rel=1e-5, abs=0), key
 
 
 def test_converged_run_passes_the_cli_gate_with_data(pruned_run, tiny_data, tmp_path):
@@ -269,7 +288,8 @@ def test_decidedness_thresholds_are_checked(tmp_path, capsys):
         "--max-dropped-probability",
         "-1",
     ]
-    assert export_mod.main(argv) == 2
+    with pytest.raises(SystemExit, match="2"):  # a refusal: one message, exit 2 (shearing.refusals)
+        export_mod.main(argv)
     assert "must be a probability in [0, 1], got -1.0: e.g. export.max_dropped_probability=0.2" in (
         capsys.readouterr().err
     )
@@ -312,7 +332,8 @@ def test_float16_export_of_a_weight_beyond_its_range_is_refused_by_name(pruned_r
     checkpoint.parent.mkdir()
     torch.save(raw, checkpoint)
     out = tmp_path / "hf"
-    assert export_mod.main(["--checkpoint", str(checkpoint), "--output", str(out), "--dtype", "float16"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        export_mod.main(["--checkpoint", str(checkpoint), "--output", str(out), "--dtype", "float16"])
     err = capsys.readouterr().err
     assert "export refused: float16 cannot hold the model's weights" in err
     assert "model.norm.weight (max |value| 70000, 48 values overflow)" in err

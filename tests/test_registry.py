@@ -51,13 +51,14 @@ def test_a_yaml_swaps_the_model_builder_and_the_algorithm(tmp_path):
     from composer.core import Algorithm
 
     from shearing.models.builder import build_sheared_llama
+    from shearing.spec import resolve_run
     from shearing.train import build_algorithms, build_model
 
     built = []
 
-    def my_model(cfg):
-        built.append(cfg.model.source)
-        return build_sheared_llama(cfg)
+    def my_model(spec):  # a registered model builder is called with the run's RunSpec
+        built.append(spec.cfg.model.source)
+        return build_sheared_llama(spec)
 
     class MyClock(Algorithm):
         def __init__(self, lagrangian_warmup):
@@ -72,8 +73,7 @@ def test_a_yaml_swaps_the_model_builder_and_the_algorithm(tmp_path):
     registry.models.register("test_swapped_model", func=my_model)
     registry.algorithms.register("test_swapped_clock", func=MyClock)
     cfg = _swap_run(tmp_path, ["model.name=test_swapped_model", "pruning.algorithm=test_swapped_clock"])
-    validate_config(cfg, local=False)
-    model = build_model(cfg)
+    model = build_model(resolve_run(cfg, local=False))
     assert built == ["tiny_gqa"] and model.l0 is not None
     algorithms = build_algorithms(cfg)
     assert isinstance(algorithms[-1], MyClock) and algorithms[-1].lagrangian_warmup == "0.2dur"

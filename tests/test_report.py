@@ -206,7 +206,8 @@ def test_cli_prints_where_it_wrote_and_rejects_missing_folders(synthetic_runs, t
     assert report.main([str(synthetic_runs[0]), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert str(out / "report.html") in printed and (out / "report.md").exists()
-    assert report.main([str(tmp_path / "no_such_run"), "--output", str(out)]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        report.main([str(tmp_path / "no_such_run"), "--output", str(out)])
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -348,9 +349,11 @@ def test_report_joins_an_outside_export_and_results_files_to_the_run(
     assert report.main([str(run), "other.json", "--output", "report"]) == 0
     assert "other.json (results)" in section_html(Path("report/report.html").read_text(), "Evaluation tables")
     Path("notes.json").write_text(json.dumps({"hello": 1}))
-    assert report.main([str(run), "--results", "notes.json", "--output", "report"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        report.main([str(run), "--results", "notes.json", "--output", "report"])
     assert "not a shearing.evaluate results file: it has ['hello']" in capsys.readouterr().err
-    assert report.main([str(run), "--export", str(run), "--output", "report"]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        report.main([str(run), "--export", str(run), "--output", "report"])
     assert "has no shearing_export.json: give the --output folder of python -m shearing.export" in (
         capsys.readouterr().err
     )
@@ -514,14 +517,16 @@ def test_a_folder_that_holds_nothing_to_report_is_refused(tmp_path, capsys):
     empty = tmp_path / "runs" / "typo"
     empty.mkdir(parents=True)
     out = tmp_path / "report"
-    assert report.main([str(empty), "--output", str(out)]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        report.main([str(empty), "--output", str(out)])
     err = capsys.readouterr().err
     assert f"{empty} holds no run, export or results (it is empty)" in err
     assert "metrics.jsonl" in err and "shearing_export.json" in err and "*results*.json" in err
     assert not out.exists()
     (empty / "notes.txt").write_text("x")
     (empty / "config.yaml").write_text("x")
-    assert report.main([str(empty), "--output", str(out)]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        report.main([str(empty), "--output", str(out)])
     assert "(it holds config.yaml, notes.txt)" in capsys.readouterr().err
     (empty / "shearing_run.json").write_text("{}")  # a run that has not logged anything yet: still a run
     assert report.main([str(empty), "--output", str(out)]) == 0

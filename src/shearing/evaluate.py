@@ -27,6 +27,11 @@ trials) or ``--speed-max-seconds`` pass; it holds ``model``/``baseline`` (median
 ``average_loss`` is the unweighted mean over domains; ``tokens`` counts predicted positions. The pieces
 are plain functions in ``shearing.evaluation`` (``domains``, ``harness``, ``speed``); this module is the
 command line and the orchestration.
+
+Everything the request names is checked before a model loads (``check_options``, and ``--output``), and
+each model as it loads (``load_model``: a folder that does not load, or holds non-finite weights): a refused
+input is one message naming the flag or path and the fix, and exit 2 (``shearing.refusals``); an error
+during the evaluation itself keeps its traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from shearing.checkpoints import check_writable_output
 from shearing.evaluation.harness import parse_tasks
 from shearing.evaluation.loading import check_hf_dir
 from shearing.io import write_json_atomic
+from shearing.refusals import exit_on_refusal, refusing
 
 DEFAULT_BATCH = 8  # sequences per forward for --data and --tasks
 DEFAULT_SPEED_BATCH = 1  # prompts per generate for --speed-baseline
@@ -108,10 +114,11 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
 
     from shearing.evaluation.loading import default_device, load_model, load_tokenizer, resolve_dtype
 
-    tasks = check_options(options)
-    device = torch.device(options.device) if options.device else default_device()
-    dtype = resolve_dtype(options.dtype, device)
-    model = load_model(options.model, device, dtype, "--model")
+    with refusing():  # the request before any model loads, then the model (a non-finite one is refused)
+        tasks = check_options(options)
+        device = torch.device(options.device) if options.device else default_device()
+        dtype = resolve_dtype(options.dtype, device)
+        model = load_model(options.model, device, dtype, "--model")
     result: dict[str, Any] = {"model": str(options.model)}
     if options.data:
         from shearing.evaluation.domains import domain_results
@@ -136,7 +143,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     if options.speed_baseline:
         from shearing.evaluation.speed import compare_speed
 
-        baseline = load_model(options.speed_baseline, device, dtype, "--speed-baseline")
+        with refusing():
+            baseline = load_model(options.speed_baseline, device, dtype, "--speed-baseline")
         speed = compare_speed(
             model,
             baseline,
@@ -265,11 +273,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:  # before the model loads: a bad --output must not cost the whole evaluation
-        check_writable_output(args.output, "--output")
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     options = EvalOptions(
         model=args.model,
         data=args.data,
@@ -291,11 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    try:
-        result = evaluate(options)
-    except (ValueError, OSError) as err:  # bad input: model folder, data, task names
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    with exit_on_refusal("the evaluation"):
+        with refusing():  # before the model loads: a bad --output must not cost the whole evaluation
+            check_writable_output(args.output, "--output")
+        result = evaluate(options)  # checks the rest of the request first (check_options)
     write_json_atomic(args.output, result)
     print(format_summary(result))
     print(f"wrote {args.output}")

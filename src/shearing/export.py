@@ -16,7 +16,9 @@ family, how decided the masks are, and the eval loss under final vs expected mas
 overrides. The eval loss is measured on ``--data``; without it, on the run's own eval split, found through
 the run record ``shearing_run.json`` (``run_eval_split``: its ``DATA_DIR/train`` -> ``DATA_DIR/eval``; the
 CLI says so before it starts, and a recorded data folder that is gone is an error naming it). ``--no-data``
-skips it, and the record says so (``gate.eval_source``). After the surgery the shape must equal the run's
+skips it, and the record says so (``gate.eval_source``). The loss is ``gate.mask_eval_losses``, the fit-end
+callback's measurement too: the mean token cross-entropy over the first ``--max-seqs`` sequences of each
+domain, under expected and under final masks. After the surgery the shape must equal the run's
 target exactly and the parameter count ``count_params``; after the cast to ``--dtype`` every weight must
 still be finite (float16 holds |w| <= 65504: a larger weight is refused by name, never written as inf).
 
@@ -49,11 +51,17 @@ with ``--overwrite``; an output that is, or contains, the run folder or the chec
 checkpoints/run files anywhere, or any other non-empty folder, is refused before any work
 (``check_export_target``) — an export must never delete a run. The written folder and files get the
 umask's permissions, like ``save_pretrained``'s, not ``tempfile``'s private ones.
+
+Refusals. A refused input (a flag, the checkpoint, the output folder, the eval data, the gate's verdict on
+the checkpoint) is printed as one message naming it and the fix, and the command exits 2
+(``shearing.refusals``); an error during the work itself keeps its traceback. ``export_model_state`` is the
+one export, for the CLI and the fit-end callback (``shearing.callbacks.export``) alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -62,9 +70,11 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from huggingface_hub import save_torch_state_dict
 
@@ -80,7 +90,7 @@ from shearing.data.tokenizer import load_hf_tokenizer, make_portable
 from shearing.evaluation.loading import dtype_kwargs
 from shearing.gguf_export import DEFAULT_NAME as GGUF_DEFAULT_NAME
 from shearing.gguf_export import check_gguf_name, write_gguf
-from shearing.io import apply_umask
+from shearing.io import apply_umask, pid_alive
 from shearing.model_card import RUN_RECORD, model_card, run_facts, write_generation_config
 from shearing.models.family import family_of
 from shearing.models.hf_io import config_from_dict, load_state_dict_strict, portable_config_dict
@@ -92,14 +102,15 @@ from shearing.pruning.gate import (
     check_dtype_range,
     check_finite,
     check_gate,
-    combine_losses,
     describe_gate,
     evaluate_gate,
     family_stats,
+    mask_eval_losses,
 )
 from shearing.pruning.l0 import L0Module
 from shearing.pruning.plan import PruningPlan
 from shearing.pruning.surgery import prune_model
+from shearing.refusals import exit_on_refusal, refusing
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +132,7 @@ TOKENIZER_FILES = (
 TOKENIZER_DIRS = ("additional_chat_templates",)  # 5.x: one .jinja per named chat template
 
 __all__ = [
+    "ExportExists",
     "ExportRefused",
     "check_export_target",
     "copy_tokenizer",
@@ -129,9 +141,16 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_model_state",
+    "mask_losses_on_data",
+    "read_eval_batches",
     "rebuild",
     "write_config",
 ]
+
+
+class ExportExists(FileExistsError, ValueError):
+    """The output holds a previous export and ``--overwrite`` was not given: a refused input (a ``ValueError``,
+    see ``shearing.refusals``) that is still the ``FileExistsError`` it always was."""
 
 
 # --------------------------------------------------------------------------------- checkpoints
@@ -260,7 +279,8 @@ def check_export_target(
     Allowed: a new folder, an empty one, or a previous export (``shearing_export.json`` in it, no
     checkpoint or run file anywhere below) when ``overwrite``. Refused: the run folder, the checkpoint's
     folder, or any folder containing them; any other non-empty folder, naming what it holds. A previous
-    export without ``overwrite`` is a ``FileExistsError``. Cheap: the config validation calls it.
+    export without ``overwrite`` is ``ExportExists`` (a ``FileExistsError``). Cheap: the config validation
+    calls it.
     """
     out = Path(output).expanduser().absolute().resolve()
     protected = []
@@ -298,17 +318,7 @@ def check_export_target(
             "it. Move it out, or export to a new folder"
         )
     if not overwrite:
-        raise FileExistsError(f"{output} holds a previous export; pass --overwrite to replace it")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+        raise ExportExists(f"{output} holds a previous export; pass --overwrite to replace it")
 
 
 def clean_leftovers(output: Path) -> list[Path]:
@@ -322,7 +332,7 @@ def clean_leftovers(output: Path) -> list[Path]:
             if not path.name.startswith(prefix):
                 continue
             pid = path.name[len(prefix) :].split("-")[0]
-            if pid.isdigit() and _process_alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 continue  # an export to the same folder is running right now (or it is this one)
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
@@ -335,34 +345,58 @@ def clean_leftovers(output: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ measurement
-class _MaskedLM(torch.nn.Module):
-    """``MaskedLlamaForCausalLM`` under fixed masks, callable as ``model(input_ids=...)`` for the eval."""
+def read_eval_batches(
+    data: str | os.PathLike, max_seqs: int | None, vocab_size: int, batch_size: int = 8
+) -> list[torch.Tensor]:
+    """The CLI's eval tokens for the loss half of the gate: the first ``max_seqs`` sequences of each domain of
+    ``data`` (``DATA_DIR/eval``, domains in the manifest's order), as int64 batches of at most ``batch_size``.
 
-    def __init__(self, model: MaskedLlamaForCausalLM, masks: dict[str, torch.Tensor]):
-        super().__init__()
-        self.model, self.masks, self.config = model, masks, model.config
+    Read once for both halves of ``mask_losses_on_data`` (the tokens of 64 sequences per domain are a few MB)
+    and checked before any forward: every domain has sequences, every id is in the model's vocabulary."""
+    from shearing.reference_losses import _batches, _domain_folders, iter_mds_tokens
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, masks={k: v.to(input_ids.device) for k, v in self.masks.items()})
+    if max_seqs is not None and max_seqs < 1:
+        raise ValueError(f"--max-seqs must be at least 1 (or left out for all), got {max_seqs}")
+    batches = []
+    for name, folder in _domain_folders(Path(data)).items():
+        domain = [
+            torch.from_numpy(b.astype(np.int64))
+            for b in _batches(iter_mds_tokens(folder), batch_size, max_seqs)
+        ]
+        if not domain:
+            raise ValueError(f"domain {name!r} has no eval sequences in {folder}")
+        top = max(int(b.max()) for b in domain)
+        if top >= vocab_size:
+            raise ValueError(
+                f"domain {name!r} holds token id {top} but the model's vocabulary has {vocab_size}: "
+                "the data was tokenized with another tokenizer"
+            )
+        batches += domain
+    return batches
 
 
-def mask_eval_losses(
-    model: MaskedLlamaForCausalLM, l0: L0Module, data: str | os.PathLike, max_seqs: int | None = 64
+def mask_losses_on_data(
+    model: MaskedLlamaForCausalLM, l0: L0Module, batches: list[torch.Tensor]
 ) -> dict[str, float]:
-    """Token-weighted eval loss on ``data`` (``DATA_DIR/eval``) under expected and under final masks."""
-    from shearing.reference_losses import domain_eval_totals
-
+    """The gate's eval losses (``shearing.pruning.gate.mask_eval_losses``) on ``batches``
+    (``read_eval_batches``), on the GPU under bfloat16 autocast when there is one, as ``shearing.evaluate``
+    and the reference losses run, else in float32 on the CPU."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = model.to(device)
-    losses = {}
-    for key, exact in (("expected_masks", False), ("final_masks", True)):
-        masks = l0.deterministic_masks(exact=exact)
-        totals = domain_eval_totals(
-            _MaskedLM(model, masks), data, batch_size=8, max_seqs=max_seqs, progress=False
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.to(device).eval()
+    l0.eval()  # l0() gives the deterministic masks that mask_eval_losses selects
+
+    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        masks = {k: v.to(device) for k, v in l0().items()}
+        with autocast:
+            return model(batch["input_ids"], masks=masks)
+
+    try:
+        return mask_eval_losses(
+            forward, l0, lambda: ({"input_ids": ids.to(device)} for ids in batches), device
         )
-        losses[key] = combine_losses(totals)
-    model.to("cpu")
-    return losses
+    finally:
+        model.to("cpu")
 
 
 # ----------------------------------------------------------------------------------- export
@@ -384,8 +418,10 @@ def export_model_state(
     gguf: str | None = None,
     tokens: int | None = None,
     command: str | None = None,
+    refusals: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, Any]:
     """Gate, cut and write a saved model state as an HF directory at ``output`` (atomically); the summary.
+    The one export: the CLI (``export_checkpoint``) and the fit-end callback both call it.
 
     ``eval_loss`` (``{"expected_masks", "final_masks"}``, measured by the caller) or ``eval_data``
     (measured here) feed the loss half of the gate; with neither it is recorded as not measured.
@@ -394,25 +430,33 @@ def export_model_state(
     or for weights that ``dtype`` cannot hold (float16 overflow).
     ``gguf`` (a file name, e.g. ``model.gguf``) also writes the model as GGUF inside the folder
     (``shearing.gguf_export``); ``tokens`` (seen by the checkpoint) and ``command`` go into the model card.
+    ``refusals`` is the context the checks of the input run in (the arguments, the output folder, the state,
+    the eval data, the gate's verdicts): the CLI passes ``shearing.refusals.refusing``, so that a refused input
+    is a message and exit 2; the callback leaves it, and its refusal stays an error of the run.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if gguf is not None:
-        check_gguf_name(gguf)
     thresholds = thresholds or GateThresholds()
     output = Path(output)
-    check_export_target(output, run_folder=run_folder, checkpoint=checkpoint, overwrite=overwrite)
-    check_finite(model_state, step)
-    model, l0, meta = rebuild(model_state)
+    with refusals():
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if gguf is not None:
+            check_gguf_name(gguf)
+        check_export_target(output, run_folder=run_folder, checkpoint=checkpoint, overwrite=overwrite)
+        check_finite(model_state, step)
+        model, l0, meta = rebuild(model_state)
+        batches = None
+        if l0 is not None and eval_loss is None and eval_data is not None:
+            batches = read_eval_batches(eval_data, max_seqs, model.config.vocab_size)
     source_shape = shape_from_hf_config(model.config)
     kept: dict[str, Any] = {}
     gate = None
     if l0 is not None:
-        if eval_loss is None and eval_data is not None:
-            eval_loss = mask_eval_losses(model, l0, eval_data, max_seqs)
+        if batches is not None:
+            eval_loss = mask_losses_on_data(model, l0, batches)
             eval_source = eval_source or str(eval_data)
-        gate = evaluate_gate(family_stats(l0), eval_loss, thresholds, force, eval_source)
-        check_gate(gate, step)
+        with refusals():
+            gate = evaluate_gate(family_stats(l0), eval_loss, thresholds, force, eval_source)
+            check_gate(gate, step)
         if gate["forced"]:
             log.warning("export forced past a failed convergence gate: %s", "; ".join(gate["failures"]))
         l0.eval()
@@ -420,17 +464,19 @@ def export_model_state(
         result = prune_model(model, l0())
         model, kept = result.model, result.kept
     shape = shape_from_hf_config(model.config)
-    _check_target_shape(shape, meta, step)
-    full = model.state_dict()
-    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in full.items()}
-    check_dtype_range(full, state, dtype)  # after the cast: float16 turns |w| > 65504 into inf
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    num_params = sum(v.numel() for v in state.values())
-    if num_params != count_params(shape):
-        raise ExportRefused(
-            f"export refused: the cut model has {num_params:,} parameters but its shape has {count_params(shape):,}"
-        )
+    with refusals():
+        _check_target_shape(shape, meta, step)
+        full = model.state_dict()
+        state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in full.items()}
+        check_dtype_range(full, state, dtype)  # after the cast: float16 turns |w| > 65504 into inf
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        num_params = sum(v.numel() for v in state.values())
+        if num_params != count_params(shape):
+            raise ExportRefused(
+                f"export refused: the cut model has {num_params:,} parameters but its shape has "
+                f"{count_params(shape):,}"
+            )
     config = model.config
     config.architectures = [family_of(config).architecture]
     (dtype_field,) = dtype_kwargs(DTYPES[dtype])  # torch_dtype (4.x), dtype (5.x: torch_dtype is deprecated)
@@ -574,15 +620,18 @@ def export_checkpoint(
     overwrite: bool = False,
     **gate_options: Any,
 ) -> dict[str, Any]:
-    """Export a checkpoint file or a run folder's latest readable checkpoint (see ``export_model_state``)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    given = Path(checkpoint)
-    run_folder = given if given.is_dir() else given.parent
-    check_export_target(output, run_folder=run_folder, checkpoint=checkpoint, overwrite=overwrite)
-    if gate_options.get("gguf") is not None:
-        check_gguf_name(gate_options["gguf"])
-    model_state, step, tokens, file = read_checkpoint(checkpoint)
+    """Export a checkpoint file or a run folder's latest readable checkpoint (see ``export_model_state``), as
+    the CLI does: a refused input (the arguments, the output folder, the checkpoint, the eval data, the gate's
+    verdicts) is marked as a refusal (``shearing.refusals.refusing``); an error of the work is not."""
+    with refusing():  # the arguments and the output folder before the checkpoint is read, then the checkpoint
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        given = Path(checkpoint)
+        run_folder = given if given.is_dir() else given.parent
+        check_export_target(output, run_folder=run_folder, checkpoint=checkpoint, overwrite=overwrite)
+        if gate_options.get("gguf") is not None:
+            check_gguf_name(gate_options["gguf"])
+        model_state, step, tokens, file = read_checkpoint(checkpoint)
     return export_model_state(
         model_state,
         output,
@@ -592,6 +641,7 @@ def export_checkpoint(
         tokens=tokens,
         run_folder=run_folder,
         checkpoint=file,
+        refusals=refusing,
         **gate_options,
     )
 
@@ -699,11 +749,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "shearing.export", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        thresholds = GateThresholds(
-            args.max_sparsity_gap, args.max_loss_gap, args.min_kept_probability, args.max_dropped_probability
-        )
-        eval_data, eval_source = gate_eval_data(args.checkpoint, args.data, args.no_data)
+    with exit_on_refusal("the export"):
+        with refusing():  # before the checkpoint is read: the gate's thresholds, where its loss is measured
+            thresholds = GateThresholds(
+                args.max_sparsity_gap,
+                args.max_loss_gap,
+                args.min_kept_probability,
+                args.max_dropped_probability,
+            )
+            eval_data, eval_source = gate_eval_data(args.checkpoint, args.data, args.no_data)
         if eval_data is not None and args.data is None:
             print(
                 f"export gate: measuring the eval loss under expected and final masks on {eval_source}, "
@@ -723,9 +777,6 @@ def main(argv: list[str] | None = None) -> int:
             gguf=args.gguf,
             command=command,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     target = summary["target"]
     print(
         f"wrote {args.output}: {target['num_params']:,} parameters "

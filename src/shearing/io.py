@@ -1,4 +1,4 @@
-"""Small file-writing helpers shared across the package.
+"""Small file-writing and process helpers shared across the package.
 
 Files and folders made through ``tempfile`` (``mkstemp`` 0600, ``mkdtemp`` 0700) are private to their
 owner, unlike what ``open``/``mkdir`` (and so ``save_pretrained``) make: 0666/0777 less the umask. On
@@ -56,3 +56,23 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_json_or_none(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; None when it is missing, empty or not valid JSON (for files that may be half-written
+    by a process that died: a lock's owner note, an export summary)."""
+    try:
+        return json.loads(Path(path).read_text() or "null")
+    except (OSError, ValueError):
+        return None

@@ -104,10 +104,13 @@ def predict_reference_losses(points: Mapping[str, Any], target_params: float) ->
 # Model evaluation on MDS eval shards
 
 
-def _domain_folders(data_dir: Path) -> dict[str, Path]:
+def _domain_folders(data_dir: Path, manifest: Any = None) -> dict[str, Path]:
+    """The eval split's domain folders, in the manifest's order (``manifest``: it, already read)."""
     from shearing.data.manifest import MANIFEST_NAME, load_manifest
 
-    if (data_dir / MANIFEST_NAME).is_file() or (data_dir.parent / MANIFEST_NAME).is_file():
+    if manifest is not None:
+        folders = {name: data_dir / name for name in manifest.domain_names}
+    elif (data_dir / MANIFEST_NAME).is_file() or (data_dir.parent / MANIFEST_NAME).is_file():
         names = load_manifest(data_dir).domain_names
         folders = {name: data_dir / name for name in names}
     else:
@@ -163,11 +166,13 @@ def domain_eval_totals(
     batch_size: int = 8,
     max_seqs: int | None = None,
     progress: bool = True,
+    manifest: Any = None,
 ) -> dict[str, DomainLoss]:
     """Token-level cross-entropy of a causal LM on every domain of ``data_dir`` (``DATA_DIR/eval``).
 
     ``model`` is an HF causal LM or shearing's ``MaskedLlamaForCausalLM`` (which returns the logits).
-    Domains come in the manifest's order; ``tokens`` counts predicted positions (T - 1 per sequence).
+    Domains come in the manifest's order (``manifest``: the data's, when the caller has read it);
+    ``tokens`` counts predicted positions (T - 1 per sequence).
     """
     import torch
     from tqdm.auto import tqdm
@@ -184,7 +189,7 @@ def domain_eval_totals(
     was_training = model.training
     model.eval()
     results = {}
-    for name, folder in _domain_folders(Path(data_dir)).items():
+    for name, folder in _domain_folders(Path(data_dir), manifest).items():
         total, count = 0.0, 0
         batches = _batches(iter_mds_tokens(folder), batch_size, max_seqs)
         with open(folder / "index.json") as f:  # the bar's total: sequences in the split, capped
@@ -218,9 +223,10 @@ def domain_eval_losses(
     batch_size: int = 8,
     max_seqs: int | None = None,
     progress: bool = True,
+    manifest: Any = None,
 ) -> dict[str, float]:
     """Per-domain mean token cross-entropy (``domain_eval_totals`` without the token counts)."""
-    totals = domain_eval_totals(model, data_dir, batch_size, max_seqs, progress)
+    totals = domain_eval_totals(model, data_dir, batch_size, max_seqs, progress, manifest)
     return {name: result.loss for name, result in totals.items()}
 
 

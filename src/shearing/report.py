@@ -19,16 +19,20 @@ family, the kept-structure heat map, parameter counts, the export gate of every 
 forced, per-family sparsity and decidedness, loss gap, failed checks) and evaluation tables. Runs are
 overlaid in one colour each. The sections are built in ``shearing.reporting``.
 
-Exit status 2, with a message and nothing written, for an input that is missing or holds nothing the
-report reads (e.g. an empty folder, or a wrong path that happens to exist).
+Exit status 2, with one message and nothing written, for an input that is missing or holds nothing the
+report reads (e.g. an empty folder, or a wrong path that happens to exist), or an ``--output`` that is a
+file (``shearing.refusals``): every input is read and checked (``load_inputs``) before anything is drawn or
+written. An error while drawing or writing keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from shearing.reporting import build_report
+from shearing.refusals import exit_on_refusal, refusing
+from shearing.reporting import build_report, load_inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "give at least one run folder, export folder (--export DIR) or results file (--results FILE)"
         )
-    try:
+    with exit_on_refusal("the report"):
+        with refusing():  # the inputs (build_report reads them again) and --output, before anything is drawn
+            load_inputs(args.runs, args.export, args.results)
+            if Path(args.output).exists() and not Path(args.output).is_dir():
+                raise ValueError(
+                    f"--output {args.output} is a file: give the folder to write the report into"
+                )
         paths = build_report(args.runs, args.output, exports=args.export, results=args.results)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"wrote {paths['html']} and {paths['markdown']} (figures in {paths['figures']})")
     return 0
 

@@ -50,7 +50,7 @@ import secrets
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,9 +68,8 @@ from shearing.checkpoints import (
     remove_superseded_corrupt,
     unwritable_save_folder,
 )
-from shearing.io import write_json_atomic
-from shearing.models.shapes import resolve_source_shape, shape_from_hf_config
-from shearing.pruning.plan import PruningPlan
+from shearing.io import pid_alive, read_json_or_none, write_json_atomic
+from shearing.models.shapes import shape_from_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -102,23 +101,6 @@ def _describe(holder: dict[str, Any] | None, lock_path: Path) -> str:
     return f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text() or "null")
-    except (OSError, ValueError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class SaveFolderLock:
     """Exclusive lock on a save_folder; ``acquire`` raises ``SaveFolderLocked`` naming the holder."""
 
@@ -141,7 +123,7 @@ class SaveFolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise self._refusal(_read_json(self.path), self.path) from None
+            raise self._refusal(read_json_or_none(self.path), self.path) from None
         except OSError as e:
             os.close(fd)
             if e.errno not in _NO_FLOCK:
@@ -163,9 +145,9 @@ class SaveFolderLock:
             try:
                 fd = os.open(self.owner_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                holder = _read_json(self.owner_path)
+                holder = read_json_or_none(self.owner_path)
                 same_host = holder is not None and holder.get("host") == socket.gethostname()
-                if same_host and not _pid_alive(int(holder.get("pid", -1))):
+                if same_host and not pid_alive(int(holder.get("pid", -1))):
                     message = (
                         f"taking over the stale lock {self.owner_path}: its owner ({_describe(holder, self.owner_path)}) "
                         "is no longer running"
@@ -309,37 +291,6 @@ class SupersededCheckpointSweep(Callback):
         self._sweep(state)
 
 
-def _resolve(path: Any) -> Any:
-    return str(Path(path).resolve()) if isinstance(path, str | os.PathLike) and Path(path).exists() else path
-
-
-def run_record(cfg) -> dict[str, Any]:
-    """What must stay the same across a resume of ``cfg``'s run (all JSON types)."""
-    target = families = None
-    if cfg.pruning is not None:
-        plan = PruningPlan.from_config(cfg)
-        source, target, families = plan.source, plan.target.prunable(), list(plan.families)
-    else:
-        source = resolve_source_shape(cfg.model.source, cfg.model.source_shape)
-    from shearing.validation import configured_domains
-
-    data = ((cfg.train_loader or {}).get("dataset") or {}).get("local")
-    return {
-        "source": dict(cfg.model.source)
-        if isinstance(cfg.model.source, Mapping)
-        else _resolve(cfg.model.source),
-        "source_shape": source.prunable(),
-        "target": target,
-        "families": families,
-        "seed": cfg.seed,
-        "max_seq_len": cfg.max_seq_len,
-        "train_data": _resolve(data),
-        # a resume with another batch size or domain list would change what each step and domain_idx mean
-        "global_train_batch_size": cfg.global_train_batch_size,
-        "train_domains": configured_domains("train_loader", cfg.train_loader, local=True),
-    }
-
-
 def _has_checkpoint(folder: Path) -> bool:
     return (folder / LATEST).is_symlink() or (folder / LATEST).exists() or any(folder.glob(CHECKPOINTS))
 
@@ -388,18 +339,17 @@ def read_run_record(path: Path) -> dict[str, Any] | None:
     )
 
 
-def check_run_record(cfg) -> dict[str, Any] | None:
+def check_run_record(cfg: Any, record: dict[str, Any]) -> dict[str, Any] | None:
     """Rank 0, before any weights load: refuse a resume whose source/target/families/... differ, or a damaged
     record; write the record. Every rank calls it (rank 0's refusal stops them all: ``on_rank_zero``)."""
     if cfg.save_folder is None:
         return None
-    return on_rank_zero("the run record check", _check_run_record, cfg)
+    return on_rank_zero("the run record check", _check_run_record, cfg, record)
 
 
-def _check_run_record(cfg) -> dict[str, Any]:
+def _check_run_record(cfg: Any, current: dict[str, Any]) -> dict[str, Any]:
     folder = Path(cfg.save_folder)
     path = folder / RECORD_NAME
-    current = run_record(cfg)
     recorded = read_run_record(path)  # a damaged record is refused, resuming or not
     resuming = cfg.autoresume_enabled and folder.is_dir() and _has_checkpoint(folder)
     if resuming:
@@ -429,46 +379,3 @@ def _check_run_record(cfg) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ rerunning a finished run
-def run_is_finished(trainer) -> bool:
-    """The resumed timestamp has reached max_duration: Composer's ``fit()`` would refuse to train."""
-    state = trainer.state
-    if state.max_duration is None:
-        return False
-    return state.max_duration <= state.timestamp.get(state.max_duration.unit)
-
-
-def finish_run(trainer) -> None:
-    """Do what a finished run may still lack (the export at fit end, cut short by a crash); every rank calls it.
-
-    The export is redone unless ``shearing_export.json`` in the export folder says it was written from
-    this very batch. Rerunning a complete run is therefore a no-op that says where its result is.
-    """
-    from shearing.callbacks.export import ExportOnFitEnd
-    from shearing.callbacks.guard import NonFiniteGuard
-    from shearing.export import SUMMARY_NAME
-
-    state = trainer.state
-    step = int(state.timestamp.batch)
-    done = f"trained to batch {step} (max_duration {state.max_duration})"
-    exports = [cb for cb in state.callbacks if isinstance(cb, ExportOnFitEnd)]
-    guards = [cb for cb in state.callbacks if isinstance(cb, NonFiniteGuard)]
-    messages = []
-    for export in exports:
-        # Rank 0's reading decides for every rank (the export is a collective): an export folder that only
-        # rank 0's node sees must not make the other nodes skip it.
-        written = [(_read_json(export.folder / SUMMARY_NAME) or {}).get("checkpoint_batch")]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(written, src=0)
-        if written[0] == step:
-            messages.append(f"the export at {export.folder} is from batch {step}")
-            continue
-        for guard in guards:
-            guard.check_weights(state, step, "before the export")
-        log.info("the run is %s but its export at %s is missing or older: exporting now", done, export.folder)
-        export.fit_end(state, trainer.logger)
-        messages.append(f"exported it now to {export.folder}")
-    if dist.get_global_rank() == 0:
-        tail = "; ".join(messages) if messages else "nothing to export (export.on_fit_end is off)"
-        message = f"the run is complete: {done}; {tail}. To train further, raise max_duration."
-        log.info(message)
-        print(message, flush=True)

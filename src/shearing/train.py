@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,94 +26,39 @@ from llmfoundry.utils.builders import build_algorithm, build_callback, build_sch
 
 import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
 from shearing import composer_compat
-from shearing.callbacks.export import build_export_callback, check_export_config
+from shearing.callbacks.export import ExportOnFitEnd, build_export_callback
 from shearing.callbacks.guard import NonFiniteGuard
 from shearing.checkpoints import check_save_folder, tidy_save_folder
 from shearing.config import OptimizerConfig, RunConfig, load_config
-from shearing.data.compat import check_run_data
 from shearing.data.dataloader import loader_domains
-from shearing.data.manifest import load_manifest
+from shearing.export import SUMMARY_NAME
+from shearing.io import read_json_or_none
 from shearing.loggers import build_loggers
-from shearing.models.builder import tokenizer_path
 from shearing.models.composer_model import ComposerShearedLlama
-from shearing.models.shapes import resolve_source_shape
 from shearing.parallelism import build_parallelism_config
 from shearing.progress import announce_outputs, setup_console_logging
-from shearing.pruning.plan import PruningPlan
+from shearing.refusals import refusing
 from shearing.run_folder import (
     SupersededCheckpointSweep,
     check_run_record,
-    finish_run,
     hold_save_folder,
     on_rank_zero,
-    run_is_finished,
 )
+from shearing.spec import RunSpec, resolve_run, tokenizer_path
 from shearing.trainer import ShearingTrainer
-from shearing.validation import check_paths, validate_config
 
 log = logging.getLogger(__name__)
 
 composer_compat.apply()  # Composer 0.32 workarounds (multi-node signal files), once per process
 
 
-# What a refused config raises: these, from the checks that run before the model is built (``refusing``).
-REFUSALS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
-
-
-@contextlib.contextmanager
-def refusing():
-    """Marks a ``REFUSALS`` exception raised inside as a refusal (``exc.shearing_refusal = True``; type and
-    message unchanged), so that ``train.py`` prints it as one message and exits 2 instead of a traceback.
-    Used only around the checks before the model is built: an error during training keeps its traceback."""
-    try:
-        yield
-    except REFUSALS as e:
-        e.shearing_refusal = True
-        raise
-
-
-def report_refusal(error: BaseException, stream=None) -> bool:
-    """Print a refusal (see ``refusing``) as one block and return True; False for any other exception."""
-    if not getattr(error, "shearing_refusal", False):
-        return False
-    stream = stream or sys.stderr
-    rank = f" (rank {dist.get_global_rank()})" if dist.get_world_size() > 1 else ""
-    print(f"\nshearing: the run was refused before it started{rank}:\n  {error}\n", file=stream, flush=True)
-    return True
-
-
-def validate_run(cfg: RunConfig, tokenizer=None) -> None:
-    """Cheap checks that must fail before anything expensive starts (``shearing.validation`` holds most).
+def validate_run(cfg: RunConfig, tokenizer=None) -> RunSpec:
+    """Every check that must fail before anything expensive starts; the resolved, frozen ``RunSpec``
+    (``shearing.spec.resolve_run``; ``shearing.validation`` holds most checks).
 
     ``tokenizer``: the model's tokenizer when the caller has loaded it already (else loaded for the data check).
     """
-    if cfg.pruning is not None:  # shapes and mask families are consistent
-        source = PruningPlan.from_config(cfg, need_checkpoint=True).source
-    else:
-        source = resolve_source_shape(cfg.model.source, cfg.model.source_shape, need_checkpoint=True)
-    check_export_config(cfg)  # export.folder must never be (or contain) the run folder
-    for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
-        if not loader:
-            continue
-        local = (loader.get("dataset") or {}).get("local")
-        if local is not None and not Path(local).exists():
-            raise FileNotFoundError(
-                f"{key}.dataset.local={local} does not exist: set variables.data_local to a prepared data folder "
-                "(data_prep/tokenize_domains.py writes one)"
-            )
-        if loader.get("name") in ("domain_mixture", "domain_eval"):
-            seq_len = load_manifest(local).seq_len
-            if seq_len != cfg.max_seq_len:
-                raise ValueError(
-                    f"max_seq_len={cfg.max_seq_len} but the data at {local} was packed into {seq_len}-token "
-                    "sequences: set max_seq_len to match, or re-run data_prep/tokenize_domains.py --seq-len"
-                )
-    check_run_data(cfg, tokenizer_path(cfg), source.vocab_size, tokenizer)  # data tokenizer == model's
-    if cfg.global_train_batch_size % dist.get_world_size():
-        raise ValueError(
-            f"global_train_batch_size {cfg.global_train_batch_size} is not divisible by the {dist.get_world_size()} ranks"
-        )
-    validate_config(cfg)
+    return resolve_run(cfg, tokenizer)
 
 
 def build_tokenizer(cfg: RunConfig):
@@ -131,12 +75,14 @@ def build_tokenizer(cfg: RunConfig):
         return None
 
 
-def build_model(cfg: RunConfig) -> ComposerShearedLlama:
-    """The run's Composer model, built by the registry entry ``model.name`` (default ``shearing_llama``),
-    with the frozen distillation teacher as its ``teacher`` child when the yaml has ``distillation:``."""
+def build_model(spec: RunSpec) -> ComposerShearedLlama:
+    """The run's Composer model, built by the registry entry ``model.name`` (default ``shearing_llama``;
+    called with the ``RunSpec``), with the frozen distillation teacher as its ``teacher`` child when the yaml
+    has ``distillation:``."""
     from llmfoundry import registry
 
-    model = registry.models.get(cfg.model.name)(cfg)
+    cfg = spec.cfg
+    model = registry.models.get(cfg.model.name)(spec)
     if cfg.distillation is not None:
         model.teacher = build_teacher_model(cfg)
     return model
@@ -177,14 +123,20 @@ def build_optimizer(model: ComposerShearedLlama, cfg: OptimizerConfig) -> torch.
     return optimizer
 
 
-def build_loader(loader_cfg: dict[str, Any], tokenizer, batch_size: int):
-    return build_dataloader(dict(loader_cfg), tokenizer, batch_size)
+def build_loader(spec: RunSpec, key: str, tokenizer, batch_size: int):
+    """Loader ``key`` ("train_loader" / "eval_loader") through llm-foundry's registry; a domain loader gets
+    the manifest the spec read (``dataset["manifest"]``, not a yaml key) instead of reading it again."""
+    loader_cfg = dict(getattr(spec.cfg, key))
+    manifest = spec.manifest(key)
+    if manifest is not None:
+        loader_cfg["dataset"] = {**loader_cfg["dataset"], "manifest": manifest}
+    return build_dataloader(loader_cfg, tokenizer, batch_size)
 
 
-def build_evaluators(cfg: RunConfig, tokenizer) -> list[Evaluator]:
-    if not cfg.eval_loader:
+def build_evaluators(spec: RunSpec, tokenizer) -> list[Evaluator]:
+    if not spec.cfg.eval_loader:
         return []
-    loader = build_loader(cfg.eval_loader, tokenizer, cfg.device_eval_batch_size)
+    loader = build_loader(spec, "eval_loader", tokenizer, spec.cfg.device_eval_batch_size)
     return [
         Evaluator(
             label="eval", dataloader=loader, metric_names=["LanguageCrossEntropy", "LanguagePerplexity"]
@@ -203,24 +155,18 @@ def build_algorithms(cfg: RunConfig) -> list:
     return algorithms
 
 
-def resolve_reference_losses(cfg: RunConfig, model: ComposerShearedLlama) -> None:
-    """``dynamic_loading.reference_losses: source`` -> the source model's per-domain eval loss, computed now;
-    ``teacher`` -> the distillation teacher's (already in memory), so the signal is the teacher-student gap.
+def resolve_reference_losses(spec: RunSpec, model: ComposerShearedLlama) -> Any:
+    """``dynamic_loading.reference_losses`` as the callback takes it: ``source`` -> the source model's per-domain
+    eval loss, computed now; ``teacher`` -> the distillation teacher's (already in memory), so the signal is the
+    teacher-student gap; a mapping or a file path as written.
 
     SPEC §3 option (b). It costs one pass over the eval split before training; for large models compute
     it once with ``python -m shearing.reference_losses --model ...`` and pass the JSON file instead.
     """
-    options = cfg.callbacks.get("dynamic_loading")
-    which = (options or {}).get("reference_losses")
+    cfg = spec.cfg
+    which = (cfg.callbacks.get("dynamic_loading") or {}).get("reference_losses")
     if which not in ("source", "teacher"):
-        return
-    dataset = (cfg.eval_loader or {}).get("dataset") or {}
-    if "local" not in dataset:
-        raise ValueError(f"dynamic_loading.reference_losses={which} needs an eval_loader with dataset.local")
-    if which == "teacher" and getattr(model, "teacher", None) is None:
-        raise ValueError(
-            "dynamic_loading.reference_losses=teacher needs a distillation: section (the teacher to evaluate)"
-        )
+        return which
     from shearing.reference_losses import domain_eval_losses
 
     device = (
@@ -229,37 +175,49 @@ def resolve_reference_losses(cfg: RunConfig, model: ComposerShearedLlama) -> Non
         else torch.device("cpu")
     )
     evaluated = model.model if which == "source" else model.teacher.model
+    dataset = cfg.eval_loader["dataset"]  # validation: reference_losses source/teacher needs dataset.local
     losses = domain_eval_losses(
         evaluated.to(device),
         dataset["local"],
         batch_size=cfg.device_eval_batch_size,
         max_seqs=dataset.get("max_seqs_per_domain"),
         progress=dist.get_global_rank() == 0,
+        manifest=spec.manifest("eval_loader"),
     )
     log.info("reference losses from the %s model: %s", which, losses)
-    options["reference_losses"] = losses
+    return losses
 
 
-def resolve_initial_proportions(cfg: RunConfig) -> None:
-    """``dynamic_loading.initial_proportions`` may name a previous run's folder: use its final proportions."""
-    options = cfg.callbacks.get("dynamic_loading") or {}
-    spec = options.get("initial_proportions")
-    if isinstance(spec, str) and Path(spec).is_dir():
+def resolve_initial_proportions(spec: RunSpec) -> Any:
+    """``dynamic_loading.initial_proportions`` as the callback takes it: a previous run's folder becomes its
+    final-proportions file; numbers or a file path as written."""
+    value = (spec.cfg.callbacks.get("dynamic_loading") or {}).get("initial_proportions")
+    if isinstance(value, str) and Path(value).is_dir():
         from shearing.callbacks.dynamic_loading import FILE_STEM
 
-        path = Path(spec) / f"{FILE_STEM}.json"
+        path = Path(value) / f"{FILE_STEM}.json"
         if not path.is_file():
             raise FileNotFoundError(
-                f"dynamic_loading.initial_proportions={spec} is a folder without {path.name}: "
+                f"dynamic_loading.initial_proportions={value} is a folder without {path.name}: "
                 "give the pruning run's save_folder (it writes that file) or a list of proportions"
             )
-        options["initial_proportions"] = str(path)
+        return str(path)
+    return value
 
 
-def build_callbacks(cfg: RunConfig) -> list:
+def build_callbacks(cfg: RunConfig, resolved: dict[str, dict[str, Any]] | None = None) -> list:
+    """The yaml's ``callbacks:`` through llm-foundry's registry, each with the values ``resolved`` gives for
+    its keys (e.g. dynamic loading's reference losses computed from the source), plus the guard and export."""
     # The non-finite guard comes first: it must stop a diverged step before the export or a checkpoint.
     guard = NonFiniteGuard(cfg.save_folder, cfg.save_interval)
-    callbacks = [guard, *(build_callback(name, kwargs or {}, cfg) for name, kwargs in cfg.callbacks.items())]
+    resolved = resolved or {}
+    callbacks = [
+        guard,
+        *(
+            build_callback(name, {**(kwargs or {}), **resolved.get(name, {})}, cfg)
+            for name, kwargs in cfg.callbacks.items()
+        ),
+    ]
     export = build_export_callback(cfg)  # checks export.folder against the run folder again
     if export is not None:
         callbacks.append(export)
@@ -289,27 +247,44 @@ def start_process_group(cfg: RunConfig) -> None:
         dist.initialize_dist(cfg.device, cfg.dist_timeout)
 
 
-def build_trainer(cfg: RunConfig) -> Trainer:
-    with refusing():  # everything before the model is built: a refusal is a message, not a traceback
+def check_run(cfg: RunConfig) -> tuple[RunSpec, Any]:
+    """The run's spec and the model's tokenizer (None for a random-init source without one): every check of
+    the config, its files and this machine, made before the save_folder is locked or anything loads; a
+    refusal is a message, not a traceback (``refusing``)."""
+    with refusing():
         tokenizer = build_tokenizer(cfg)  # loaded once: the data check and the loaders share it
-        validate_run(cfg, tokenizer)
+        return validate_run(cfg, tokenizer), tokenizer
+
+
+def build_trainer(spec: RunSpec, tokenizer: Any = None) -> Trainer:
+    """The Composer trainer of a checked run (``check_run``); ``tokenizer``: the one ``check_run`` loaded."""
+    cfg = spec.cfg
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg)
+    with refusing():  # everything before the model is built: a refusal is a message, not a traceback
         announce_outputs(cfg)  # rank 0: where checkpoints and the export go, before anything loads
         parallelism = build_parallelism_config(cfg.fsdp_config, pruning=cfg.pruning is not None)  # FSDP2
-        check_run_record(cfg)  # a resume must continue the same run (source, target, families, data, ...)
+        check_run_record(
+            cfg, spec.record()
+        )  # a resume must continue the same run (source, target, families, data, ...)
     reproducibility.seed_all(cfg.seed)
-    model = build_model(cfg)
+    model = build_model(spec)
     prepare_save_folder(cfg, model)
     device_batch_size = cfg.global_train_batch_size // dist.get_world_size()
-    train_loader = build_loader(cfg.train_loader, tokenizer, device_batch_size)
+    train_loader = build_loader(spec, "train_loader", tokenizer, device_batch_size)
     domains = loader_domains(train_loader)
     if domains:
         model.set_domains(domains)
-    evaluators = build_evaluators(cfg, tokenizer)
+    evaluators = build_evaluators(spec, tokenizer)
     if domains:
         for evaluator in evaluators:
             evaluator.metric_names = list(model.eval_metrics)
-    resolve_reference_losses(cfg, model)
-    resolve_initial_proportions(cfg)
+    resolved = {}
+    if "dynamic_loading" in cfg.callbacks:  # the values the callback takes, resolved; cfg stays as written
+        resolved["dynamic_loading"] = {
+            "reference_losses": resolve_reference_losses(spec, model),
+            "initial_proportions": resolve_initial_proportions(spec),
+        }
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(
         cfg.scheduler.name, {"t_warmup": cfg.scheduler.t_warmup, "alpha_f": cfg.scheduler.alpha_f}
@@ -322,7 +297,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=build_algorithms(cfg),
-        callbacks=build_callbacks(cfg),
+        callbacks=build_callbacks(cfg, resolved),
         loggers=build_loggers(  # W&B / MLflow made safe for autoresume (shearing.loggers)
             cfg.loggers, save_folder=cfg.save_folder, run_name=cfg.run_name, autoresume=cfg.autoresume_enabled
         ),
@@ -352,18 +327,59 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     return trainer
 
 
+def run_is_finished(trainer) -> bool:
+    """The resumed timestamp has reached max_duration: Composer's ``fit()`` would refuse to train."""
+    state = trainer.state
+    if state.max_duration is None:
+        return False
+    return state.max_duration <= state.timestamp.get(state.max_duration.unit)
+
+
+def finish_run(trainer) -> None:
+    """Do what a finished run may still lack (the export at fit end, cut short by a crash); every rank calls it.
+
+    The export is redone unless ``shearing_export.json`` in the export folder says it was written from
+    this very batch. Rerunning a complete run is therefore a no-op that says where its result is.
+    """
+    state = trainer.state
+    step = int(state.timestamp.batch)
+    done = f"trained to batch {step} (max_duration {state.max_duration})"
+    exports = [cb for cb in state.callbacks if isinstance(cb, ExportOnFitEnd)]
+    guards = [cb for cb in state.callbacks if isinstance(cb, NonFiniteGuard)]
+    messages = []
+    for export in exports:
+        # Rank 0's reading decides for every rank (the export is a collective): an export folder that only
+        # rank 0's node sees must not make the other nodes skip it.
+        written = [(read_json_or_none(export.folder / SUMMARY_NAME) or {}).get("checkpoint_batch")]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(written, src=0)
+        if written[0] == step:
+            messages.append(f"the export at {export.folder} is from batch {step}")
+            continue
+        for guard in guards:
+            guard.check_weights(state, step, "before the export")
+        log.info("the run is %s but its export at %s is missing or older: exporting now", done, export.folder)
+        export.fit_end(state, trainer.logger)
+        messages.append(f"exported it now to {export.folder}")
+    if dist.get_global_rank() == 0:
+        tail = "; ".join(messages) if messages else "nothing to export (export.on_fit_end is off)"
+        message = f"the run is complete: {done}; {tail}. To train further, raise max_duration."
+        log.info(message)
+        print(message, flush=True)
+
+
 def train_from_yaml(path: str | os.PathLike, overrides: list[str] | None = None) -> Trainer:
     """Load the yaml, build the trainer, train; returns the trainer (its state holds the result)."""
     setup_console_logging()  # rank 0 shows shearing's INFO lines (reference losses, export location)
     composer_compat.warn_if_torch_untested()  # a torch newer than the tested ones: said once, on rank 0
     with refusing():
         cfg = load_config(path, overrides)
-        check_paths(cfg)  # before the save_folder is created (its lock), and again in validate_run
+    spec, tokenizer = check_run(cfg)  # before the save_folder is created (its lock)
     start_process_group(cfg)
     with contextlib.ExitStack() as held:
         with refusing():  # one run per save_folder (rank 0), released on any exit
             held.enter_context(hold_save_folder(cfg.save_folder))
-        trainer = build_trainer(cfg)
+        trainer = build_trainer(spec, tokenizer)
         if run_is_finished(trainer):  # Composer's fit() would raise "No training would occur"
             finish_run(trainer)
             return trainer

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from shearing.config import RunConfig
+from shearing.run_files import RunFiles
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +87,24 @@ TIME_FIELDS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
-def validate_config(cfg: RunConfig, local: bool = True) -> None:
-    """All checks of the module docstring; ``local=False`` skips the ones that read files or the machine."""
+def validate_config(cfg: RunConfig, local: bool = True, files: RunFiles | None = None) -> None:
+    """All checks of the module docstring; ``local=False`` skips the ones that read files or the machine.
+    ``files``: the run's ``RunFiles`` (``shearing.run_files``), through which each config.json and manifest is
+    read once; a fresh one when not given."""
+    files = files if files is not None else RunFiles()
     check_times(cfg)
     check_choices(cfg, local=local)
     check_loader_keys(cfg)
     check_registry_kwargs(cfg)
     check_dynamic_loading(cfg, local=local)
-    check_distillation(cfg, local=local)
-    check_importance_init(cfg, local=local)
-    check_domains(cfg, local=local)
-    check_context_length(cfg, local=local)
-    check_numbers(cfg, local=local)
+    check_distillation(cfg, local=local, files=files)
+    check_importance_init(cfg, local=local, files=files)
+    check_domains(cfg, local=local, files=files)
+    check_context_length(cfg, local=local, files=files)
+    check_numbers(cfg, local=local, files=files)
     if local:
-        check_source_files(cfg)
-        check_paths(cfg)
+        check_source_files(cfg, files=files)
+        check_paths(cfg, files=files)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,11 +247,11 @@ def check_registry_kwargs(cfg: RunConfig) -> None:
 
 
 def _dataset_class(loader_name: str):
+    """The dataset class of one of our domain loaders and its constructor arguments the builder fills in."""
     from shearing.data.dataloader import DomainEvalDataset, DomainMixtureDataset
 
-    if loader_name == "domain_mixture":
-        return DomainMixtureDataset, ("device_batch_size", "update_lag")
-    return DomainEvalDataset, ("device_batch_size",)
+    dataset = DomainMixtureDataset if loader_name == "domain_mixture" else DomainEvalDataset
+    return dataset, dataset.NOT_YAML_KEYS
 
 
 def check_loader_keys(cfg: RunConfig) -> None:
@@ -325,7 +329,7 @@ def check_choices(cfg: RunConfig, local: bool = True) -> None:
 # 4. Cross-field: domains, reference losses, context length
 
 
-def check_importance_init(cfg: RunConfig, local: bool = True) -> None:
+def check_importance_init(cfg: RunConfig, local: bool = True, files: RunFiles | None = None) -> None:
     """``pruning.init: importance`` reads ``calibration_sequences`` train sequences of the domain-mixture data."""
     if cfg.pruning is None:
         return
@@ -346,9 +350,13 @@ def check_importance_init(cfg: RunConfig, local: bool = True) -> None:
         )
     if not local:
         return
-    from shearing.data.shards import _split_root
-
-    _, split, manifest = _split_root(local_path, "train")
+    folder = Path(local_path)  # DATA_DIR (its train split), or DATA_DIR/train or DATA_DIR/eval
+    split = (
+        folder.name
+        if folder.name in ("train", "eval") and not (folder / "manifest.json").is_file()
+        else "train"
+    )
+    manifest = (files or RunFiles()).manifest(local_path)
     domains = (loader.get("dataset") or {}).get("domains") or manifest.domain_names
     have = sum(getattr(manifest.domains[d], split).sequences for d in domains if d in manifest.domains)
     if have < n:
@@ -358,7 +366,9 @@ def check_importance_init(cfg: RunConfig, local: bool = True) -> None:
         )
 
 
-def configured_domains(key: str, loader: Mapping[str, Any] | None, local: bool) -> list[str] | None:
+def configured_domains(
+    key: str, loader: Mapping[str, Any] | None, local: bool, files: RunFiles | None = None
+) -> list[str] | None:
     """The domains a domain loader reads: its ``dataset.domains``, else its manifest's (``local`` only)."""
     if not loader or loader.get("name") not in DOMAIN_LOADERS:
         return None
@@ -367,9 +377,7 @@ def configured_domains(key: str, loader: Mapping[str, Any] | None, local: bool) 
     path = dataset.get("local")
     manifest = None
     if local and path is not None and Path(path).exists():
-        from shearing.data.manifest import load_manifest
-
-        manifest = load_manifest(path)
+        manifest = (files or RunFiles()).manifest(path)
     if listed is not None:
         if isinstance(listed, str) or not isinstance(listed, Sequence) or not listed:
             raise ValueError(
@@ -389,10 +397,11 @@ def configured_domains(key: str, loader: Mapping[str, Any] | None, local: bool) 
     return manifest.domain_names if manifest is not None else None
 
 
-def check_domains(cfg: RunConfig, local: bool = True) -> None:
+def check_domains(cfg: RunConfig, local: bool = True, files: RunFiles | None = None) -> None:
     """With dynamic loading: train and eval domains agree, and a reference-loss mapping names exactly them."""
-    train = configured_domains("train_loader", cfg.train_loader, local)
-    evaluation = configured_domains("eval_loader", cfg.eval_loader, local)
+    files = files if files is not None else RunFiles()
+    train = configured_domains("train_loader", cfg.train_loader, local, files)
+    evaluation = configured_domains("eval_loader", cfg.eval_loader, local, files)
     options = (cfg.callbacks or {}).get("dynamic_loading")
     if options is None:
         return
@@ -461,7 +470,7 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_distillation(cfg: RunConfig, local: bool = True) -> None:
+def check_distillation(cfg: RunConfig, local: bool = True, files: RunFiles | None = None) -> None:
     """``distillation:``: alpha in [0, 1], temperature > 0, chunk_size >= 0, and a teacher folder whose
     vocabulary is the source's (its logits are compared token by token) and whose context fits max_seq_len."""
     d = cfg.distillation
@@ -484,46 +493,48 @@ def check_distillation(cfg: RunConfig, local: bool = True) -> None:
     if d.teacher is None or not local:
         return
     from shearing.models.family import check_sliding_window
-    from shearing.models.shapes import is_checkpoint_dir, read_config_json, source_max_positions
+    from shearing.models.shapes import is_checkpoint_dir, source_max_positions
 
+    files = files if files is not None else RunFiles()
     if not is_checkpoint_dir(d.teacher):
         raise ValueError(
             f"distillation.teacher={d.teacher!r} is not a Hugging Face checkpoint folder (config.json and weights): "
             "give such a folder (save_pretrained writes one), or null to distil from model.source"
         )
-    teacher = read_config_json(d.teacher)
+    teacher = files.config_json(d.teacher)
     check_sliding_window(teacher, cfg.max_seq_len, f"{d.teacher}/config.json")
-    source_vocab = _source_vocab_size(cfg.model.source)
+    source_vocab = _source_vocab_size(cfg.model.source, files)
     if source_vocab is not None and teacher.get("vocab_size") != source_vocab:
         raise ValueError(
             f"distillation.teacher={d.teacher} has vocab_size={teacher.get('vocab_size')} but model.source has "
             f"{source_vocab}: the KD loss compares the two models' next-token distributions, so they must share "
             "a tokenizer; give a teacher of the same vocabulary"
         )
-    limit = source_max_positions(d.teacher)
+    limit = source_max_positions(d.teacher, teacher)
     if cfg.max_seq_len > limit:
         raise ValueError(
             f"max_seq_len={cfg.max_seq_len} is longer than distillation.teacher's max_position_embeddings={limit}: "
             f"lower max_seq_len to at most {limit}, or use another teacher"
         )
-    check_weight_files(d.teacher)
+    check_weight_files(d.teacher, teacher)
 
 
-def _source_vocab_size(source: Any) -> int | None:
+def _source_vocab_size(source: Any, files: RunFiles) -> int | None:
     """The source's vocabulary (checkpoint, named shape or shape mapping); None when the source itself is
     unusable, which the source checks report."""
-    from shearing.models.shapes import resolve_source_shape
+    from shearing.models.shapes import is_checkpoint_dir, resolve_source_shape
 
     try:
-        return resolve_source_shape(source).vocab_size
+        config = files.config_json(source) if is_checkpoint_dir(source) else None
+        return resolve_source_shape(source, config=config).vocab_size
     except ValueError:
         return None
 
 
-def check_context_length(cfg: RunConfig, local: bool = True) -> None:
+def check_context_length(cfg: RunConfig, local: bool = True, files: RunFiles | None = None) -> None:
     """``max_seq_len`` must fit the source's ``max_position_embeddings`` (config.json or the named shape)."""
     from shearing.models.family import check_sliding_window
-    from shearing.models.shapes import is_checkpoint_dir, read_config_json, source_max_positions
+    from shearing.models.shapes import is_checkpoint_dir, source_max_positions
 
     source = cfg.model.source
     if is_checkpoint_dir(source) and not local:
@@ -533,35 +544,36 @@ def check_context_length(cfg: RunConfig, local: bool = True) -> None:
 
         if source not in NAMED_SHAPES:
             return  # a path that is not there: resolve_source_shape says so
-    limit = source_max_positions(source)
+    config = (files or RunFiles()).config_json(source) if is_checkpoint_dir(source) else None
+    limit = source_max_positions(source, config)
     if cfg.max_seq_len > limit:
         raise ValueError(
             f"max_seq_len={cfg.max_seq_len} is longer than the source's max_position_embeddings={limit} "
             f"({source}): lower max_seq_len to at most {limit} (and prepare the data at that length)"
         )
-    if is_checkpoint_dir(source):  # a sliding window must not take effect within max_seq_len
-        check_sliding_window(read_config_json(source), cfg.max_seq_len, f"{source}/config.json")
+    if config is not None:  # a sliding window must not take effect within max_seq_len
+        check_sliding_window(config, cfg.max_seq_len, f"{source}/config.json")
 
 
 # ---------------------------------------------------------------------------------------------------
 # 5. Files
 
 
-def check_source_files(cfg: RunConfig) -> None:
+def check_source_files(cfg: RunConfig, files: RunFiles | None = None) -> None:
     """A source checkpoint folder: config.json parses and every weight file HF would read is intact."""
-    from shearing.models.shapes import is_checkpoint_dir, read_config_json
+    from shearing.models.shapes import is_checkpoint_dir
 
     if not is_checkpoint_dir(cfg.model.source):
         return
-    read_config_json(cfg.model.source)
-    check_weight_files(cfg.model.source)
+    config = (files or RunFiles()).config_json(cfg.model.source)
+    check_weight_files(cfg.model.source, config)
 
 
-def check_weight_files(folder: Any) -> None:
+def check_weight_files(folder: Any, config: Mapping[str, Any] | None = None) -> None:
     """Every safetensors file HF would read from checkpoint ``folder`` is intact (headers only, no weights)."""
     from shearing.models.hf_io import check_safetensors_file, hf_weight_files
 
-    for file in hf_weight_files(folder):
+    for file in hf_weight_files(folder, config):
         if file.suffix == ".safetensors":
             check_safetensors_file(file)
 
@@ -585,7 +597,7 @@ def _batches(field: str, value: Any) -> int | None:
     return int(time.value) if time.unit.value == "ba" else None
 
 
-def check_numbers(cfg: RunConfig, local: bool = True) -> None:
+def check_numbers(cfg: RunConfig, local: bool = True, files: RunFiles | None = None) -> None:
     """Batch sizes, optimizer numbers, proportions, dynamic-loading options and warmups (point 6)."""
     _positive_int("global_train_batch_size", cfg.global_train_batch_size, "the sequences per optimizer step")
     if cfg.device_train_microbatch_size != "auto":
@@ -615,7 +627,7 @@ def check_numbers(cfg: RunConfig, local: bool = True) -> None:
             eval_dataset["max_seqs_per_domain"],
             "how many eval sequences of each domain to read, or null for all of them",
         )
-    domains = configured_domains("train_loader", cfg.train_loader, local)
+    domains = configured_domains("train_loader", cfg.train_loader, local, files)
     options = (cfg.callbacks or {}).get("dynamic_loading")
     candidates = [
         (
@@ -682,7 +694,7 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_paths(cfg: RunConfig) -> None:
+def check_paths(cfg: RunConfig, files: RunFiles | None = None) -> None:
     """``autoresume``, ``load_path`` and ``save_folder`` against this machine's folders (point 6)."""
     if cfg.autoresume and cfg.save_folder is None:
         raise ValueError(
@@ -696,7 +708,7 @@ def check_paths(cfg: RunConfig) -> None:
         )
     for key, loader in (("train_loader", cfg.train_loader), ("eval_loader", cfg.eval_loader)):
         local = ((loader or {}).get("dataset") or {}).get("local")
-        domains = configured_domains(key, loader, local=True)
+        domains = configured_domains(key, loader, True, files)
         for domain in domains or ():
             index = Path(local) / domain / "index.json"
             if not index.is_file():

@@ -265,7 +265,9 @@ def test_evaluate_names_a_nonfinite_model_before_evaluating(tmp_path, tokenizer_
     path = make_hf_llama(tmp_path / "src", tokenizer_dir, seed=8)
     _poison(path)
     out = tmp_path / "results.json"
-    assert main(["--model", str(path), "--data", str(tiny_data / "eval"), "--output", str(out)]) == 2
+    with pytest.raises(SystemExit) as exited:  # a refusal: one message, exit 2 (shearing.refusals)
+        main(["--model", str(path), "--data", str(tiny_data / "eval"), "--output", str(out)])
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "model.layers.1.mlp.up_proj.weight (2 NaN and 1 inf of 11,264 values)" in err
     assert not out.exists()

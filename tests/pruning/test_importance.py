@@ -306,6 +306,7 @@ def test_prune_run_starts_from_importance_logits(tiny_gqa_dir, tiny_data, tmp_pa
 
     from shearing.config import load_config
     from shearing.models.builder import build_sheared_llama
+    from shearing.spec import resolve_run
     from shearing.train import train_from_yaml
 
     steps = ["variables.max_duration=3ba", "variables.save_interval=3ba", "variables.eval_interval=3ba"]
@@ -316,9 +317,9 @@ def test_prune_run_starts_from_importance_logits(tiny_gqa_dir, tiny_data, tmp_pa
     cfg = load_config(YAML, overrides)
     source, _ = load_source_model(tiny_gqa_dir)
     batches = calibration_batches(f"{tiny_data}/train", 48, 64, cfg.device_eval_batch_size, seed=cfg.seed)
-    built = build_sheared_llama(cfg).l0
+    built = build_sheared_llama(resolve_run(cfg)).l0
     want = importance_log_alphas(activation_importance(source, batches), built.specs.values())
-    constant = build_sheared_llama(load_config(YAML, base)).l0
+    constant = build_sheared_llama(resolve_run(load_config(YAML, base))).l0
     assert set(want) == set(built.log_alphas) == {"hidden", "kv_group", "intermediate", "layer"}
     for name, la in built.log_alphas.items():
         torch.testing.assert_close(la.detach(), want[name], rtol=0, atol=1e-6)

@@ -1,13 +1,14 @@
 """Export the model as a Hugging Face directory when training ends (``export.on_fit_end: true``).
 
 For a pruning run this is the exact target shape (final masks folded in and cut out); for continued
-pre-training or pre-training, the model as it is. Same code path as ``python -m shearing.export``,
-including its gate (``shearing.pruning.gate``): on a pruning run the callback first measures the eval
-loss under expected and under final masks on the run's own eval dataloader (``state.evaluators[0]``,
-at most ``eval_batches`` batches), then rank 0 gates and writes. A refusal raises ``ExportRefused`` on
-every rank: the run exits non-zero and its checkpoints stay where they are. The writer is the CLI's
-(``export_model_state``), so ``export.dtype: float16`` with a weight beyond float16's range is refused
-by name here too, before anything is written.
+pre-training or pre-training, the model as it is. Same code path as ``python -m shearing.export``: the one
+export function (``shearing.export.export_model_state``) with its gate (``shearing.pruning.gate``), and the
+gate's one measurement of the eval losses (``mask_eval_losses``). On a pruning run the callback first
+measures the loss under expected and under final masks on the run's own eval dataloader
+(``state.evaluators[0]``, at most ``eval_batches`` batches), then rank 0 gates and writes. A refusal raises
+``ExportRefused`` on every rank: the run exits non-zero and its checkpoints stay where they are. Since the
+writer is the CLI's, ``export.dtype: float16`` with a weight beyond float16's range is refused by name here
+too, before anything is written.
 
 Distributed runs: the measurement runs the (wrapped) model's forward on every rank — under FSDP/FSDP2
 the forward is a collective that gathers the sharded weights and mask logits — over each rank's own
@@ -22,6 +23,7 @@ called after ``fit`` to finish the export of an already-finished run.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shlex
 import sys
@@ -33,21 +35,17 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from shearing.metrics import token_losses
+from shearing.callbacks.pruning import find_l0
 from shearing.models.composer_model import composer_model
-from shearing.pruning.gate import ExportRefused, GateThresholds
+from shearing.pruning.gate import ExportRefused, GateThresholds, mask_eval_losses
 from shearing.pruning.l0 import L0Module
 
 log = logging.getLogger(__name__)
 
 
-def find_l0(model: torch.nn.Module) -> L0Module | None:
-    return next((m for m in model.modules() if isinstance(m, L0Module)), None)
-
-
-@torch.no_grad()
-def measure_mask_losses(state: State, l0: L0Module, max_batches: int) -> dict[str, float] | None:
-    """Eval loss under expected and under final masks on the run's eval loader; a collective (all ranks)."""
+def mask_losses_on_loader(state: State, l0: L0Module, max_batches: int) -> dict[str, float] | None:
+    """The gate's eval losses (``gate.mask_eval_losses``) on the first ``max_batches`` batches of the run's
+    eval loader, under the run's precision; a collective (every rank, the same number of batches)."""
     from composer.core.precision import get_precision_context
 
     if not state.evaluators or max_batches <= 0:
@@ -62,29 +60,22 @@ def measure_mask_losses(state: State, l0: L0Module, max_batches: int) -> dict[st
     count = torch.tensor([n], dtype=torch.int64, device=device)
     dist.all_reduce(count, reduce_operation="MIN")  # every rank must run the same number of forwards
     n = int(count.item())
+
+    def batches():
+        for batch in itertools.islice(loader, n):
+            yield state.device.batch_to_device(data_spec.batch_transforms(batch))
+
+    def forward(batch):
+        with get_precision_context(state.precision):
+            return state.model(batch)  # the wrapped forward: FSDP gathers what it needs
+
     model = composer_model(state.model)
-    was_training, was_final = model.training, l0.use_final_masks
-    losses = {}
+    was_training = model.training
     try:
         model.eval()
-        for key, final in (("expected_masks", False), ("final_masks", True)):
-            l0.use_final_masks = final
-            totals = torch.zeros(2, dtype=torch.float64, device=device)
-            for index, batch in enumerate(loader):
-                if index >= n:
-                    break
-                batch = state.device.batch_to_device(data_spec.batch_transforms(batch))
-                with get_precision_context(state.precision):
-                    logits = state.model(batch)  # the wrapped forward: FSDP gathers what it needs
-                token = token_losses(logits, batch.get("labels", batch["input_ids"]))  # the one CE (metrics)
-                totals[0] += token.sum.double()
-                totals[1] += token.valid.sum()
-            dist.all_reduce(totals)
-            losses[key] = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+        return mask_eval_losses(forward, l0, batches, device, reduce=dist.all_reduce)
     finally:
-        l0.use_final_masks = was_final
         model.train(was_training)
-    return losses
 
 
 class ExportOnFitEnd(Callback):
@@ -110,7 +101,7 @@ class ExportOnFitEnd(Callback):
         from shearing.export import export_model_state
 
         l0 = find_l0(composer_model(state.model))
-        eval_loss = measure_mask_losses(state, l0, self.eval_batches) if l0 is not None else None
+        eval_loss = mask_losses_on_loader(state, l0, self.eval_batches) if l0 is not None else None
         if eval_loss is not None:
             eval_source = f"the run's eval loader (at most {self.eval_batches} batches)"
         elif self.eval_batches <= 0:

@@ -25,11 +25,9 @@ from shearing.pruning.l0 import L0Module, PruningClock, warmup_progress
 log = logging.getLogger(__name__)
 
 
-def find_l0(model: torch.nn.Module) -> L0Module:
-    for module in model.modules():
-        if isinstance(module, L0Module):
-            return module
-    raise ValueError("LagrangianPruning needs a model with an L0 module (a pruning run)")
+def find_l0(model: torch.nn.Module) -> L0Module | None:
+    """The model's L0 module (inside any FSDP/DDP wrapper), or None for a model that does not prune."""
+    return next((m for m in model.modules() if isinstance(m, L0Module)), None)
 
 
 def resolve_batches(duration: str | Time, max_duration: Time | None) -> int:
@@ -64,7 +62,8 @@ class LagrangianPruning(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.BATCH_START:
             model = composer_model(state.model)
-            find_l0(model)  # a clear error for a run without an L0 module
+            if find_l0(model) is None:
+                raise ValueError("LagrangianPruning needs a model with an L0 module (a pruning run)")
             model.pruning_clock = PruningClock(step=int(state.timestamp.batch), progress=self.progress(state))
         elif event == Event.BATCH_END:
             stats = getattr(state.outputs, "pruning_stats", None)

@@ -63,18 +63,9 @@ class ModelFamily:
     sliding_window: bool = False  # configs may carry sliding_window (see check_sliding_window)
     extra_fields: tuple[str, ...] = ()  # family config fields a pruned model inherits unchanged
 
-    @property
-    def causal_lm_class(self) -> type:
-        return getattr(transformers, self.architecture)
-
     def projection_bias(self, projection: str) -> bool:
         """Whether ``self_attn.<projection>`` / ``mlp.<projection>`` (e.g. ``q_proj``) has a bias."""
         return self.qkv_bias and projection in ("q_proj", "k_proj", "v_proj")
-
-    def layer_bias_params(self, heads, kv_heads, head_dim):
-        """Bias parameters of one layer (H·K + 2·G·K with q/k/v biases, else 0); works on tensors of
-        expected head counts too."""
-        return qkv_bias_params(heads, kv_heads, head_dim) if self.qkv_bias else 0
 
 
 def qkv_bias_params(heads, kv_heads, head_dim):

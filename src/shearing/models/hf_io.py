@@ -34,6 +34,7 @@ inf counts before training starts, not a NaN loss or a "reference loss must be f
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -149,10 +150,11 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 REFETCH = "download the checkpoint again (or re-save it with save_pretrained)"
 
 
-def hf_weight_files(path: str | os.PathLike) -> list[Path]:
-    """The weight files ``from_pretrained`` would read from checkpoint folder ``path`` (see the module note)."""
+def hf_weight_files(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> list[Path]:
+    """The weight files ``from_pretrained`` would read from checkpoint folder ``path`` (see the module note);
+    ``config``: its config.json when the caller has read it already."""
     root = Path(path)
-    explicit = _explicit_weights(root)
+    explicit = _explicit_weights(root, config)
     if explicit is not None:
         return _index_shards(explicit) if explicit.name.endswith(".index.json") else [explicit]
     for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (BIN_WEIGHTS, BIN_INDEX)):
@@ -166,10 +168,12 @@ def hf_weight_files(path: str | os.PathLike) -> list[Path]:
     )
 
 
-def _explicit_weights(root: Path) -> Path | None:
+def _explicit_weights(root: Path, config: Mapping[str, Any] | None = None) -> Path | None:
     """The file config.json's ``transformers_weights`` names (transformers 5.x), checked; None without one."""
     try:
-        name = json.loads((root / "config.json").read_text()).get("transformers_weights")
+        if config is None:
+            config = json.loads((root / "config.json").read_text())
+        name = config.get("transformers_weights")
     except (OSError, ValueError, AttributeError):
         return None  # no or unreadable config.json: read_config_json reports it
     if name is None:
@@ -258,9 +262,11 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         raise ValueError(f"{path} is not a readable safetensors file ({problem}): {REFETCH}")
 
 
-def read_hf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_hf_state_dict(
+    path: str | os.PathLike, config: Mapping[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
     """The tensors ``from_pretrained`` would load from HF checkpoint folder ``path`` (see ``hf_weight_files``)."""
-    files = hf_weight_files(path)
+    files = hf_weight_files(path, config)
     for file in files:
         if file.suffix == ".safetensors":
             check_safetensors_file(file)
@@ -350,14 +356,19 @@ def load_state_dict_strict(model: MaskedLlamaForCausalLM, state: dict[str, torch
 
 
 def load_source_model(
-    spec: str | os.PathLike | Mapping[str, Any], attn_impl: str = "sdpa", seed: int = 17
+    spec: str | os.PathLike | Mapping[str, Any],
+    attn_impl: str = "sdpa",
+    seed: int = 17,
+    raw_config: Mapping[str, Any] | None = None,
 ) -> tuple[MaskedLlamaForCausalLM, PretrainedConfig]:
     """The source model: an HF checkpoint directory (strict load), or a named shape or a mapping of shape
-    fields (random init, seeded)."""
+    fields (random init, seeded). ``raw_config``: the directory's config.json when the caller has read it
+    (``shearing.spec.RunSpec.source_config``)."""
     if is_checkpoint_dir(spec):
-        config = read_hf_config(spec)
+        raw = dict(raw_config) if raw_config is not None else read_config_json(spec)
+        config = config_from_dict(copy.deepcopy(raw))
         model = MaskedLlamaForCausalLM(config, attn_impl=attn_impl)
-        load_state_dict_strict(model, read_hf_state_dict(spec), where=str(spec))
+        load_state_dict_strict(model, read_hf_state_dict(spec, raw), where=str(spec))
         return model, config
     if isinstance(spec, Mapping):
         shape = shape_from_mapping(spec)

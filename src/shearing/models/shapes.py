@@ -180,13 +180,13 @@ NAMED_CONFIG_EXTRAS: dict[str, dict[str, Any]] = {
 }
 
 
-def source_max_positions(spec: Any) -> int:
-    """``max_position_embeddings`` of a source: its config.json, a shape mapping's field, a named shape's
-    extras, else its family config class's default (``LlamaConfig``'s for named shapes and mappings, what
-    ``load_source_model`` builds)."""
+def source_max_positions(spec: Any, config: Mapping[str, Any] | None = None) -> int:
+    """``max_position_embeddings`` of a source: its config.json (``config`` when the caller has read it), a
+    shape mapping's field, a named shape's extras, else its family config class's default (``LlamaConfig``'s
+    for named shapes and mappings, what ``load_source_model`` builds)."""
     family = FAMILIES["llama"]
     if is_checkpoint_dir(spec):
-        raw = read_config_json(spec)
+        raw = config if config is not None else read_config_json(spec)
         family = family_of(raw)
     elif isinstance(spec, Mapping):
         raw = dict(spec)
@@ -256,18 +256,21 @@ def is_checkpoint_dir(spec: Any) -> bool:
 
 
 def resolve_source_shape(
-    spec: str | os.PathLike, expected: str | None = None, need_checkpoint: bool = False
+    spec: str | os.PathLike,
+    expected: str | None = None,
+    need_checkpoint: bool = False,
+    config: Mapping[str, Any] | None = None,
 ) -> LlamaShape:
     """The shape of a source model given as an HF checkpoint directory or a named shape.
 
-    Reads only ``config.json``: no weights are loaded. ``expected`` names the shape a recipe was written
+    Reads only ``config.json`` (not even that when the caller passes it as ``config``): no weights are loaded. ``expected`` names the shape a recipe was written
     for (``model.source_shape``): a checkpoint of another shape is an error, and when the directory is
     not there (planning on a laptop) the named shape stands in for it, unless ``need_checkpoint``.
     """
     if isinstance(spec, Mapping):
         return shape_from_mapping(spec)
     if is_checkpoint_dir(spec):
-        shape = shape_from_hf_config(read_config_json(spec))
+        shape = shape_from_hf_config(config if config is not None else read_config_json(spec))
         if expected is not None and shape != named_shape(expected):
             raise ValueError(
                 f"source model {spec} has shape {shape} but model.source_shape says {expected!r} "

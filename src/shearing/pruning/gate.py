@@ -26,7 +26,11 @@ the eval loss under the expected masks; it refuses when either gap exceeds its t
   values, and a number of zeros that differs by a unit or two).
 
 The loss half needs eval data; without it the loss is recorded as not measured (or as skipped, with
-the reason, in ``eval_source``) and only the other halves decide.
+the reason, in ``eval_source``) and only the other halves decide. Both exports measure it with
+``mask_eval_losses``, the one definition: the mean token cross-entropy (``shearing.metrics.token_losses``)
+over every predicted token of the batches, under the expected and then under the final masks. The CLI feeds
+it the first ``--max-seqs`` sequences of each domain of ``DATA_DIR/eval``; the fit-end callback the first
+``export.gate_eval_batches`` batches of the run's eval loader on every rank, summed across ranks.
 
 Decidedness. Sparsity and loss can both pass while the masks have not decided anything: every keep
 probability p = P(z > 0) sits near the target keep fraction 1 - t, so the expected sparsity equals the
@@ -47,17 +51,20 @@ every family passes both from step 180 on (at 140-160 the hidden family's droppe
 after 20 steps, kept 0.92-0.96 and dropped 0.89 in every family. ``make demo``'s pruning (200 steps from a
 trained source) ends at kept 0.96-0.99, dropped 0.05-0.09, mask values 0.88-0.99.
 
-Everything here is a plain function of tensors and numbers; the callers measure.
+Everything here is a plain function of tensors and numbers; the callers supply the model's forward and
+the batches to measure on.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from shearing.metrics import token_losses
 
 FORCE_HINT = (
     "export anyway with `python -m shearing.export --checkpoint ... --output ... --force`, "
@@ -277,10 +284,44 @@ def check_gate(gate: Mapping[str, Any], step: int | None) -> None:
         raise ExportRefused(refusal_message(gate, step))
 
 
-def combine_losses(totals: Mapping[str, Any]) -> float:
-    """Token-weighted mean loss over domains from ``{domain: DomainLoss(loss, tokens)}``."""
-    tokens = sum(t.tokens for t in totals.values())
-    return sum(t.loss * t.tokens for t in totals.values()) / tokens if tokens else math.nan
+@torch.no_grad()
+def mask_eval_losses(
+    forward: Callable[[Mapping[str, torch.Tensor]], torch.Tensor],
+    l0: Any,
+    batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]],
+    device: torch.device | str = "cpu",
+    reduce: Callable[[torch.Tensor], Any] | None = None,
+) -> dict[str, float]:
+    """The loss half of the gate: ``{"expected_masks": loss, "final_masks": loss}``, each the mean token
+    cross-entropy over every predicted token of ``batches()`` (the summed loss over the token count, not a
+    mean of per-domain, per-batch or per-rank means; NaN without tokens, which fails the gate).
+
+    ``forward(batch)`` returns the logits [B,T,V] of the model (in eval mode) under ``l0``'s masks; an
+    ``L0Module`` in eval mode gives ``deterministic_masks(exact=l0.use_final_masks)``, which is set here for
+    each half and restored. The targets are ``batch["labels"]`` (else ``input_ids``), unshifted, -100 not
+    counted. The cross-entropy runs one row at a time (the float32 log-softmax of one [1,T,V] row stays
+    small), each row's float32 sum added to a float64 total on ``device``; ``reduce`` (an in-place sum across
+    ranks) sees the ``[summed loss, tokens]`` of each half before the division.
+    """
+    was_final = l0.use_final_masks
+    losses = {}
+    try:
+        for key, final in (("expected_masks", False), ("final_masks", True)):
+            l0.use_final_masks = final
+            totals = torch.zeros(2, dtype=torch.float64, device=device)
+            for batch in batches():
+                logits = forward(batch)
+                labels = batch.get("labels", batch["input_ids"])
+                for row in range(labels.shape[0]):
+                    token = token_losses(logits[row : row + 1], labels[row : row + 1])
+                    totals[0] += token.sum.double()
+                    totals[1] += token.valid.sum()
+            if reduce is not None:
+                reduce(totals)
+            losses[key] = float(totals[0] / totals[1]) if totals[1] > 0 else math.nan
+    finally:
+        l0.use_final_masks = was_final
+    return losses
 
 
 __all__ = [
@@ -289,10 +330,10 @@ __all__ = [
     "check_dtype_range",
     "check_finite",
     "check_gate",
-    "combine_losses",
     "describe_gate",
     "evaluate_gate",
     "family_stats",
+    "mask_eval_losses",
     "non_finite_tensors",
     "refusal_message",
 ]

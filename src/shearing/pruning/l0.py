@@ -84,9 +84,11 @@ class L0Module(nn.Module):
         target: LlamaShape,
         families: Sequence[str] = DEFAULT_FAMILIES,
         seed: int = 17,
+        *,
+        plan: PruningPlan | None = None,
     ):
         super().__init__()
-        self.plan = PruningPlan.build(source, target, families)
+        self.plan = plan if plan is not None else PruningPlan.build(source, target, families)
         self.source, self.target = source, target
         self.specs = self.plan.spec_by_name
         self.log_alphas = nn.ParameterDict(
@@ -103,7 +105,7 @@ class L0Module(nn.Module):
 
     @classmethod
     def from_plan(cls, plan: PruningPlan, seed: int = 17) -> L0Module:
-        return cls(plan.source, plan.target, plan.families, seed=seed)
+        return cls(plan.source, plan.target, plan.families, seed=seed, plan=plan)
 
     def reset_parameters(self) -> None:
         for log_alpha in self.log_alphas.values():

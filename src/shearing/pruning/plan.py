@@ -124,13 +124,17 @@ class PruningPlan:
         return cls(source, target, tuple(families), tuple(plan_families(source, target, families)))
 
     @classmethod
-    def from_config(cls, cfg: Any, need_checkpoint: bool = False) -> PruningPlan:
-        """The plan of a run config with a ``pruning:`` section (reads only the source's config.json)."""
+    def from_config(
+        cls, cfg: Any, need_checkpoint: bool = False, source: LlamaShape | None = None
+    ) -> PruningPlan:
+        """The plan of a run config with a ``pruning:`` section (reads only the source's config.json, and not
+        that when the caller passes the ``source`` shape it resolved)."""
         if cfg.pruning is None:
             raise ValueError("the run has no pruning section: there is no pruning plan")
-        source = resolve_source_shape(
-            cfg.model.source, cfg.model.source_shape, need_checkpoint=need_checkpoint
-        )
+        if source is None:
+            source = resolve_source_shape(
+                cfg.model.source, cfg.model.source_shape, need_checkpoint=need_checkpoint
+            )
         target = resolve_target_shape(source, cfg.pruning.target)
         if target == source:
             raise ValueError(
