@@ -57,8 +57,11 @@ install-gpu: install
 	$(UV) pip install -p $(PY) "setuptools<81" wheel packaging ninja psutil
 	$(UV) pip install -p $(PY) --no-build-isolation --no-deps "flash-attn==2.8.3"
 
+# One pytest-xdist worker per core, at most 4 (tests/conftest.py keeps the multi-process tests on one worker).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-torch211:
 	$(MAKE) --no-print-directory test PROFILE=py312-torch211 PYTEST_ARGS="$(TORCH211_TESTS) $(PYTEST_ARGS)"
