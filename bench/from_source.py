@@ -292,7 +292,7 @@ class SourceBench(Bench):
             refusal = str(e)
             print(f"[reproduce] {name}: export refused by the gate: {refusal}", flush=True)
             if self.force_export:
-                from shearing.export import export_checkpoint
+                from shearing.export.hf import export_checkpoint
 
                 # The refusal already measured the loss half of the gate: the forced export checks the
                 # sparsity half again (its shearing_export.json records it as forced) without re-measuring.

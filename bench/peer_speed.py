@@ -280,9 +280,9 @@ def build_foundry(kind: str, setup: Setup):
         build_tokenizer,
     )
 
-    import shearing.registry  # noqa: F401  (the domain_mixture loader in llm-foundry's registry)
+    import shearing.composer.registry  # noqa: F401  (the domain_mixture loader in llm-foundry's registry)
+    from shearing.composer.registry import CALLBACKS
     from shearing.config import load_config
-    from shearing.registry import CALLBACKS
 
     recipe = load_config(*our_overrides("cpt", setup))
     tokenizer = build_tokenizer(str(setup.model), {"model_max_length": setup.seq_len})
@@ -548,12 +548,12 @@ PHASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "whole step (_train_batch)": ("_train_batch", ("composer/trainer/trainer.py",)),
     "model forward (HF: with its loss)": (
         "forward",
-        ("shearing/models/composer_model.py", "composer/models/huggingface.py"),
+        ("shearing/composer/model.py", "composer/models/huggingface.py"),
     ),
     "loss()": (
         "loss",
         (
-            "shearing/models/composer_model.py",
+            "shearing/composer/model.py",
             "composer/models/huggingface.py",
             "llmfoundry/models/hf/hf_base.py",
         ),
@@ -563,7 +563,7 @@ PHASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "optimizer update (AdamW)": ("adamw", ("composer/optim/decoupled_weight_decay.py",)),
     "train metric compute + log": (
         "_compute_and_log_metrics",
-        ("composer/trainer/trainer.py", "shearing/trainer.py"),
+        ("composer/trainer/trainer.py", "shearing/composer/trainer.py"),
     ),
     "events (algorithms, callbacks)": ("run_event", ("composer/core/engine.py",)),
     "next batch": ("__next__", ("torch/utils/data/dataloader.py",)),

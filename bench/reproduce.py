@@ -315,7 +315,7 @@ class Bench:
 
     def cut_and_export(self, model: Any, masks: dict[str, Any], name: str) -> None:
         """Cut ``model`` with 0/1 ``masks`` and export it to ``runs/<name>/hf`` as a run would."""
-        from shearing.export import export_model_state
+        from shearing.export.hf import export_model_state
         from shearing.pruning.surgery import prune_model
 
         pruned = prune_model(model, masks).model

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizers with each pre-tokenizer structure ``shearing.gguf_vocab`` maps to a llama.cpp name.
+"""Byte-level BPE tokenizers with each pre-tokenizer structure ``shearing.export.gguf_vocab`` maps to a llama.cpp name.
 
 ``variant(spec, name)`` rewrites a tokenizer.json (its pre-tokenizer, normalizer and ``ignore_merges``)
 into the structure the real model family ships (LLaMA-3's Split + ByteLevel without its regex, Qwen2's
@@ -15,7 +15,7 @@ import copy
 import json
 from pathlib import Path
 
-from shearing.gguf_vocab import SPLITS
+from shearing.export.gguf_vocab import SPLITS
 
 RAW_WORD = "Ġzqxjvkw"  # in the vocabulary, not reachable by merges (a space then "zqxjvkw")
 

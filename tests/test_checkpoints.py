@@ -113,7 +113,7 @@ def truncate(path, keep=0.5):
 def test_disk_full_leftovers_are_moved_aside_then_removed_once_superseded(tmp_path):
     """No training: the start-up tidy and the after-checkpoint sweep on a folder a full disk left behind."""
     from shearing.checkpoints import tidy_save_folder
-    from shearing.run_folder import SupersededCheckpointSweep
+    from shearing.composer.run_folder import SupersededCheckpointSweep
 
     write_checkpoints(tmp_path, [10, 20])  # latest -> ba20, both good
     torch.save({"state": {"batch": 30}}, tmp_path / "ep0-ba30-rank0.pt")

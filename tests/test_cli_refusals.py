@@ -15,8 +15,8 @@ import torch
 from subproc import run_python
 
 from shearing import evaluate as evaluate_mod
-from shearing import export as export_mod
 from shearing import report as report_mod
+from shearing.export import hf as export_mod
 
 TIMEOUT = 300
 

@@ -1,4 +1,4 @@
-"""shearing.composer_compat workaround 2: a torch newer than the tested profiles is said once, on rank 0, at
+"""shearing.composer.compat workaround 2: a torch newer than the tested profiles is said once, on rank 0, at
 training start (a warning and a log line naming the tested versions); tested or older versions are silent.
 The tested versions are the lock files' torch pins. (Workaround 1 is tested in tests/test_multinode.py.)"""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shearing import composer_compat
+from shearing.composer import compat as composer_compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def fresh(monkeypatch):
 
 def test_a_newer_torch_warns_once_naming_the_tested_versions(fresh, monkeypatch, caplog):
     monkeypatch.setattr(torch, "__version__", "2.12.0+cu130")
-    with caplog.at_level(logging.WARNING, logger="shearing.composer_compat"):
+    with caplog.at_level(logging.WARNING, logger="shearing.composer.compat"):
         with pytest.warns(UserWarning, match=r"torch 2\.12\.0\+cu130 is newer") as warned:
             message = composer_compat.warn_if_torch_untested()
     assert len(warned) == 1 and str(warned[0].message) == message

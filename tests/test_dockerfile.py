@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shearing.composer_compat import TESTED_TORCH
+from shearing.composer.compat import TESTED_TORCH
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = re.compile(r"pytorch/pytorch:(?P<torch>[\d.]+)-cuda(?P<cuda>[\d.]+)-cudnn\d+-devel")

@@ -20,10 +20,10 @@ from gguf_tokenizers import STRUCTURES, write_variant
 from tiny import make_hf_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from shearing.export import SUMMARY_NAME, export_model_state, load_checkpoint, main
-from shearing.gguf_export import rope_settings, write_gguf
-from shearing.gguf_vocab import identify_pre_tokenizer
-from shearing.model_card import last_eval
+from shearing.export.gguf import rope_settings, write_gguf
+from shearing.export.gguf_vocab import identify_pre_tokenizer
+from shearing.export.hf import SUMMARY_NAME, export_model_state, load_checkpoint, main
+from shearing.export.model_card import last_eval
 
 SENTENCE = "def parse(self, text):\n    return [line.strip() for line in text.splitlines()]"
 
@@ -236,7 +236,7 @@ def test_non_byte_level_tokenizer_is_refused_before_writing(tmp_path, tokenizer_
 def test_export_gguf_config_is_checked_before_training(tmp_path):
     from types import SimpleNamespace
 
-    from shearing.callbacks.export import check_export_config
+    from shearing.composer.callbacks.export import check_export_config
     from shearing.config import ExportConfig
 
     cfg = SimpleNamespace(

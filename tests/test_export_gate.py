@@ -12,8 +12,8 @@ import pytest
 import torch
 from tiny import run_overrides
 
-from shearing import export as export_mod
-from shearing.export import ExportRefused
+from shearing.export import hf as export_mod
+from shearing.export.hf import ExportRefused
 from shearing.train import train_from_yaml
 
 YAML = "yamls/testing/prune_tiny.yaml"
@@ -300,7 +300,7 @@ def test_decidedness_thresholds_come_from_the_yaml(tmp_path):
     checked with the other export keys, before training."""
     from tiny import run_overrides
 
-    from shearing.callbacks.export import build_export_callback
+    from shearing.composer.callbacks.export import build_export_callback
     from shearing.config import load_config
 
     def cfg(*extra):

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from shearing import export as export_mod
+from shearing.export import hf as export_mod
 from shearing.io import write_json_atomic
 from shearing.train import train_from_yaml
 

@@ -3,7 +3,7 @@
 Skipped unless ``import llama_cpp`` works: ``pip install llama-cpp-python==0.3.36`` (it compiles llama.cpp
 from source, several minutes). Checked, each against transformers on the same folder:
 
-- tokenization, for every pre-tokenizer ``shearing.gguf_vocab`` names (gpt-2, smollm, llama-bpe,
+- tokenization, for every pre-tokenizer ``shearing.export.gguf_vocab`` names (gpt-2, smollm, llama-bpe,
   smaug-bpe, qwen2), on ``gguf_tokenizers.PROMPTS`` (digits, contractions in any case, punctuation,
   whitespace runs, code, HTML, other scripts, emoji) and 300 corpus texts. Two vocabularies: one trained
   here so that every other name tokenizes at least one prompt differently (the check has teeth: the
@@ -30,8 +30,8 @@ import torch
 from gguf_tokenizers import PROMPTS, STRUCTURES, shared_vocab_tokenizer, write_variant
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from shearing.export import main
-from shearing.gguf_export import write_gguf
+from shearing.export.gguf import write_gguf
+from shearing.export.hf import main
 
 llama_cpp = pytest.importorskip(
     "llama_cpp",

@@ -20,8 +20,8 @@ from composer import Callback, Trainer
 from composer.models import ComposerClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
-from shearing import loggers as loggers_mod
-from shearing.loggers import MetricsFileLogger, to_json_value
+from shearing.composer import loggers as loggers_mod
+from shearing.composer.loggers import MetricsFileLogger, to_json_value
 
 
 class Probe(Callback):

@@ -122,7 +122,7 @@ def test_one_cross_entropy_pass_per_batch_feeds_the_loss_and_every_metric(tmp_pa
     overall and per-domain cross-entropies, the perplexity and dynamic loading all read it."""
     import torch.nn.functional as F
 
-    from shearing.models.composer_model import ComposerShearedLlama
+    from shearing.composer.model import ComposerShearedLlama
     from shearing.train import train_from_yaml
 
     vocab = json.loads((tiny_gqa_dir / "config.json").read_text())["vocab_size"]

@@ -2,7 +2,7 @@
 launchers on this machine, NODE_RANK 0 and 1, one CPU rank each over gloo) on one shared save_folder with
 autoresume on; ``scripts/slurm_train.sbatch`` runs that script once per node through ``srun``.
 
-Composer 0.32.1 gave both nodes one signal-file name in the shared folder (``shearing.composer_compat``):
+Composer 0.32.1 gave both nodes one signal-file name in the shared folder (``shearing.composer.compat``):
 the first start crashed with ``FileNotFoundError ... ._signal_file_node0_*``. Killed (SIGKILL, both
 process groups) once a checkpoint exists and relaunched, the run continues from that checkpoint."""
 
@@ -183,7 +183,7 @@ def test_the_composer_signal_file_name_is_per_node(monkeypatch):
     from composer.utils import dist
 
     import shearing.train  # noqa: F401  (applies the workaround)
-    from shearing import composer_compat
+    from shearing.composer import compat as composer_compat
 
     patched = dist.get_node_signal_file_name
     assert getattr(patched, "_shearing_per_node", False)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp2"])
 def test_two_ranks_end_with_identical_masks(tmp_path, tiny_gqa_dir, tiny_data, parallelism):
     extra = [f"variables.save_folder={tmp_path / 'run'}"]  # checkpoints and dynamic_loading.json stay in tmp
-    # No FSDP_VERSION (run_two_ranks): the recipes' default path, shearing.parallelism builds the FSDP2 config.
+    # No FSDP_VERSION (run_two_ranks): the recipes' default path, shearing.composer.parallelism builds the FSDP2 config.
     if parallelism == "fsdp2":
         # The recipes' fsdp_config (FSDP2 by default) with a full-state-dict export at the end.
         # 12 steps cannot converge: the gate measures both eval losses on both ranks, then is forced.

@@ -7,8 +7,8 @@ import pytest
 import torch
 from composer.utils.parallelism import FSDP2Config, FSDPConfig
 
+from shearing.composer.parallelism import build_parallelism_config, keep_fp32
 from shearing.config import load_config
-from shearing.parallelism import build_parallelism_config, keep_fp32
 
 YAMLS_DIR = Path(__file__).resolve().parents[1] / "yamls"
 
@@ -84,11 +84,11 @@ def test_committed_recipes_run_fsdp2_with_checkpointing_full_state_dict_and_mixe
 
 
 def test_fsdp1_pruning_with_mixed_precision_warns_that_masks_are_gathered_in_bf16(caplog):
-    with caplog.at_level(logging.WARNING, logger="shearing.parallelism"):
+    with caplog.at_level(logging.WARNING, logger="shearing.composer.parallelism"):
         build({**RECIPE, "version": 1}, pruning=True)
     assert "version: 2 (the L0 module stays fp32) or mixed_precision: FULL" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="shearing.parallelism"):
+    with caplog.at_level(logging.WARNING, logger="shearing.composer.parallelism"):
         build({**RECIPE, "version": 1, "mixed_precision": "FULL"}, pruning=True)
         build({**RECIPE, "version": 1})  # continued pre-training: no L0 module
         build(RECIPE, pruning=True)  # FSDP2: keep_fp32 handles it

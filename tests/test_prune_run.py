@@ -9,7 +9,7 @@ import torch
 from tiny import TINY_TARGET
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shearing import export as export_mod
+from shearing.export import hf as export_mod
 from shearing.models.shapes import count_params, resolve_target_shape, shape_from_hf_config
 from shearing.pruning.surgery import prune_model
 

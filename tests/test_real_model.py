@@ -114,8 +114,8 @@ def _random_l0(config, target: dict, seed: int = 0) -> L0Module:
 @pytest.fixture(scope="module", params=sorted(TARGETS))
 def exported(request, smollm2_dir, source, sentence_ids, tmp_path_factory):
     """(target, masks, masked logits, pruned logits, export dir, summary) for one GQA target."""
-    from shearing.export import export_model_state
-    from shearing.models.composer_model import ComposerShearedLlama
+    from shearing.composer.model import ComposerShearedLlama
+    from shearing.export.hf import export_model_state
     from shearing.pruning.gate import ExportRefused
 
     model, config = source

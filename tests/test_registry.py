@@ -1,4 +1,4 @@
-"""The registry seam: pyproject's entry points and shearing.registry name the same pieces, llm-foundry finds
+"""The registry seam: pyproject's entry points and shearing.composer.registry name the same pieces, llm-foundry finds
 them, and a yaml can swap the model builder and the pruning algorithm by name."""
 
 import tomllib
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from llmfoundry import registry
 
-from shearing import registry as ours
+from shearing.composer import registry as ours
 from shearing.config import load_config
 from shearing.validation import validate_config
 
@@ -50,7 +50,7 @@ def test_unregistered_model_or_algorithm_is_refused_by_name(tmp_path):
 def test_a_yaml_swaps_the_model_builder_and_the_algorithm(tmp_path):
     from composer.core import Algorithm
 
-    from shearing.models.builder import build_sheared_llama
+    from shearing.composer.builder import build_sheared_llama
     from shearing.spec import resolve_run
     from shearing.train import build_algorithms, build_model
 

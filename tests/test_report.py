@@ -215,8 +215,8 @@ def test_cli_prints_where_it_wrote_and_rejects_missing_folders(synthetic_runs, t
 def train_tiny(run: Path, tiny_gqa_dir: Path, tiny_data: Path, duration: str) -> None:
     from llmfoundry import registry
 
+    from shearing.composer.loggers import MetricsFileLogger
     from shearing.config import RunConfig
-    from shearing.loggers import MetricsFileLogger
     from shearing.train import train_from_yaml
 
     if "metrics_file" not in registry.loggers:
@@ -310,7 +310,8 @@ def test_report_joins_an_outside_export_and_results_files_to_the_run(
     task rows, each attached to the entry holding the evaluated model."""
     from test_evaluate import write_local_mc_task
 
-    from shearing import evaluate, export
+    from shearing import evaluate
+    from shearing.export import hf as export
 
     _, run = pruned_run
     monkeypatch.chdir(tmp_path)

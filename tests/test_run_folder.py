@@ -65,7 +65,7 @@ def test_second_run_is_refused_while_another_holds_the_folder(tmp_path, tiny_gqa
 def test_without_flock_an_owner_file_is_used_and_a_dead_owner_is_taken_over(tmp_path, monkeypatch):
     import fcntl
 
-    from shearing.run_folder import OWNER_NAME, SaveFolderLock
+    from shearing.composer.run_folder import OWNER_NAME, SaveFolderLock
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")

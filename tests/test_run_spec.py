@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from tiny import run_overrides
 
+from shearing.composer.run_folder import RECORD_NAME
 from shearing.data.manifest import MANIFEST_NAME
 from shearing.pruning.plan import PruningPlan
-from shearing.run_folder import RECORD_NAME
 
 YAML = "yamls/testing/prune_tiny.yaml"
 

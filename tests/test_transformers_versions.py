@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from shearing.data.compat import tokenizer_fingerprint
 from shearing.data.tokenizer import PORTABLE_CLASS, V5_ONLY_CLASS
 from shearing.evaluation.loading import dtype_kwargs
-from shearing.export import TOKENIZER_FILES, copy_tokenizer, write_config
+from shearing.export.hf import TOKENIZER_FILES, copy_tokenizer, write_config
 from shearing.models.hf_io import config_from_dict, load_source_model, portable_config_dict
 from shearing.pruning.surgery import _inherited_fields, prune_model
 
@@ -46,7 +46,7 @@ SAVED_BY_5 = {
 
 @pytest.fixture(scope="module")
 def exported(pruned_run, tmp_path_factory):
-    from shearing.export import main
+    from shearing.export.hf import main
 
     _, run_dir = pruned_run
     out = tmp_path_factory.mktemp("tfv") / "hf"

@@ -94,8 +94,8 @@ def test_every_allowed_global_is_needed(real_checkpoint, monkeypatch, name):
 
 
 def test_export_and_run_metadata_read_real_checkpoints_with_weights_only(pruned_run, weights_only_loads):
-    from shearing.export import read_checkpoint
-    from shearing.run_folder import record_from_checkpoint
+    from shearing.composer.run_folder import record_from_checkpoint
+    from shearing.export.hf import read_checkpoint
 
     _, run_dir = pruned_run
     model_state, step, tokens, file = read_checkpoint(run_dir)
@@ -142,7 +142,7 @@ def test_crafted_checkpoint_is_refused_by_the_export_and_runs_nothing(tmp_path, 
 
 def test_crafted_latest_checkpoint_is_refused_by_the_run_metadata_check(tmp_path):
     """A run folder without shearing_run.json: its latest checkpoint's metadata is read, never executed."""
-    from shearing.run_folder import record_from_checkpoint
+    from shearing.composer.run_folder import record_from_checkpoint
 
     marker = tmp_path / "pwned"
     evil = evil_checkpoint(tmp_path / "ep0-ba10-rank0.pt", RunsCommand(f"touch {marker}"))

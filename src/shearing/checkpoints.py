@@ -1,6 +1,6 @@
 """Pre-flight checks on the run folder: a corrupt latest checkpoint, a folder that cannot be written,
 not enough disk for a checkpoint, what a failed write left behind. All run before any weights are loaded,
-on global rank 0 while it holds the folder's lock (``shearing.run_folder``), so no other writer is active.
+on global rank 0 while it holds the folder's lock (``shearing.composer.run_folder``), so no other writer is active.
 
 Composer's autoresume loads whatever ``latest-rank0.pt`` points to. A checkpoint cut short (a node lost
 power mid-write, a full disk) would make every restart crash on it, so before the trainer starts, rank 0
@@ -63,9 +63,11 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
+from shearing.folders import LATEST_CHECKPOINT
+
 log = logging.getLogger(__name__)
 
-LATEST = "latest-rank0.pt"
+LATEST = LATEST_CHECKPOINT
 CHECKPOINTS = "ep*-ba*-rank0.pt"
 CORRUPT = ".corrupt"  # suffix of a checkpoint moved aside
 CHECKPOINT_NAME = re.compile(r"ep\d+-ba\d+-rank0\.pt")  # Composer's default save_filename, rank 0's file

@@ -25,7 +25,7 @@ Training logs no value at all for a domain without tokens: Composer computes and
 metric after every batch, so a batch without domain i would log ``<domain>_LanguageCrossEntropy = 0.0``,
 which reads as a perfect loss on a dashboard. ``absent_domains`` finds the per-domain metrics whose
 token count, summed over all ranks, is 0 (one small all-reduce, the same answer on every rank), and
-``shearing.trainer.ShearingTrainer`` leaves them out of that batch's train metrics (no key at all in
+``shearing.composer.trainer.ShearingTrainer`` leaves them out of that batch's train metrics (no key at all in
 any logger). Evaluation keeps every key: each domain's eval split is always read.
 """
 

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from shearing.callbacks.export import export_folder
+from shearing.composer.callbacks.export import export_folder
 from shearing.config import RunConfig
 
 _HANDLER_NAME = "shearing-console"

@@ -10,7 +10,7 @@ Positional inputs may be run folders, export folders (holding ``shearing_export.
 (``"model": "runs/cpt_2.7b/hf"`` -> run ``cpt_2.7b``), else it is its own entry ``FILE (results)``.
 
 Reads from each run folder whatever is there: ``metrics.jsonl`` (the ``metrics_file`` logger,
-``shearing.loggers``), ``dynamic_loading.json``, the export summary ``hf/shearing_export.json`` (or any
+``shearing.composer.loggers``), ``dynamic_loading.json``, the export summary ``hf/shearing_export.json`` (or any
 ``*/shearing_export.json``) and evaluation results (``results.json`` / ``*results*.json``, from
 ``shearing.evaluate``); from an export folder, its summary and the results files inside it. Writes
 ``report.md``, a self-contained ``report.html`` (figures inlined) and ``figures/*.png``: loss curves,

@@ -56,7 +56,7 @@ class RunSpec:
 
     def record(self) -> dict[str, Any]:
         """What must stay the same across a resume of this run (all JSON types): the run record that
-        ``shearing.run_folder.check_run_record`` writes and compares."""
+        ``shearing.composer.run_folder.check_run_record`` writes and compares."""
         cfg, plan = self.cfg, self.plan
         source = cfg.model.source
         return {
@@ -98,7 +98,7 @@ def resolve_run(cfg: RunConfig, tokenizer: Any = None, local: bool = True) -> Ru
     """Check ``cfg`` completely and resolve it (module docstring); ``tokenizer``: the model's tokenizer when
     the caller has loaded it already (else loaded for the data check). ``local=False``: the checks that read
     files or ask about this machine are skipped (committed recipes pointing at cluster folders)."""
-    from shearing.callbacks.export import check_export_config
+    from shearing.composer.callbacks.export import check_export_config
     from shearing.data.compat import check_run_data
     from shearing.validation import configured_domains, validate_config
 

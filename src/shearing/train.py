@@ -24,28 +24,28 @@ from composer.utils import dist, reproducibility
 from llmfoundry.data.dataloader import build_dataloader
 from llmfoundry.utils.builders import build_algorithm, build_callback, build_scheduler
 
-import shearing.registry  # noqa: F401  (joins llm-foundry's registries)
-from shearing import composer_compat
-from shearing.callbacks.export import ExportOnFitEnd, build_export_callback
-from shearing.callbacks.guard import NonFiniteGuard
+import shearing.composer.registry  # noqa: F401  (joins llm-foundry's registries)
 from shearing.checkpoints import check_save_folder, tidy_save_folder
-from shearing.config import OptimizerConfig, RunConfig, load_config
-from shearing.data.dataloader import loader_domains
-from shearing.export import SUMMARY_NAME
-from shearing.io import read_json_or_none
-from shearing.loggers import build_loggers
-from shearing.models.composer_model import ComposerShearedLlama
-from shearing.parallelism import build_parallelism_config
-from shearing.progress import announce_outputs, setup_console_logging
-from shearing.refusals import refusing
-from shearing.run_folder import (
+from shearing.composer import compat as composer_compat
+from shearing.composer.callbacks.export import ExportOnFitEnd, build_export_callback
+from shearing.composer.callbacks.guard import NonFiniteGuard
+from shearing.composer.loggers import build_loggers
+from shearing.composer.model import ComposerShearedLlama
+from shearing.composer.parallelism import build_parallelism_config
+from shearing.composer.run_folder import (
     SupersededCheckpointSweep,
     check_run_record,
     hold_save_folder,
     on_rank_zero,
 )
+from shearing.composer.trainer import ShearingTrainer
+from shearing.config import OptimizerConfig, RunConfig, load_config
+from shearing.data.dataloader import loader_domains
+from shearing.export.hf import SUMMARY_NAME
+from shearing.io import read_json_or_none
+from shearing.progress import announce_outputs, setup_console_logging
+from shearing.refusals import refusing
 from shearing.spec import RunSpec, resolve_run, tokenizer_path
-from shearing.trainer import ShearingTrainer
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def resolve_initial_proportions(spec: RunSpec) -> Any:
     final-proportions file; numbers or a file path as written."""
     value = (spec.cfg.callbacks.get("dynamic_loading") or {}).get("initial_proportions")
     if isinstance(value, str) and Path(value).is_dir():
-        from shearing.callbacks.dynamic_loading import FILE_STEM
+        from shearing.composer.callbacks.dynamic_loading import FILE_STEM
 
         path = Path(value) / f"{FILE_STEM}.json"
         if not path.is_file():
@@ -298,7 +298,7 @@ def build_trainer(spec: RunSpec, tokenizer: Any = None) -> Trainer:
         schedulers=scheduler,
         algorithms=build_algorithms(cfg),
         callbacks=build_callbacks(cfg, resolved),
-        loggers=build_loggers(  # W&B / MLflow made safe for autoresume (shearing.loggers)
+        loggers=build_loggers(  # W&B / MLflow made safe for autoresume (shearing.composer.loggers)
             cfg.loggers, save_folder=cfg.save_folder, run_name=cfg.run_name, autoresume=cfg.autoresume_enabled
         ),
         max_duration=cfg.max_duration,

@@ -223,7 +223,7 @@ def _registered(kind: str, name: str) -> tuple[Callable, tuple[str, ...]]:
     """What llm-foundry's registry ``kind`` builds for ``name``, and the arguments our code passes itself."""
     from llmfoundry import registry
 
-    import shearing.registry  # noqa: F401  (our names join foundry's registries)
+    import shearing.composer.registry  # noqa: F401  (our names join foundry's registries)
 
     if kind == "callbacks" and name in registry.callbacks_with_config:
         return registry.callbacks_with_config.get(name), ("train_config",)
@@ -289,8 +289,8 @@ def check_choices(cfg: RunConfig, local: bool = True) -> None:
     from composer.core import Precision
     from llmfoundry import registry
 
-    from shearing.callbacks.dynamic_loading import UPDATES
-    from shearing.export import DTYPES
+    from shearing.composer.callbacks.dynamic_loading import UPDATES
+    from shearing.export.hf import DTYPES
     from shearing.models.llama import ATTN_IMPLS
 
     precisions = [p.value for p in Precision]
@@ -651,7 +651,7 @@ def check_numbers(cfg: RunConfig, local: bool = True, files: RunFiles | None = N
         except ValueError as e:
             raise ValueError(f"{field}={value!r}: {e}") from None
     if options is not None:
-        from shearing.callbacks.dynamic_loading import check_update_options
+        from shearing.composer.callbacks.dynamic_loading import check_update_options
 
         check_update_options(
             options.get("update", "paper"), options.get("eta", 1.0), options.get("smoothing", 1e-4)

@@ -23,7 +23,7 @@ from composer.core import Callback, Evaluator, State
 from composer.loggers import InMemoryLogger, Logger
 from composer.models import ComposerModel
 
-from shearing.callbacks.dynamic_loading import DynamicLoading
+from shearing.composer.callbacks.dynamic_loading import DynamicLoading
 from shearing.data.dataloader import build_domain_eval_dataloader, build_domain_mixture_dataloader
 from shearing.metrics import DomainLanguageCrossEntropy
 

@@ -13,7 +13,7 @@ import pytest
 from callbacks.mixture_run import REFERENCE_LOSSES, make_trainer, uninterrupted_and_resumed
 from data.conftest_mixture import DOMAINS, make_data_root
 
-from shearing.callbacks.dynamic_loading import DynamicLoading
+from shearing.composer.callbacks.dynamic_loading import DynamicLoading
 from shearing.data.mixture import Mixture
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, MistralForCausalLM, Qwen2Config, 
 
 from shearing.models.family import FAMILIES, TRANSFORMERS_5, check_sliding_window, family_of
 from shearing.models.hf_io import config_from_shape, load_source_model
+from shearing.models.masks import Masks, count_masked_params
 from shearing.models.shapes import (
     count_params,
     named_shape,
@@ -30,7 +31,6 @@ from shearing.models.shapes import (
     shape_from_hf_config,
 )
 from shearing.pruning.l0 import L0Module
-from shearing.pruning.masks import Masks, count_masked_params
 from shearing.pruning.surgery import prune_model
 
 FAMILY_CASES = {
@@ -99,8 +99,8 @@ def test_a_matches_stock_hf_without_and_with_unit_masks(family_dir):
 
 
 def test_b_c_masked_equals_pruned_equals_exported_stock_class(family_dir, tmp_path):
-    from shearing.export import export_model_state
-    from shearing.models.composer_model import ComposerShearedLlama
+    from shearing.composer.model import ComposerShearedLlama
+    from shearing.export.hf import export_model_state
 
     model_type, path = family_dir
     model, config = load_source_model(path)
@@ -409,7 +409,7 @@ def test_qwen2_prune_run_exports_stock_qwen2(tmp_path, tokenizer_dir, tiny_data)
 
 
 def test_gguf_refuses_non_llama_families_before_writing(tmp_path):
-    from shearing.gguf_export import write_gguf
+    from shearing.export.gguf import write_gguf
 
     config = config_from_shape(
         shape_from_hf_config({**config_from_shape(named_shape("tiny_gqa")).to_dict(), "model_type": "qwen2"}),

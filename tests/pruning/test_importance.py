@@ -304,8 +304,8 @@ def test_importance_init_is_validated(tiny_gqa_dir, tiny_data, tmp_path):
 def test_prune_run_starts_from_importance_logits(tiny_gqa_dir, tiny_data, tmp_path):
     from tiny import run_overrides
 
+    from shearing.composer.builder import build_sheared_llama
     from shearing.config import load_config
-    from shearing.models.builder import build_sheared_llama
     from shearing.spec import resolve_run
     from shearing.train import train_from_yaml
 

@@ -6,9 +6,9 @@ from tiny import unit_masks
 
 from shearing.models.hf_io import config_from_shape
 from shearing.models.llama import MaskedLlamaForCausalLM
+from shearing.models.masks import Masks, count_masked_params
 from shearing.models.shapes import count_params, named_shape
 from shearing.pruning.l0 import count_masked_params as l0_count_masked_params
-from shearing.pruning.masks import Masks, count_masked_params
 
 
 def test_kv_group_folds_into_heads_and_is_kept():

@@ -98,8 +98,8 @@ def test_export_has_the_planned_shape_and_size(case, tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from shearing.export import export_model_state
-    from shearing.models.composer_model import ComposerShearedLlama
+    from shearing.composer.model import ComposerShearedLlama
+    from shearing.export.hf import export_model_state
 
     target = {**FULL, **CASES[case]}
     model, masks, target_shape = pruned_pair("tiny_gqa", target, ["hidden", "head", "intermediate", "layer"])

@@ -29,7 +29,7 @@ def run(rank: int, out: Path, use_orig_params: bool, steps: int, port: int) -> N
         from torch.distributed.fsdp import ShardingStrategy
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        from shearing.callbacks.pruning import find_l0
+        from shearing.composer.callbacks.pruning import find_l0
         from shearing.config import OptimizerConfig
         from shearing.models.llama import MaskedDecoderLayer
         from shearing.pruning.l0 import L0Module, PruningClock

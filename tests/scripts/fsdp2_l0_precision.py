@@ -7,7 +7,7 @@ Composer's Trainer refuses ``amp_bf16`` on CPU, so this runs the two Composer pi
 ``ComposerModel`` is one FSDP2 unit: ``.model`` with a unit per decoder layer, and ``.l0``) and
 ``prepare_fully_shard`` with ``Precision.AMP_BF16`` and the recipes' ``mixed_precision: DEFAULT`` (parameters
 gathered in bf16, gradients reduced in fp32), on the mesh Composer's ``State`` would build (what
-``shearing.parallelism`` makes of the recipes' FULL_SHARD). Then it trains ``STEPS`` steps under ``torch.autocast(bf16)``
+``shearing.composer.parallelism`` makes of the recipes' FULL_SHARD). Then it trains ``STEPS`` steps under ``torch.autocast(bf16)``
 like Composer's precision context: forward (``ComposerShearedLlama.forward``), LM loss + Lagrangian,
 backward, ``build_optimizer``'s AdamW step.
 
@@ -36,8 +36,8 @@ def run(rank: int, out: Path, steps: int, port: int) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from shearing.composer.parallelism import keep_fp32
         from shearing.config import OptimizerConfig
-        from shearing.parallelism import keep_fp32
         from shearing.pruning.l0 import L0Module, PruningClock
         from shearing.train import build_optimizer
 

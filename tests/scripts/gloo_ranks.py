@@ -47,7 +47,7 @@ def rank_session(rank: int, port: int, error_file: Path) -> Iterator[None]:
 
 def tiny_pruning_model():
     """``ComposerShearedLlama`` over the random-init ``tiny_gqa`` source with an L0 module to ``tiny_gqa_pruned``."""
-    from shearing.models.composer_model import ComposerShearedLlama
+    from shearing.composer.model import ComposerShearedLlama
     from shearing.models.hf_io import load_source_model
     from shearing.models.shapes import named_shape, resolve_target_shape
     from shearing.pruning.l0 import L0Module

@@ -44,7 +44,7 @@ from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from shearing.models.family import family_of, window_in_effect
-from shearing.pruning.masks import Masks
+from shearing.models.masks import Masks
 
 ATTN_IMPLS = ("sdpa", "flash", "eager")
 

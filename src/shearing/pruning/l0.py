@@ -42,9 +42,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from shearing.models.masks import count_masked_params
 from shearing.models.shapes import LlamaShape, count_params
 from shearing.pruning import hard_concrete as hc
-from shearing.pruning.masks import count_masked_params
 from shearing.pruning.plan import DEFAULT_FAMILIES, USER_FAMILIES, FamilySpec, PruningPlan, plan_families
 
 

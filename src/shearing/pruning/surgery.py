@@ -35,8 +35,8 @@ import torch
 from shearing.models.family import family_of
 from shearing.models.hf_io import config_from_shape
 from shearing.models.llama import MaskedLlamaForCausalLM
+from shearing.models.masks import Masks
 from shearing.models.shapes import LlamaShape, shape_from_hf_config
-from shearing.pruning.masks import Masks
 
 
 @dataclass

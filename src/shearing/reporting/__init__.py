@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+from shearing.folders import METRICS_FILE
 from shearing.reporting.document import Document, Section, Table, Text, fmt, to_html, to_markdown
 from shearing.reporting.evaluation import evaluation_tables
 from shearing.reporting.figures import FigureWriter
@@ -48,7 +49,7 @@ __all__ = ["SECTION_TITLES", "build_report", "load_inputs", "load_runs"]
 def runs_section(runs: list[Run]) -> Section:
     rows = []
     for run in runs:
-        metrics_file = run.path / "metrics.jsonl" if run.kind == "run" else None
+        metrics_file = run.path / METRICS_FILE if run.kind == "run" else None
         rows.append(
             [
                 run.name,

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shearing.folders import DYNAMIC_LOADING_STEM, EXPORT_SUMMARY, LATEST_CHECKPOINT, METRICS_FILE, RUN_RECORD
+
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-DYNAMIC_LOADING_FILE = "dynamic_loading.json"
-EXPORT_SUMMARY = "shearing_export.json"
+DYNAMIC_LOADING_FILE = f"{DYNAMIC_LOADING_STEM}.json"
 # What a training save_folder holds, besides an export and results: its logs, its run record, checkpoints.
-RUN_MARKERS = (METRICS_FILE, DYNAMIC_LOADING_FILE, "shearing_run.json", "latest-rank0.pt")
+RUN_MARKERS = (METRICS_FILE, DYNAMIC_LOADING_FILE, RUN_RECORD, LATEST_CHECKPOINT)
 
 
 @dataclass

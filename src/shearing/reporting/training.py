@@ -3,7 +3,7 @@
 Names read from ``metrics.jsonl``: ``loss/train/lm_loss`` (``loss/train/total`` when a run logs no
 separate LM loss, e.g. continued pre-training), ``metrics/eval/LanguageCrossEntropy`` and
 ``metrics/eval/<domain>_LanguageCrossEntropy``; the mixture and the reference losses come from
-``dynamic_loading.json`` (``shearing.callbacks.dynamic_loading``).
+``dynamic_loading.json`` (``shearing.composer.callbacks.dynamic_loading``).
 """
 
 from __future__ import annotations

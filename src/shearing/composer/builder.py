@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from shearing.models.composer_model import ComposerShearedLlama
+from shearing.composer.model import ComposerShearedLlama
 from shearing.models.hf_io import load_source_model
 from shearing.pruning.l0 import L0Module
 

@@ -54,6 +54,8 @@ from composer.loggers import Logger, LoggerDestination
 from composer.loggers import WandBLogger as ComposerWandBLogger
 from composer.utils import dist, format_name_with_dist
 
+from shearing.folders import METRICS_FILE
+
 log = logging.getLogger(__name__)
 
 __all__ = ["MetricsFileLogger", "WandBLogger", "build_loggers", "to_json_value"]
@@ -86,7 +88,7 @@ class MetricsFileLogger(LoggerDestination):
         filename: the file name inside the folder.
     """
 
-    def __init__(self, folder: str | os.PathLike | None = None, filename: str = "metrics.jsonl"):
+    def __init__(self, folder: str | os.PathLike | None = None, filename: str = METRICS_FILE):
         if not filename or Path(filename).name != filename:
             raise ValueError(f"metrics_file: filename must be a plain file name, got {filename!r}")
         self.folder = None if folder is None else str(folder)

@@ -25,10 +25,10 @@ still be finite (float16 holds |w| <= 65504: a larger weight is refused by name,
 The output loads with stock ``transformers.AutoModelForCausalLM.from_pretrained`` with no missing or
 unexpected keys: ``config.json`` (``head_dim`` explicit), safetensors weights, the source tokenizer,
 ``generation_config.json`` (the source's, else built from the config's token ids), a model card
-``README.md`` (``shearing.model_card``: source, shapes, parameter counts, data, steps and tokens, the
+``README.md`` (``shearing.export.model_card``: source, shapes, parameter counts, data, steps and tokens, the
 run's last eval, the gate's numbers, the command) and ``shearing_export.json`` / ``shearing_export.md``
 (source and target shapes, parameter counts, kept indices per layer, the gate's numbers, the batch the
-checkpoint was trained to). ``--gguf`` adds ``model.gguf`` (``shearing.gguf_export``: llama.cpp's
+checkpoint was trained to). ``--gguf`` adds ``model.gguf`` (``shearing.export.gguf``: llama.cpp's
 format, F32 or F16, loadable with ``from_pretrained(OUT, gguf_file="model.gguf")``).
 
 transformers versions. The folder loads alike in transformers 4.x and 5.x whichever of them wrote it.
@@ -55,7 +55,7 @@ umask's permissions, like ``save_pretrained``'s, not ``tempfile``'s private ones
 Refusals. A refused input (a flag, the checkpoint, the output folder, the eval data, the gate's verdict on
 the checkpoint) is printed as one message naming it and the fix, and the command exits 2
 (``shearing.refusals``); an error during the work itself keeps its traceback. ``export_model_state`` is the
-one export, for the CLI and the fit-end callback (``shearing.callbacks.export``) alike.
+one export, for the CLI and the fit-end callback (``shearing.composer.callbacks.export``) alike.
 """
 
 from __future__ import annotations
@@ -88,10 +88,11 @@ from shearing.checkpoints import (
 from shearing.data.manifest import MANIFEST_NAME, SPLITS
 from shearing.data.tokenizer import load_hf_tokenizer, make_portable
 from shearing.evaluation.loading import dtype_kwargs
-from shearing.gguf_export import DEFAULT_NAME as GGUF_DEFAULT_NAME
-from shearing.gguf_export import check_gguf_name, write_gguf
+from shearing.export.gguf import DEFAULT_NAME as GGUF_DEFAULT_NAME
+from shearing.export.gguf import check_gguf_name, write_gguf
+from shearing.export.model_card import RUN_RECORD, model_card, run_facts, write_generation_config
+from shearing.folders import EXPORT_SUMMARY as SUMMARY_NAME
 from shearing.io import apply_umask, pid_alive
-from shearing.model_card import RUN_RECORD, model_card, run_facts, write_generation_config
 from shearing.models.family import family_of
 from shearing.models.hf_io import config_from_dict, load_state_dict_strict, portable_config_dict
 from shearing.models.llama import MaskedLlamaForCausalLM
@@ -115,7 +116,6 @@ from shearing.refusals import exit_on_refusal, refusing
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUMMARY_NAME = "shearing_export.json"
 # What marks a run folder or a checkpoint: an export target holding any of these is never replaced.
 RUN_FILES = (LATEST, "metrics.jsonl", "dynamic_loading.json")
 RUN_SUFFIXES = (".pt", ".pt.corrupt")
@@ -429,7 +429,7 @@ def export_model_state(
     Raises ``ExportRefused`` when the gate fails and ``force`` is not set, and always for non-finite state
     or for weights that ``dtype`` cannot hold (float16 overflow).
     ``gguf`` (a file name, e.g. ``model.gguf``) also writes the model as GGUF inside the folder
-    (``shearing.gguf_export``); ``tokens`` (seen by the checkpoint) and ``command`` go into the model card.
+    (``shearing.export.gguf``); ``tokens`` (seen by the checkpoint) and ``command`` go into the model card.
     ``refusals`` is the context the checks of the input run in (the arguments, the output folder, the state,
     the eval data, the gate's verdicts): the CLI passes ``shearing.refusals.refusing``, so that a refused input
     is a message and exit 2; the callback leaves it, and its refusal stays an error of the run.

@@ -35,8 +35,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from shearing.callbacks.pruning import find_l0
-from shearing.models.composer_model import composer_model
+from shearing.composer.callbacks.pruning import find_l0
+from shearing.composer.model import composer_model
 from shearing.pruning.gate import ExportRefused, GateThresholds, mask_eval_losses
 from shearing.pruning.l0 import L0Module
 
@@ -98,7 +98,7 @@ class ExportOnFitEnd(Callback):
         self.run_folder = run_folder
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        from shearing.export import export_model_state
+        from shearing.export.hf import export_model_state
 
         l0 = find_l0(composer_model(state.model))
         eval_loss = mask_losses_on_loader(state, l0, self.eval_batches) if l0 is not None else None
@@ -167,7 +167,7 @@ def export_folder(cfg: Any) -> Path | None:
 
 def check_export_config(cfg: Any) -> Path | None:
     """Cheap, before training: the export folder can never replace the run, the gate settings are valid."""
-    from shearing.export import check_export_target
+    from shearing.export.hf import check_export_target
 
     folder = export_folder(cfg)
     if folder is None:
@@ -175,7 +175,7 @@ def check_export_config(cfg: Any) -> Path | None:
     check_export_target(folder, run_folder=cfg.save_folder)
     gate_thresholds(cfg)
     if cfg.export.gguf is not None:
-        from shearing.gguf_export import check_gguf_name
+        from shearing.export.gguf import check_gguf_name
 
         try:
             check_gguf_name(cfg.export.gguf)

@@ -26,12 +26,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shearing.folders import RUN_RECORD
 from shearing.models.shapes import PRUNABLE_FIELDS
 
 log = logging.getLogger(__name__)
 
 EVAL_PREFIX = "metrics/eval/"
-RUN_RECORD = "shearing_run.json"
 METRICS_FILE = "metrics.jsonl"
 
 

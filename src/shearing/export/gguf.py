@@ -16,7 +16,7 @@ What goes in:
   per-frequency ``rope_freqs.weight`` factors llama.cpp reads; any other type is refused. RoPE theta and
   scaling are read through ``shearing.models.hf_io.portable_config_dict`` (transformers 5's config has
   ``rope_parameters`` and no ``rope_theta`` attribute; 4.x's has ``rope_theta``/``rope_scaling``).
-- The tokenizer (``shearing.gguf_vocab``): byte-level BPE (ours, SmolLM2's, LLaMA-3's, Qwen2's) as
+- The tokenizer (``shearing.export.gguf_vocab``): byte-level BPE (ours, SmolLM2's, LLaMA-3's, Qwen2's) as
   ``tokenizer.ggml.model = "gpt2"``, with ``tokenizer.ggml.pre`` identified from what the pre-tokenizer
   does (a tokenizer llama.cpp would split differently is refused), the tokens in id order (padded with
   ``[PAD<i>]`` up to the model's vocab size), token types, merges, and bos/eos/pad ids as the export's
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shearing.gguf_vocab import gguf_tokenizer
+from shearing.export.gguf_vocab import gguf_tokenizer
 from shearing.models.hf_io import portable_config_dict
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def write_gguf(
     """Write ``state`` (an HF ``LlamaForCausalLM`` state dict) as a llama GGUF at ``path``.
 
     ``folder`` is the export folder: its tokenizer files, ``generation_config.json`` and ``config.json``
-    give the ``tokenizer.ggml.*`` fields (``shearing.gguf_vocab``). Returns ``{"file", "file_type",
+    give the ``tokenizer.ggml.*`` fields (``shearing.export.gguf_vocab``). Returns ``{"file", "file_type",
     "tensors", "bytes", "tokenizer_pre", "special_tokens"}``. Every check runs before the file is opened,
     and the file appears at ``path`` only once complete.
     """

@@ -19,7 +19,7 @@ import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
-from shearing.models.composer_model import composer_model
+from shearing.composer.model import composer_model
 from shearing.pruning.l0 import L0Module, PruningClock, warmup_progress
 
 log = logging.getLogger(__name__)

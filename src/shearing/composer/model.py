@@ -3,7 +3,7 @@
 ``ComposerShearedLlama`` wraps ``MaskedLlamaForCausalLM`` (as ``.model``, so Composer's FSDP and
 activation-checkpointing hooks find its per-layer functions) and, during pruning, an ``L0Module``
 (as ``.l0``). Without ``l0`` it is a plain LLaMA for continued pre-training. Under FSDP2 mixed precision
-the L0 unit gathers and reduces in fp32 while the LLaMA computes in bf16 (``shearing.parallelism.keep_fp32``,
+the L0 unit gathers and reduces in fp32 while the LLaMA computes in bf16 (``shearing.composer.parallelism.keep_fp32``,
 applied at the first forward, before FSDP2's lazy initialisation of the unit).
 
 Batches carry ``input_ids`` and ``labels`` (HF convention: labels are the inputs, the model shifts;
@@ -31,6 +31,7 @@ import torch
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
+from shearing.composer.parallelism import keep_fp32
 from shearing.distill import Teacher, mix_losses
 from shearing.metrics import (
     IGNORE_INDEX,
@@ -43,7 +44,6 @@ from shearing.metrics import (
     token_losses,
 )
 from shearing.models.llama import MaskedLlamaForCausalLM
-from shearing.parallelism import keep_fp32
 from shearing.pruning.l0 import L0Module, L0Output, PruningClock
 
 METADATA_VERSION = 1
@@ -93,7 +93,9 @@ class ComposerShearedLlama(ComposerModel):
         if self.l0 is None:
             logits = self.model(batch["input_ids"])
             return ModelOutput(logits) if self.training else logits
-        keep_fp32(self.l0)  # under FSDP2 mixed precision the masks stay fp32 (see shearing.parallelism)
+        keep_fp32(
+            self.l0
+        )  # under FSDP2 mixed precision the masks stay fp32 (see shearing.composer.parallelism)
         if not self.training:
             return self.model(batch["input_ids"], masks=self.l0())
         pruning: L0Output = self.l0(self.pruning_clock)

@@ -102,7 +102,7 @@ def keep_fp32(module: Any) -> bool:
         if dtypes != {torch.float32}:
             raise RuntimeError(
                 f"{type(module).__name__} already ran a forward under FSDP2 with parameters gathered in "
-                f"{sorted(map(str, dtypes))}; call shearing.parallelism.keep_fp32 on it before its first forward"
+                f"{sorted(map(str, dtypes))}; call shearing.composer.parallelism.keep_fp32 on it before its first forward"
             )
     state._mp_policy = policy
     group.mp_policy = policy

@@ -63,7 +63,7 @@ def _patch_signal_file_name() -> bool:
     if original is None:
         raise RuntimeError(
             f"composer {composer.__version__} has no composer.utils.dist.get_node_signal_file_name: review "
-            "workaround 1 in shearing/composer_compat.py (multi-node signal files) for this version"
+            "workaround 1 in shearing/composer/compat.py (multi-node signal files) for this version"
         )
     if getattr(original, "_shearing_per_node", False):
         return True

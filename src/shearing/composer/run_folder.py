@@ -68,6 +68,7 @@ from shearing.checkpoints import (
     remove_superseded_corrupt,
     unwritable_save_folder,
 )
+from shearing.folders import RUN_RECORD
 from shearing.io import pid_alive, read_json_or_none, write_json_atomic
 from shearing.models.shapes import shape_from_hf_config
 
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".shearing.lock"
 OWNER_NAME = ".shearing.lock.owner"  # the O_EXCL fallback
-RECORD_NAME = "shearing_run.json"
+RECORD_NAME = RUN_RECORD
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 SHARED_PROBE = ".shearing.shared-check-"  # check_folder_is_shared's file, removed right after
 SHARED_WAIT_S = 10.0

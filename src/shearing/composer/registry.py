@@ -19,20 +19,20 @@ from llmfoundry import registry
 
 # name -> "module:attribute" of what each registered name builds.
 MODELS = {
-    "shearing_llama": "shearing.models.builder:build_sheared_llama",
+    "shearing_llama": "shearing.composer.builder:build_sheared_llama",
 }
 ALGORITHMS = {
-    "lagrangian_pruning": "shearing.callbacks.pruning:LagrangianPruning",
+    "lagrangian_pruning": "shearing.composer.callbacks.pruning:LagrangianPruning",
 }
 DATALOADERS = {
     "domain_mixture": "shearing.data.dataloader:build_domain_mixture_dataloader",
     "domain_eval": "shearing.data.dataloader:build_domain_eval_dataloader",
 }
 CALLBACKS = {
-    "dynamic_loading": "shearing.callbacks.dynamic_loading:DynamicLoading",
+    "dynamic_loading": "shearing.composer.callbacks.dynamic_loading:DynamicLoading",
 }
 LOGGERS = {
-    "metrics_file": "shearing.loggers:MetricsFileLogger",
+    "metrics_file": "shearing.composer.loggers:MetricsFileLogger",
 }
 
 

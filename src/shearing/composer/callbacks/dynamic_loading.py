@@ -44,13 +44,14 @@ from composer.utils import dist
 
 from shearing.data.mixture import validate_proportions
 from shearing.data.weights import update_domain_weights
+from shearing.folders import DYNAMIC_LOADING_STEM
 from shearing.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 UPDATES = ("paper", "released", "constant")
 METRIC_SUFFIX = "_LanguageCrossEntropy"
-FILE_STEM = "dynamic_loading"
+FILE_STEM = DYNAMIC_LOADING_STEM
 
 
 def _load_reference_losses(
