@@ -58,7 +58,9 @@ install-gpu: install
 	$(UV) pip install -p $(PY) --no-build-isolation --no-deps "flash-attn==2.8.3"
 
 # One pytest-xdist worker per core, at most 4 (tests/conftest.py keeps the multi-process tests on one worker).
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+# nproc without OMP_NUM_THREADS, which it would otherwise report (this Makefile exports 1).
+TEST_WORKERS ?= $(shell n=$$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1); \
+	echo $$(( n < 4 ? n : 4 )))
 
 test: install
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
