@@ -23,8 +23,8 @@ from shearing.data.manifest import Manifest
 from shearing.models.shapes import LlamaShape, is_checkpoint_dir, resolve_source_shape
 from shearing.pruning.plan import PruningPlan
 from shearing.run_files import RunFiles
+from shearing.validation import DOMAIN_LOADERS, configured_domains, validate_config
 
-DOMAIN_LOADERS = ("domain_mixture", "domain_eval")
 LOADER_KEYS = ("train_loader", "eval_loader")
 
 
@@ -100,7 +100,6 @@ def resolve_run(cfg: RunConfig, tokenizer: Any = None, local: bool = True) -> Ru
     files or ask about this machine are skipped (committed recipes pointing at cluster folders)."""
     from shearing.composer.callbacks.export import check_export_config
     from shearing.data.compat import check_run_data
-    from shearing.validation import configured_domains, validate_config
 
     files = RunFiles()
     source, source_config = source_spec(cfg, files, need_checkpoint=local)
