@@ -413,6 +413,15 @@ def test_paths_refused_before_the_model_loads(tiny_gqa_dir, tiny_data, tmp_path,
         FileNotFoundError, match=r"eval_loader.dataset.local=.*domain 'docs' has no .*index.json"
     ):
         shearing.train.train_from_yaml(PRUNE, run_overrides(tiny_gqa_dir, data, tmp_path / "run", *quick))
+    previous = (
+        tmp_path / "previous_run"
+    )  # a folder given as initial proportions, without dynamic_loading.json
+    previous.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"initial_proportions=.*previous_run is a folder without"):
+        overrides = [*quick, f"callbacks.dynamic_loading.initial_proportions={previous}"]
+        shearing.train.train_from_yaml(
+            PRUNE, run_overrides(tiny_gqa_dir, tiny_data, tmp_path / "run", *overrides)
+        )
 
 
 def test_short_runs_are_warned_about_not_refused(tiny_gqa_dir, tiny_data, tmp_path, caplog):

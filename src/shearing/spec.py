@@ -20,6 +20,7 @@ from typing import Any
 
 from shearing.config import RunConfig
 from shearing.data.manifest import Manifest
+from shearing.folders import DYNAMIC_LOADING_STEM
 from shearing.models.shapes import LlamaShape, is_checkpoint_dir, resolve_source_shape
 from shearing.pruning.plan import PruningPlan
 from shearing.run_files import RunFiles
@@ -45,6 +46,9 @@ class RunSpec:
     train_domains: tuple[str, ...] | None  # a domain loader's domains, in domain_idx order
     eval_domains: tuple[str, ...] | None
     tokenizer_path: str | None  # model.tokenizer, else the source folder, else none
+    initial_proportions: (
+        Any  # dynamic_loading.initial_proportions as the callback takes it (a folder resolved)
+    )
 
     def manifest(self, key: str) -> Manifest | None:
         """The manifest of loader ``key`` ("train_loader" / "eval_loader"), when it reads a prepared folder."""
@@ -110,6 +114,7 @@ def resolve_run(cfg: RunConfig, tokenizer: Any = None, local: bool = True) -> Ru
         check_run_data(cfg, tokenizer_path(cfg), source.vocab_size, tokenizer, manifests=files.manifest)
         check_world_size(cfg)
     validate_config(cfg, local=local, files=files)
+    initial_proportions = resolve_initial_proportions(cfg, local)
     train = configured_domains("train_loader", cfg.train_loader, local, files)
     evaluation = configured_domains("eval_loader", cfg.eval_loader, local, files)
     return RunSpec(
@@ -121,7 +126,24 @@ def resolve_run(cfg: RunConfig, tokenizer: Any = None, local: bool = True) -> Ru
         train_domains=None if train is None else tuple(train),
         eval_domains=None if evaluation is None else tuple(evaluation),
         tokenizer_path=tokenizer_path(cfg),
+        initial_proportions=initial_proportions,
     )
+
+
+def resolve_initial_proportions(cfg: RunConfig, local: bool = True) -> Any:
+    """``dynamic_loading.initial_proportions`` as the callback takes it: a previous run's folder (``local``:
+    looked for on this machine) becomes its final-proportions file, which must be there; numbers or a file
+    path as written."""
+    value = (cfg.callbacks.get("dynamic_loading") or {}).get("initial_proportions")
+    if local and isinstance(value, str) and Path(value).is_dir():
+        path = Path(value) / f"{DYNAMIC_LOADING_STEM}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"dynamic_loading.initial_proportions={value} is a folder without {path.name}: "
+                "give the pruning run's save_folder (it writes that file) or a list of proportions"
+            )
+        return str(path)
+    return value
 
 
 def check_loader_folders(cfg: RunConfig, files: RunFiles) -> None:

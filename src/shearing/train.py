@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ from shearing.composer.run_folder import (
 from shearing.composer.trainer import ShearingTrainer
 from shearing.config import OptimizerConfig, RunConfig, load_config
 from shearing.data.dataloader import loader_domains
-from shearing.export.hf import SUMMARY_NAME
+from shearing.folders import EXPORT_SUMMARY
 from shearing.io import read_json_or_none
 from shearing.progress import announce_outputs, setup_console_logging
 from shearing.refusals import refusing
@@ -188,23 +187,6 @@ def resolve_reference_losses(spec: RunSpec, model: ComposerShearedLlama) -> Any:
     return losses
 
 
-def resolve_initial_proportions(spec: RunSpec) -> Any:
-    """``dynamic_loading.initial_proportions`` as the callback takes it: a previous run's folder becomes its
-    final-proportions file; numbers or a file path as written."""
-    value = (spec.cfg.callbacks.get("dynamic_loading") or {}).get("initial_proportions")
-    if isinstance(value, str) and Path(value).is_dir():
-        from shearing.composer.callbacks.dynamic_loading import FILE_STEM
-
-        path = Path(value) / f"{FILE_STEM}.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"dynamic_loading.initial_proportions={value} is a folder without {path.name}: "
-                "give the pruning run's save_folder (it writes that file) or a list of proportions"
-            )
-        return str(path)
-    return value
-
-
 def build_callbacks(cfg: RunConfig, resolved: dict[str, dict[str, Any]] | None = None) -> list:
     """The yaml's ``callbacks:`` through llm-foundry's registry, each with the values ``resolved`` gives for
     its keys (e.g. dynamic loading's reference losses computed from the source), plus the guard and export."""
@@ -264,9 +246,8 @@ def build_trainer(spec: RunSpec, tokenizer: Any = None) -> Trainer:
     with refusing():  # everything before the model is built: a refusal is a message, not a traceback
         announce_outputs(cfg)  # rank 0: where checkpoints and the export go, before anything loads
         parallelism = build_parallelism_config(cfg.fsdp_config, pruning=cfg.pruning is not None)  # FSDP2
-        check_run_record(
-            cfg, spec.record()
-        )  # a resume must continue the same run (source, target, families, data, ...)
+        # a resume must continue the same run (source, target, families, data, ...)
+        check_run_record(cfg, spec.record())
     reproducibility.seed_all(cfg.seed)
     model = build_model(spec)
     prepare_save_folder(cfg, model)
@@ -283,7 +264,7 @@ def build_trainer(spec: RunSpec, tokenizer: Any = None) -> Trainer:
     if "dynamic_loading" in cfg.callbacks:  # the values the callback takes, resolved; cfg stays as written
         resolved["dynamic_loading"] = {
             "reference_losses": resolve_reference_losses(spec, model),
-            "initial_proportions": resolve_initial_proportions(spec),
+            "initial_proportions": spec.initial_proportions,
         }
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(
@@ -350,7 +331,7 @@ def finish_run(trainer) -> None:
     for export in exports:
         # Rank 0's reading decides for every rank (the export is a collective): an export folder that only
         # rank 0's node sees must not make the other nodes skip it.
-        written = [(read_json_or_none(export.folder / SUMMARY_NAME) or {}).get("checkpoint_batch")]
+        written = [(read_json_or_none(export.folder / EXPORT_SUMMARY) or {}).get("checkpoint_batch")]
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(written, src=0)
         if written[0] == step:

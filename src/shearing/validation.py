@@ -350,13 +350,9 @@ def check_importance_init(cfg: RunConfig, local: bool = True, files: RunFiles | 
         )
     if not local:
         return
-    folder = Path(local_path)  # DATA_DIR (its train split), or DATA_DIR/train or DATA_DIR/eval
-    split = (
-        folder.name
-        if folder.name in ("train", "eval") and not (folder / "manifest.json").is_file()
-        else "train"
-    )
-    manifest = (files or RunFiles()).manifest(local_path)
+    from shearing.data.shards import _split_root
+
+    _, split, manifest = _split_root(local_path, "train", (files or RunFiles()).manifest(local_path))
     domains = (loader.get("dataset") or {}).get("domains") or manifest.domain_names
     have = sum(getattr(manifest.domains[d], split).sequences for d in domains if d in manifest.domains)
     if have < n:

@@ -90,7 +90,8 @@ from shearing.data.tokenizer import load_hf_tokenizer, make_portable
 from shearing.evaluation.loading import dtype_kwargs
 from shearing.export.gguf import DEFAULT_NAME as GGUF_DEFAULT_NAME
 from shearing.export.gguf import check_gguf_name, write_gguf
-from shearing.export.model_card import RUN_RECORD, model_card, run_facts, write_generation_config
+from shearing.export.model_card import model_card, run_facts, write_generation_config
+from shearing.folders import DYNAMIC_LOADING_STEM, METRICS_FILE, RUN_RECORD
 from shearing.folders import EXPORT_SUMMARY as SUMMARY_NAME
 from shearing.io import apply_umask, pid_alive
 from shearing.models.family import family_of
@@ -117,7 +118,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What marks a run folder or a checkpoint: an export target holding any of these is never replaced.
-RUN_FILES = (LATEST, "metrics.jsonl", "dynamic_loading.json")
+RUN_FILES = (LATEST, METRICS_FILE, f"{DYNAMIC_LOADING_STEM}.json")
 RUN_SUFFIXES = (".pt", ".pt.corrupt")
 # A tokenizer's files as transformers 4.x and 5.x save and read them (tokenization_utils_base's names), plus
 # the loaded class's own vocabulary files (``vocab_files_names``: vocab.json/merges.txt, tokenizer.model).
