@@ -449,90 +449,21 @@ class Check:
 
     def throughput(self, limit: float) -> dict:
         if self.args.smoke:
-            args = [
-                "--device",
-                "cpu",
-                "--shape",
-                "llama2_7b",
-                "--layers",
-                "1",
-                "--cpt-shapes",
-                "llama2_1.3b",
-                "--cpt-layers",
-                "1",
-                "--seq-len",
-                "64",
-                "--batch",
-                "1",
-                "--steps",
-                "1",
-                "--warmup",
-                "1",
-                "--loader-domain-scale",
-                "0.02",
-                "--infer-layers",
-                "2",
-                "--prompt-len",
-                "16",
-                "--new-tokens",
-                "4",
-                "--repeats",
-                "1",
-                "--attn",
-                "sdpa",
-            ]
+            args = (
+                "--device cpu --shape llama2_7b --layers 1 --cpt-shapes llama2_1.3b --cpt-layers 1 --seq-len 64"
+                " --batch 1 --steps 1 --warmup 1 --loader-domain-scale 0.02 --infer-layers 2 --prompt-len 16"
+                " --new-tokens 4 --repeats 1 --attn sdpa"
+            )
         else:
-            args = [
-                "--sections",
-                "train,cpt,loader,infer",
-                "--steps",
-                "8",
-                "--warmup",
-                "2",
-                "--attn",
-                "sdpa",
-                "--activation-checkpointing",
-            ]
-        return self.bench("throughput", args, limit)
+            args = "--sections train,cpt,loader,infer --steps 8 --warmup 2 --attn sdpa --activation-checkpointing"
+        return self.bench("throughput", args.split(), limit)
 
     def full_7b(self, limit: float) -> dict:
-        if self.args.smoke:
-            args = [
-                "--device",
-                "cpu",
-                "--sections",
-                "train",
-                "--layers",
-                "1",
-                "--seq-len",
-                "64",
-                "--batch",
-                "1",
-                "--steps",
-                "1",
-                "--warmup",
-                "1",
-                "--attn",
-                "sdpa",
-                "--activation-checkpointing",
-            ]
-        else:
-            args = [
-                "--sections",
-                "train",
-                "--layers",
-                "32",
-                "--batch",
-                "1",
-                "--steps",
-                "3",
-                "--warmup",
-                "1",
-                "--attn",
-                "sdpa",
-                "--activation-checkpointing",
-            ]
-        return self.bench("full_7b", args, limit)
+        """The whole 32-layer 7B pruning step (CPU rehearsal: one layer at seq 64)."""
+        sizes = "--device cpu --layers 1 --seq-len 64" if self.args.smoke else "--layers 32 --seq-len 4096"
+        steps = "--steps 1 --warmup 1" if self.args.smoke else "--steps 3 --warmup 1"
+        args = f"--sections train {sizes} --batch 1 {steps} --attn sdpa --activation-checkpointing"
+        return self.bench("full_7b", args.split(), limit)
 
     def run(self) -> int:
         budgets = {"data": 60, "source": 30, "prune": 150, "cpt": 90, "throughput": 120, "full_7b": 60}
