@@ -1,7 +1,7 @@
 """The shipped recipes on one GPU, as shipped, then how fast: one command for a lent GPU machine (issue 16).
 
     python bench/gpu_check.py --output $OUT                 # GPU: every stage, <= ~9 minutes on an H100/H200
-    OMP_NUM_THREADS=2 python bench/gpu_check.py --smoke --output /tmp/gpu_check   # CPU rehearsal, ~4 min
+    OMP_NUM_THREADS=2 python bench/gpu_check.py --smoke --output /tmp/gpu_check   # CPU rehearsal, ~5 min
 
 Stages, each timed and recorded in ``OUTPUT/gpu_check.json`` (the command lines and log tails included), in
 this order so that the most valuable finding comes first:
@@ -30,8 +30,8 @@ this order so that the most valuable finding comes first:
 
 A stage that fails is recorded with its error and log tail and the next one still runs (a later stage that
 needs its output is skipped, saying why); a stage is skipped when less than its budget is left of
-``--budget-s``. ``--smoke`` runs the same code path on the CPU at toy widths (fp32, no FSDP mixed
-precision, seq 128) so a GPU minute is never spent on an import error or a bad override.
+``--budget-s``. ``--smoke`` runs the same code path on the CPU at toy widths (fp32, one process without
+FSDP, seq 128) so a GPU minute is never spent on an import error or a bad override.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -93,6 +92,8 @@ class Sizes:
             self.target = named_shape("llama2_2.7b").prunable()
         self.source = {**self.source, "num_hidden_layers": layers}
         self.target = {**self.target, "num_hidden_layers": layers}
+        self.checkpoint_at = max(1, steps // 2)  # the first checkpoint and eval; the kill comes after it
+        self.warmup = max(1, steps // 5)  # the learning-rate and Lagrangian warmups, in batches
 
     def run_overrides(self) -> list[str]:
         """The CPU rehearsal's only departures from the recipes: device, precision, sequence, batch, workers."""
@@ -147,12 +148,12 @@ def last_metrics(records: list[dict[str, Any]], prefixes: tuple[str, ...]) -> di
 
 
 def launch(cmd: list[str], log: Path, env: dict[str, str], mode: str = "a") -> subprocess.Popen:
-    out = open(log, mode)  # noqa: SIM115 - closed by the child's exit; the parent only waits
-    out.write(f"\n$ {shlex.join(cmd)}\n")
-    out.flush()
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    with open(log, mode) as out:  # the child keeps its own copy of the descriptor
+        out.write(f"\n$ {shlex.join(cmd)}\n")
+        out.flush()
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -184,11 +185,12 @@ def train_kill_resume(
         if time.time() - start > limit_s:
             kill_group(proc)
             raise TimeoutError(f"first launch still running after {limit_s:.0f} s")
-        done = trained_batches(metric_steps(metrics))
-        if checkpoint.is_file() and checkpoint_is_complete(checkpoint) and max(done, default=0) > kill_after:
-            kill_group(proc)
-            killed_at = max(done)
-            break
+        if checkpoint.is_file() and checkpoint_is_complete(checkpoint):  # only then read the metrics
+            done = max(trained_batches(metric_steps(metrics)), default=0)
+            if done > kill_after:
+                kill_group(proc)
+                killed_at = done
+                break
         time.sleep(0.2)
     result["first_launch_s"] = round(time.time() - start, 1)
     if killed_at is None:
@@ -256,7 +258,6 @@ class Check:
         self.work: Path = (args.work or self.out / "work").resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.log = self.out / "gpu_check.log"
         self.start = time.time()
         self.record: dict[str, Any] = {
             "command": shlex.join([sys.executable, *sys.argv]),
@@ -376,7 +377,6 @@ class Check:
 
     def common(self) -> list[str]:
         s = self.sizes
-        half = max(1, s.steps // 2)
         return [
             f"variables.data_local={self.work / 'data'}",
             f"variables.domains=[{','.join(DOMAINS)}]",
@@ -384,10 +384,10 @@ class Check:
             # A file, not a mapping: a dotlist mapping is merged into the recipe's seven RedPajama domains.
             f"variables.reference_losses={self.reference_file()}",
             f"variables.max_duration={s.steps}ba",
-            f"variables.save_interval={half}ba",
-            f"variables.eval_interval={half}ba",
+            f"variables.save_interval={s.checkpoint_at}ba",
+            f"variables.eval_interval={s.checkpoint_at}ba",
             "model.source_shape=null",
-            f"scheduler.t_warmup={max(1, s.steps // 5)}ba",
+            f"scheduler.t_warmup={s.warmup}ba",
             "progress_bar=false",
             "console_log_interval=1ba",
             *s.run_overrides(),
@@ -400,12 +400,16 @@ class Check:
             f"variables.source_model={self.work / 'source'}",
             f"variables.target_model={mapping(self.sizes.target)}",
             f"variables.save_folder={folder}",
-            f"pruning.lagrangian_warmup={max(1, self.sizes.steps // 5)}ba",
+            f"pruning.lagrangian_warmup={self.sizes.warmup}ba",
             "export.force=true",
         ]
-        half = max(1, self.sizes.steps // 2)
         run = train_kill_resume(
-            "yamls/pruning/llama2_7b_to_2.7b.yaml", overrides, folder, self.out / "prune.log", half, limit
+            "yamls/pruning/llama2_7b_to_2.7b.yaml",
+            overrides,
+            folder,
+            self.out / "prune.log",
+            self.sizes.checkpoint_at,
+            limit,
         )
         summary = run_summary(folder)
         if summary["export"] is None:
@@ -421,13 +425,12 @@ class Check:
             f"variables.prune_run={prune}",
             f"variables.save_folder={folder}",
         ]
-        half = max(1, self.sizes.steps // 2)
         run = train_kill_resume(
             "yamls/continued_pretraining/llama2_2.7b.yaml",
             overrides,
             folder,
             self.out / "cpt.log",
-            half,
+            self.sizes.checkpoint_at,
             limit,
         )
         summary = run_summary(folder)
@@ -479,22 +482,15 @@ class Check:
 
 
 def environment() -> dict[str, Any]:
+    """``bench/throughput.py``'s record (device, versions), plus llm-foundry, the cores and the GPU's memory."""
     import torch
+    from throughput import environment as device_environment
 
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-    }
-    for name in ("transformers", "composer", "llmfoundry", "streaming"):
-        try:
-            env[name] = __import__(name).__version__
-        except Exception as exc:  # recorded: an import failure is the finding
-            env[name] = f"import failed: {exc}"
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name(0)
-        env["cuda"] = torch.version.cuda
+    cuda = torch.cuda.is_available()
+    env = device_environment(torch.device("cuda" if cuda else "cpu"))
+    env["versions"]["llmfoundry"] = __import__("llmfoundry").__version__
+    env["cpus"] = os.cpu_count()
+    if cuda:
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return env
 
