@@ -45,6 +45,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -255,7 +256,7 @@ class Check:
         self.args = args
         self.sizes = Sizes(args.smoke, args.layers, args.steps)
         self.out: Path = args.output.resolve()
-        self.work: Path = (args.work or self.out / "work").resolve()
+        self.work: Path = args.work.resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.start = time.time()
@@ -498,7 +499,13 @@ def environment() -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/gpu_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, type=Path, help="gpu_check.json, the logs, the bench json")
-    parser.add_argument("--work", type=Path, help="data, source and runs (default OUTPUT/work)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "gpu_check_work",
+        help="data, source and runs: tens of GB on the GPU, so outside --output, whose files a device call "
+        "sends back (default: TMPDIR/gpu_check_work)",
+    )
     parser.add_argument("--smoke", action="store_true", help="the CPU rehearsal at toy widths")
     parser.add_argument(
         "--layers",
